@@ -30,17 +30,22 @@ def find_cuda_home() -> Path | None:
         raise SystemExit(f"COLORIZE_DIST_CUDA must be auto, 1 or 0, got {mode!r}")
     if mode == "0":
         return None
-    if os.environ.get("CUDA_HOME"):
-        home = Path(os.environ["CUDA_HOME"])
-    elif shutil.which("nvcc"):
-        home = Path(shutil.which("nvcc")).resolve().parent.parent
-    else:
-        home = Path("/usr/local/cuda")
-    if not (home / "bin" / "nvcc").exists():
-        if mode == "1":
-            raise SystemExit(f"COLORIZE_DIST_CUDA=1 but no nvcc under {home}; set CUDA_HOME")
-        return None
-    return home
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    if shutil.which("nvcc"):  # nvcc on PATH may be a wrapper script: its real toolkit comes first
+        candidates.insert(2, str(Path(shutil.which("nvcc")).resolve().parent.parent))
+    for home in (Path(c) for c in candidates if c):
+        if (home / "bin" / "nvcc").exists() and cuda_lib_dir(home) is not None:
+            return home
+    if mode == "1":
+        raise SystemExit(f"COLORIZE_DIST_CUDA=1 but no CUDA toolkit (nvcc + libcudart_static.a) in {candidates}")
+    return None
+
+
+def cuda_lib_dir(cuda_home: Path) -> Path | None:
+    for sub in ("lib64", "lib", "targets/x86_64-linux/lib"):
+        if (cuda_home / sub / "libcudart_static.a").exists():
+            return cuda_home / sub
+    return None
 
 
 class BuildExtWithCuda(build_ext):
@@ -54,17 +59,10 @@ class BuildExtWithCuda(build_ext):
             ext.extra_objects.append(self.compile_cuda(cuda_home, Path("csrc/color_cuda.cu")))
             ext.define_macros.append(("COLORIZE_DIST_WITH_CUDA", "1"))
             ext.include_dirs.append(str(cuda_home / "include"))
-            ext.library_dirs.append(str(self.cuda_lib_dir(cuda_home)))
+            ext.library_dirs.append(str(cuda_lib_dir(cuda_home)))
             ext.libraries += ["cudart_static", "rt", "pthread", "dl"]
         print(f"colorize_dist._C: CUDA kernels {'ON (' + str(cuda_home) + ')' if cuda_home else 'OFF'}")
         super().build_extensions()
-
-    @staticmethod
-    def cuda_lib_dir(cuda_home: Path) -> Path:
-        for sub in ("lib64", "lib", "targets/x86_64-linux/lib"):
-            if (cuda_home / sub / "libcudart_static.a").exists():
-                return cuda_home / sub
-        raise SystemExit(f"libcudart_static.a not found under {cuda_home}")
 
     def compile_cuda(self, cuda_home: Path, source: Path) -> str:
         out = Path(self.build_temp) / (source.stem + ".o")
@@ -85,7 +83,8 @@ setup(
             ["csrc/bindings.cpp", "csrc/color_cpu.cpp"],
             include_dirs=["csrc"],
             cxx_std=17,
-            extra_compile_args=["-O3"],
+            # No FP traps: lets the compiler turn the piecewise colour math into vector selects.
+            extra_compile_args=["-O3", "-fno-trapping-math"],
         )
     ],
     cmdclass={"build_ext": BuildExtWithCuda},

@@ -46,6 +46,23 @@ struct StoreHalf {
   static T convert(float v) { return float_to_half_bits(v); }
 };
 
+// The arithmetic of one chunk, compiled for AVX2+FMA and for baseline x86-64; the loader picks one.
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target_clones("avx2,fma", "default")))
+#endif
+void lab_chunk(const float* __restrict r, const float* __restrict g, const float* __restrict b,
+               float* __restrict L, float* __restrict A, float* __restrict B, int64_t m, float l_scale,
+               float l_shift, float ab_scale) {
+#pragma omp simd
+  for (int64_t i = 0; i < m; ++i) {
+    float l, a, bb;
+    linear_rgb_to_lab(r[i], g[i], b[i], l, a, bb);
+    L[i] = l * l_scale + l_shift;
+    A[i] = a * ab_scale;
+    B[i] = bb * ab_scale;
+  }
+}
+
 template <typename Store>
 void rgb_to_lab_impl(const uint8_t* rgb, int64_t n, int64_t h, int64_t w, const LabPlanes& out, int threads) {
   using T = typename Store::T;
@@ -59,7 +76,7 @@ void rgb_to_lab_impl(const uint8_t* rgb, int64_t n, int64_t h, int64_t w, const 
     T* l_row = static_cast<T*>(out.l) + image * out.l_image_stride + y * w;
     T* a_row = static_cast<T*>(out.ab) + image * out.ab_image_stride + y * w;
     T* b_row = a_row + h * w;
-    alignas(64) float r[kChunk], g[kChunk], b[kChunk];
+    alignas(64) float r[kChunk], g[kChunk], b[kChunk], L[kChunk], A[kChunk], B[kChunk];
     for (int64_t x0 = 0; x0 < w; x0 += kChunk) {
       const int64_t m = std::min(kChunk, w - x0);
       const uint8_t* p = src + 3 * x0;
@@ -68,13 +85,11 @@ void rgb_to_lab_impl(const uint8_t* rgb, int64_t n, int64_t h, int64_t w, const 
         g[i] = lut[p[3 * i + 1]];
         b[i] = lut[p[3 * i + 2]];
       }
-#pragma omp simd
+      lab_chunk(r, g, b, L, A, B, m, out.l_scale, out.l_shift, out.ab_scale);
       for (int64_t i = 0; i < m; ++i) {
-        float L, A, B;
-        linear_rgb_to_lab(r[i], g[i], b[i], L, A, B);
-        l_row[x0 + i] = Store::convert(L * out.l_scale + out.l_shift);
-        a_row[x0 + i] = Store::convert(A * out.ab_scale);
-        b_row[x0 + i] = Store::convert(B * out.ab_scale);
+        l_row[x0 + i] = Store::convert(L[i]);
+        a_row[x0 + i] = Store::convert(A[i]);
+        b_row[x0 + i] = Store::convert(B[i]);
       }
     }
   }

@@ -6,11 +6,21 @@ Each image is a smooth background whose hue follows its brightness (dark → blu
 with a few shapes on top; every shape class has its own hue and its own luminance signature
 (radial shading, stripes, a flat bright fill, a thin ring), so the shape seen in L tells the colour.
 Geometry is defined in [0, 1]² coordinates, so one index gives the same picture at every resolution.
+
+`colorize-dist shards synth OUT --n N --resolution R` writes images 0..N-1 as a shard set, through
+the same writer as `shards make`.
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
+from pathlib import Path
+
 import numpy as np
+from PIL import Image
+
+from colorize_dist.data.make import Encoded, add_writer_arguments, encode_array, write_shard_set
 
 # Background colour ramp: hue follows luminance.
 NAVY = np.array([30.0, 50.0, 125.0])
@@ -70,3 +80,25 @@ def synth_image(index: int, resolution: int) -> np.ndarray:
         mask, colour = shape(x - cx, y - cy, rng.uniform(0.08, 0.22))
         image = np.where(mask[..., None], colour, image)
     return np.rint(image).clip(0, 255).astype(np.uint8)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out", type=Path, help="shard set directory to create")
+    parser.add_argument("--n", type=int, default=1000, help="number of images")
+    parser.add_argument("--resolution", type=int, default=64, help="side of the square images")
+    add_writer_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.n < 1 or args.resolution < 1:
+        raise SystemExit("shards synth: --n and --resolution must be at least 1")
+    encode = functools.partial(encode_synth, resolution=args.resolution, image_format=args.format,
+                               quality=args.quality)
+    names = [f"{index:07d}" for index in range(args.n)]
+    write_shard_set(args.out, names, int, encode, args, source=f"synth_image(0..{args.n - 1})",
+                    resolution=args.resolution, image_format=args.format)
+    return 0
+
+
+def encode_synth(name: str, index: int, *, resolution: int, image_format: str, quality: int) -> Encoded:
+    return encode_array(Image.fromarray(synth_image(index, resolution)), image_format, quality)

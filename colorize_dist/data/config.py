@@ -1,0 +1,38 @@
+"""The `data` section of a run's config: where the shards are and how batches are made from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from colorize_dist.config import ConfigError
+
+BACKENDS = ("auto", "dali", "reference")
+
+
+@dataclass
+class DataConfig:
+    shards: str | None = None  # directory made by `colorize-dist shards make|synth`; None: the trainer synthesizes
+    resolution: int = 64  # side of the square (L, ab) crops fed to the model
+    backend: str = "auto"  # auto (DALI if installed, else reference) | dali | reference
+    num_threads: int = 2  # DALI worker threads, or DataLoader worker processes for the reference loader
+    crop_scale: list[float] = field(default_factory=lambda: [0.8, 1.0])  # random-resized-crop area range
+    flip: bool = True  # random horizontal flips for training
+    hw_decoder_load: float = 0.65  # GPU only: share of JPEGs sent to the hardware decoder, rest to CUDA
+    prefetch: int = 2  # batches prepared ahead
+    shuffle_buffer: int = 1024  # samples held for shuffling (DALI's initial_fill); larger mixes more
+
+    def validate(self) -> None:
+        if self.resolution < 8:
+            raise ConfigError(f"data.resolution must be at least 8, got {self.resolution}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"data.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.num_threads < 1:
+            raise ConfigError(f"data.num_threads must be at least 1, got {self.num_threads}")
+        if len(self.crop_scale) != 2 or not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
+            raise ConfigError(f"data.crop_scale must be [min, max] with 0 < min <= max <= 1, got {self.crop_scale}")
+        if not 0.0 <= self.hw_decoder_load <= 1.0:
+            raise ConfigError(f"data.hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}")
+        if self.prefetch < 1:
+            raise ConfigError(f"data.prefetch must be at least 1, got {self.prefetch}")
+        if self.shuffle_buffer < 1:
+            raise ConfigError(f"data.shuffle_buffer must be at least 1, got {self.shuffle_buffer}")

@@ -1,0 +1,41 @@
+"""Index WebDataset shards written by other tools (webdataset.ShardWriter, GNU tar) so the loaders read them.
+
+Expects DIR/train/*.tar and optionally DIR/val/*.tar; writes a DALI index beside each tar and
+DIR/manifest.json with the image count of each shard. Images are used at whatever size they are stored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tarfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+from colorize_dist.data.shards import MANIFEST, SPLITS, Shard, count_images, write_index, write_manifest
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("directory", type=Path, help="directory holding train/*.tar and val/*.tar")
+    parser.add_argument("--force", action="store_true", help=f"replace an existing {MANIFEST}")
+
+
+def main(args: argparse.Namespace) -> int:
+    if (args.directory / MANIFEST).exists() and not args.force:
+        raise SystemExit(f"shards index: {args.directory / MANIFEST} exists; pass --force to replace it")
+    tars = {split: sorted((args.directory / split).glob("*.tar")) for split in SPLITS}
+    if not tars["train"]:
+        raise SystemExit(f"shards index: no tar shards in {args.directory / 'train'}")
+    shards = {}
+    for split, paths in tars.items():
+        shards[split] = []
+        for path in tqdm(paths, desc=f"index {split}", unit="shard"):
+            try:
+                shards[split].append(Shard(path, count_images(write_index(path))))
+            except (tarfile.TarError, OSError) as exc:
+                raise SystemExit(f"shards index: {path} is not a readable tar ({exc})") from None
+    manifest = write_manifest(args.directory, shards, source="indexed by `colorize-dist shards index`",
+                              resolution=None, image_format="as stored", split_rule="train/ and val/ folders")
+    for split, summary in manifest["splits"].items():
+        print(f"{split}: {summary['samples']} images in {len(summary['shards'])} shards")
+    return 0

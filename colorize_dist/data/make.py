@@ -1,0 +1,192 @@
+"""Make WebDataset shards from a folder, .zip or .tar of images: square crops, train/val split, DALI indexes.
+
+Each image is center-cropped to the largest centered square and resized to RESOLUTION² (Lanczos; EXIF
+rotation applied), then stored as JPEG (default) or PNG; --keep-original stores the file's bytes as
+they are. Images go to val/ when a hash of their relative path falls below --val-fraction, so adding
+images never moves old ones between splits. Unreadable or truncated files are skipped and listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import io
+import multiprocessing
+import multiprocessing.pool
+import os
+import shutil
+import sys
+import tarfile
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from colorize_dist.data.shards import (
+    IMAGE_EXTENSIONS,
+    MANIFEST,
+    SPLIT_RULE,
+    SPLITS,
+    SplitWriter,
+    image_extension,
+    path_hash,
+    sample_key,
+    split_of,
+    write_manifest,
+)
+
+# Encoded results: (extension, bytes), or (None, reason) for a skipped input.
+Encoded = tuple[str | None, bytes | str]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", type=Path, help="folder (searched recursively), .zip or .tar of images")
+    parser.add_argument("out", type=Path, help="shard set directory to create")
+    parser.add_argument("--resolution", type=int, help="side of the square images (required unless --keep-original)")
+    add_writer_arguments(parser)
+    parser.add_argument("--keep-original", action="store_true", help="store each file's bytes unchanged")
+
+
+def add_writer_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by `shards make` and `shards synth`."""
+    parser.add_argument("--format", choices=("jpg", "png"), default="jpg", help="stored image format")
+    parser.add_argument("--quality", type=int, default=95, help="JPEG quality (1-100)")
+    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    parser.add_argument("--val-fraction", type=float, default=0.05, help="share of images in val/")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="encoding processes")
+    parser.add_argument("--force", action="store_true", help="replace the shards of an existing OUT")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.resolution is None and not args.keep_original:
+        raise SystemExit("shards make: --resolution is required (or pass --keep-original)")
+    resolution = None if args.keep_original else args.resolution
+    encode = functools.partial(encode_image, resolution=resolution, image_format=args.format, quality=args.quality)
+    with open_source(args.source) as (relative_paths, load):
+        write_shard_set(
+            args.out, relative_paths, load, encode, args, source=str(args.source.resolve()),
+            resolution=resolution, image_format="original" if args.keep_original else args.format,
+        )
+    return 0
+
+
+@contextlib.contextmanager
+def open_source(source: Path) -> Iterator[tuple[list[str], Callable[[str], bytes]]]:
+    """The image paths inside `source` (relative, '/'-separated) and a function reading one's bytes."""
+    def is_image(name: str) -> bool:
+        return "." in name and image_extension(name.rsplit(".", 1)[1]) and not Path(name).name.startswith(".")
+
+    if source.is_dir():
+        names = [p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file()]
+        yield sorted(filter(is_image, names)), lambda name: (source / name).read_bytes()
+    elif source.is_file() and zipfile.is_zipfile(source):
+        with zipfile.ZipFile(source) as archive:
+            names = [info.filename for info in archive.infolist() if not info.is_dir()]
+            yield sorted(filter(is_image, names)), archive.read
+    elif source.is_file() and tarfile.is_tarfile(source):
+        try:
+            tar = tarfile.open(source, "r:")  # noqa: SIM115 (closed below; uncompressed, as we seek)
+        except tarfile.ReadError:
+            raise SystemExit(f"shards make: {source} is a compressed tar; decompress it first") from None
+        with tar:
+            members = {member.name: member for member in tar.getmembers() if member.isreg()}
+            yield sorted(filter(is_image, members)), lambda name: tar.extractfile(members[name]).read()
+    else:
+        raise SystemExit(f"shards make: {source} is not a folder, .zip or .tar of images "
+                         f"({', '.join(IMAGE_EXTENSIONS)})")
+
+
+def encode_image(relative_path: str, data: bytes, *, resolution: int | None, image_format: str,
+                 quality: int) -> Encoded:
+    """Decode fully (catching truncated files), crop and resize, re-encode; runs in worker processes."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if resolution is None:
+                return relative_path.rsplit(".", 1)[1].lower(), data
+            square = ImageOps.fit(ImageOps.exif_transpose(image).convert("RGB"), (resolution, resolution),
+                                  method=Image.Resampling.LANCZOS)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+    return encode_array(square, image_format, quality)
+
+
+def encode_array(image: Image.Image, image_format: str, quality: int) -> Encoded:
+    buffer = io.BytesIO()
+    if image_format == "jpg":
+        image.save(buffer, format="JPEG", quality=quality)
+    else:
+        image.save(buffer, format="PNG")
+    return image_format, buffer.getvalue()
+
+
+def write_shard_set(out: Path, relative_paths: Sequence[str], load: Callable[[str], Any],
+                    encode: Callable[[str, Any], Encoded], args: argparse.Namespace,
+                    **manifest_info: Any) -> list[tuple[str, str]]:
+    """Encode every input in worker processes and write train/val shards and the manifest under `out`.
+
+    `load` runs in this process (reading files, archive members); `encode(path, loaded)` in the workers.
+    Samples are written in hash order, so consecutive samples are unrelated. Returns the skipped inputs.
+    """
+    if args.shard_size < 1 or not 0.0 <= args.val_fraction < 1.0 or not 1 <= args.quality <= 100:
+        raise SystemExit("shards: need --shard-size >= 1, 0 <= --val-fraction < 1 and 1 <= --quality <= 100")
+    if not relative_paths:
+        raise SystemExit("shards: no images found in the source")
+    keys = {}
+    for path in relative_paths:
+        if keys.setdefault(sample_key(path), path) != path:
+            raise SystemExit(f"shards: {keys[sample_key(path)]} and {path} map to the same key; rename one")
+    prepare_output(out, args.force)
+
+    ordered = sorted(relative_paths, key=path_hash)
+    writers = {split: SplitWriter(out, split, args.shard_size) for split in SPLITS}
+    skipped: list[tuple[str, str]] = []
+    workers = max(1, args.workers)
+    with multiprocessing.Pool(workers) as pool, tqdm(total=len(ordered), unit="img") as progress:
+        for path, (extension, result) in zip(ordered, _encode_all(pool, workers, ordered, load, encode), strict=True):
+            if extension is None:
+                skipped.append((path, result))
+            else:
+                writers[split_of(path, args.val_fraction)].write(sample_key(path), extension, result)
+            progress.update()
+    shards = {split: writer.close() for split, writer in writers.items()}
+    if not any(shards.values()):
+        raise SystemExit(f"shards: none of the {len(ordered)} inputs could be read; nothing written to {out}")
+    manifest = write_manifest(
+        out, shards, **manifest_info, val_fraction=args.val_fraction, split_rule=SPLIT_RULE,
+        jpeg_quality=args.quality, skipped=[{"file": path, "reason": reason} for path, reason in skipped],
+    )
+    for split in SPLITS:
+        summary = manifest["splits"][split]
+        print(f"{split}: {summary['samples']} images in {len(summary['shards'])} shards under {out / split}")
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable image(s):", file=sys.stderr)
+        for path, reason in skipped:
+            print(f"  {path}: {reason}", file=sys.stderr)
+    return skipped
+
+
+def _encode_all(pool: multiprocessing.pool.Pool, workers: int, ordered: Sequence[str],
+                load: Callable[[str], Any], encode: Callable[[str, Any], Encoded]) -> Iterator[Encoded]:
+    """Results in input order; inputs are loaded a chunk at a time, so memory stays bounded."""
+    chunk_size = 64 * workers
+    for start in range(0, len(ordered), chunk_size):
+        chunk = ordered[start:start + chunk_size]
+        yield from pool.starmap(encode, [(path, load(path)) for path in chunk], chunksize=8)
+
+
+def prepare_output(out: Path, force: bool) -> None:
+    """Refuse to touch an existing non-empty `out` unless forced; then remove only our own files in it."""
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"shards: {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise SystemExit(f"shards: {out} already exists; pass --force to replace its shards")
+        (out / MANIFEST).unlink(missing_ok=True)  # first, so the old set reads as incomplete from now on
+        for split in SPLITS:
+            shutil.rmtree(out / split, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)

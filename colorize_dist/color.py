@@ -196,11 +196,10 @@ def _ref_rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
 def _ref_lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
     L, a, b = lab.unbind(1)
     fy = (L + 16.0) / 116.0
-    f = torch.stack([fy + a / 500.0, fy, fy - b / 200.0], dim=1)
+    f = torch.stack([fy + a / 500.0, fy, (fy - b / 200.0).clamp_min(0.0)], dim=1)  # as skimage
     delta = 6.0 / 29.0
     xyz = torch.where(f > delta, f.clamp_min(delta) ** 3, (f - _LAB_OFFSET) / _LAB_SLOPE)
     xyz = xyz * _matrix(_WHITE_D65, lab)[:, None, None]
-    xyz = torch.cat([xyz[:, :2], xyz[:, 2:].clamp_min(0.0)], dim=1)  # as skimage: negative Z is no colour
     rgb_from_xyz = torch.linalg.inv(_matrix(_XYZ_FROM_RGB, lab).double()).to(lab.dtype)
     linear = torch.einsum("ij,njhw->nihw", rgb_from_xyz, xyz).clamp(0.0, 1.0)
     return torch.where(linear <= 0.0031308, 12.92 * linear,

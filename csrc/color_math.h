@@ -85,11 +85,11 @@ CD_HD void linear_rgb_to_lab(float r, float g, float b, float& L, float& A, floa
 CD_HD void lab_to_linear_rgb(float L, float A, float B, float& r, float& g, float& b) {
   const float fy = (L + 16.0f) * (1.0f / 116.0f);
   const float fx = fy + A * (1.0f / 500.0f);
-  const float fz = fy - B * (1.0f / 200.0f);
+  float fz = fy - B * (1.0f / 200.0f);
+  fz = fz < 0.0f ? 0.0f : fz;  // as skimage does for such out-of-gamut colours
   const float x = kWhiteX * lab_f_inverse(fx);
   const float y = kWhiteY * lab_f_inverse(fy);
-  float z = kWhiteZ * lab_f_inverse(fz);
-  z = z < 0.0f ? 0.0f : z;  // as skimage: negative Z is not a colour
+  const float z = kWhiteZ * lab_f_inverse(fz);
   r = 3.2404813432f * x - 1.5371515163f * y - 0.4985363262f * z;
   g = -0.9692549500f * x + 1.8759900015f * y + 0.0415559266f * z;
   b = 0.0556466391f * x - 0.2040413384f * y + 1.0573110696f * z;

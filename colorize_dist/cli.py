@@ -10,6 +10,11 @@ import sys
 
 COMMANDS: dict[tuple[str, ...], str] = {
     ("bench", "color"): "colorize_dist.bench.color",
+    ("bench", "data"): "colorize_dist.bench.data",
+    ("shards", "make"): "colorize_dist.data.make",
+    ("shards", "synth"): "colorize_dist.data.synth",
+    ("shards", "verify"): "colorize_dist.data.verify",
+    ("shards", "index"): "colorize_dist.data.index",
 }
 
 

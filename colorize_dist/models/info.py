@@ -1,0 +1,155 @@
+"""Print parameters, forward FLOPs and activation memory of G and D per resolution.
+
+FLOPs count 2 per multiply-add in convolutions, linear layers and attention matmuls (the convention of
+`torch.utils.flop_counter` and of MFU figures); normalisation and elementwise ops are left out. Activation
+memory is what a float32 training step saves for backward, per sample. Models are built on the meta device,
+so even 1024² costs no memory or time.
+
+  colorize-dist model-info --config configs/base.yaml --resolution 64 128 256 generator.depth=4
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from colorize_dist.config import load_config
+from colorize_dist.models.blocks import SelfAttention
+from colorize_dist.models.config import DiscriminatorConfig, GeneratorConfig, ModelConfig
+from colorize_dist.models.discriminator import build_discriminator
+from colorize_dist.models.generator import build_generator
+
+
+def _conv_flops(module: nn.Conv2d, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> int:
+    return 2 * output.numel() * module.in_channels // module.groups * math.prod(module.kernel_size)
+
+
+def _transposed_conv_flops(module: nn.ConvTranspose2d, inputs: tuple[torch.Tensor, ...],
+                           output: torch.Tensor) -> int:
+    return 2 * inputs[0].numel() * module.out_channels // module.groups * math.prod(module.kernel_size)
+
+
+def _linear_flops(module: nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> int:
+    return 2 * inputs[0].numel() * module.out_features
+
+
+def _attention_flops(module: SelfAttention, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> int:
+    batch, tokens, dim = inputs[0].shape
+    return 2 * 2 * batch * tokens * tokens * dim  # Q·Kᵀ and A·V; the projections are Linear layers
+
+
+# Layers that do a model's matmul work, with their forward FLOPs from (module, inputs, output).
+FLOP_COUNTERS: dict[type[nn.Module], Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], int]] = {
+    nn.Conv2d: _conv_flops,
+    nn.ConvTranspose2d: _transposed_conv_flops,
+    nn.Linear: _linear_flops,
+    SelfAttention: _attention_flops,
+}
+
+
+def forward_flops(model: nn.Module, *inputs: torch.Tensor) -> int:
+    """FLOPs of one forward pass of `model` on `inputs` (whole batch), counted per layer by forward hooks."""
+    total = 0
+
+    def count(counter: Callable) -> Callable:
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            nonlocal total
+            total += counter(module, args, output)
+        return hook
+
+    handles = [module.register_forward_hook(count(counter))
+               for module in model.modules()
+               for kind, counter in FLOP_COUNTERS.items() if isinstance(module, kind)]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+def activation_bytes(model: nn.Module, *inputs: torch.Tensor) -> int:
+    """Bytes of the tensors autograd saves for backward in one training forward (whole batch).
+
+    Each storage counts once however many ops save it or views of it; parameters and buffers don't count.
+    """
+    state = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage._cdata not in state:
+            saved[storage._cdata] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = model(*inputs)  # kept alive until summed, so no storage is freed and its address reused
+    total = sum(saved.values())
+    del output
+    return total
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    parameters: int
+    flops: int  # forward, per sample
+    activation_bytes: int  # float32, per sample
+
+
+def measure(build: Callable[[], nn.Module], *input_shapes: tuple[int, ...], batch: int = 2) -> ModelCost:
+    """Cost per sample of the model `build()` returns, on inputs of the given per-sample shapes (meta device).
+
+    A batch of 2 keeps batch norm valid in training mode; results are divided by it.
+    """
+    with torch.device("meta"):
+        model = build().train()
+        inputs = [torch.empty(batch, *shape) for shape in input_shapes]
+    return ModelCost(
+        parameters=sum(p.numel() for p in model.parameters()),
+        flops=forward_flops(model, *inputs) // batch,
+        activation_bytes=activation_bytes(model, *inputs) // batch,
+    )
+
+
+def generator_cost(cfg: GeneratorConfig, resolution: int) -> ModelCost:
+    return measure(lambda: build_generator(cfg), (1, resolution, resolution))
+
+
+def discriminator_cost(cfg: DiscriminatorConfig, color_channels: int, resolution: int) -> ModelCost:
+    return measure(lambda: build_discriminator(cfg, color_channels),
+                   (1, resolution, resolution), (color_channels, resolution, resolution))
+
+
+def cost_table(cfg: ModelConfig, resolutions: list[int]) -> str:
+    rows = [("model", "resolution", "params", "GFLOP/sample", "act MiB/sample")]
+    costs = {
+        "generator": lambda r: generator_cost(cfg.generator, r),
+        "discriminator": lambda r: discriminator_cost(cfg.discriminator, cfg.generator.out_channels, r),
+    }
+    for name, cost in costs.items():
+        for resolution in resolutions:
+            c = cost(resolution)
+            rows.append((name, f"{resolution}²", f"{c.parameters:,}", f"{c.flops / 1e9:.3f}",
+                         f"{c.activation_bytes / 2**20:.1f}"))
+    widths = [max(len(cell) for cell in column) for column in zip(*rows, strict=True)]
+    lines = [[row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
+             for row in rows]
+    return "\n".join("  ".join(line) for line in lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file with a `model:` section (default: the seeds' baseline)")
+    parser.add_argument("--resolution", type=int, nargs="+", default=[64, 128, 256], metavar="R",
+                        help="square input sizes (default: 64 128 256)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. generator.depth=4")
+
+
+def main(args: argparse.Namespace) -> int | None:
+    cfg = load_config(ModelConfig, args.config, args.overrides, section="model")
+    print(cost_table(cfg, args.resolution))

@@ -1,0 +1,215 @@
+"""The seeds' loss family: α·reconstruction + β·perceptual (VGG16) + θ·adversarial, plus WGAN-GP's penalty.
+
+Discriminator outputs may be one tensor of patch logits or a list of them (multi-scale); every adversarial
+term averages over patches, then over scales, so θ means the same whatever `num_scales` is.
+"""
+
+
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from colorize_dist.models.spaces import to_rgb
+
+if TYPE_CHECKING:
+    from colorize_dist.models.config import LossConfig
+
+Logits = torch.Tensor | list[torch.Tensor]
+
+RECONSTRUCTION_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "l1": F.l1_loss,
+    "l2": F.mse_loss,
+}
+
+# Index of each ReLU in torchvision's vgg16().features.
+VGG16_LAYERS: dict[str, int] = {
+    "relu1_1": 1, "relu1_2": 3,
+    "relu2_1": 6, "relu2_2": 8,
+    "relu3_1": 11, "relu3_2": 13, "relu3_3": 15,
+    "relu4_1": 18, "relu4_2": 20, "relu4_3": 22,
+    "relu5_1": 25, "relu5_2": 27, "relu5_3": 29,
+}
+VGG16_FILENAME = "vgg16-397923af.pth"  # torchvision's name for the ImageNet weights
+VGG16_URL = f"https://download.pytorch.org/models/{VGG16_FILENAME}"
+
+
+def vgg16_weights_path(path: str | Path | None = None) -> Path:
+    """`path` if given, else the torch hub cache: $TORCH_HOME/hub/checkpoints/vgg16-397923af.pth."""
+    return Path(path) if path is not None else Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILENAME
+
+
+def load_vgg16_features(path: str | Path | None, num_layers: int) -> nn.Sequential:
+    """The first `num_layers` modules of torchvision's VGG16 `features`, frozen, from a local state dict.
+
+    Never downloads: training nodes often have no network, and a silent download per rank is worse.
+    """
+    file = vgg16_weights_path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"VGG16 weights for the perceptual loss not found at {file}: download "
+                                f"{VGG16_URL} to that path, set loss.vgg_weights=PATH, or set loss.beta=0")
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    with torch.device("meta"):  # skip initialising 138 M parameters that the state dict replaces
+        features = torchvision.models.vgg16().features[:num_layers]
+    prefix = "features."
+    features.load_state_dict({key.removeprefix(prefix): value for key, value in state.items()
+                              if key.startswith(prefix) and int(key.split(".")[1]) < num_layers}, assign=True)
+    return features.requires_grad_(False).eval()
+
+
+class PerceptualLoss(nn.Module):
+    """Mean L1 distance between VGG16 activations of the predicted and the target colour image.
+
+    Both are converted to RGB with the project's differentiable Lab→RGB (or taken as RGB for the "rgb"
+    colour space), then ImageNet-normalised as VGG expects.
+    """
+
+    def __init__(self, layers: list[str], color_space: str = "ab", weights: str | Path | None = None):
+        super().__init__()
+        self.color_space = color_space
+        self.taps = sorted(VGG16_LAYERS[name] for name in layers)
+        self.vgg = load_vgg16_features(weights, self.taps[-1] + 1)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, l: torch.Tensor, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target_features = self._features(l, target)
+        pred_features = self._features(l, pred)
+        pairs = zip(pred_features, target_features, strict=True)
+        return torch.stack([F.l1_loss(p.float(), t.float()) for p, t in pairs]).mean()
+
+    def _features(self, l: torch.Tensor, color: torch.Tensor) -> list[torch.Tensor]:
+        x = (to_rgb(l, color, self.color_space) - self.mean) / self.std
+        taps = []
+        for index, layer in enumerate(self.vgg):
+            x = layer(x)
+            if index in self.taps:
+                taps.append(x)
+        return taps
+
+
+def _scales(logits: Logits) -> list[torch.Tensor]:
+    return [x.float() for x in (logits if isinstance(logits, list) else [logits])]
+
+
+def _mean_over_scales(term: Callable[[torch.Tensor], torch.Tensor], logits: Logits) -> torch.Tensor:
+    return torch.stack([term(x) for x in _scales(logits)]).mean()
+
+
+def critic_score(logits: Logits) -> torch.Tensor:
+    """One score per sample (B,): the patch logits' mean, averaged over scales."""
+    return torch.stack([x.flatten(1).mean(1) for x in _scales(logits)]).mean(0)
+
+
+class AdversarialLoss(NamedTuple):
+    discriminator: Callable[[Logits, Logits], torch.Tensor]  # (real logits, fake logits) → loss
+    generator: Callable[[Logits], torch.Tensor]  # fake logits → loss
+
+
+ADVERSARIAL_LOSSES: dict[str, AdversarialLoss] = {
+    # Non-saturating GAN on logits (BCE with targets 1/0).
+    "vanilla": AdversarialLoss(
+        lambda real, fake: _mean_over_scales(lambda x: F.softplus(-x).mean(), real)
+        + _mean_over_scales(lambda x: F.softplus(x).mean(), fake),
+        lambda fake: _mean_over_scales(lambda x: F.softplus(-x).mean(), fake),
+    ),
+    "lsgan": AdversarialLoss(
+        lambda real, fake: _mean_over_scales(lambda x: (x - 1).square().mean(), real)
+        + _mean_over_scales(lambda x: x.square().mean(), fake),
+        lambda fake: _mean_over_scales(lambda x: (x - 1).square().mean(), fake),
+    ),
+    "hinge": AdversarialLoss(
+        lambda real, fake: _mean_over_scales(lambda x: F.relu(1 - x).mean(), real)
+        + _mean_over_scales(lambda x: F.relu(1 + x).mean(), fake),
+        lambda fake: -critic_score(fake).mean(),
+    ),
+    "wgan-gp": AdversarialLoss(
+        lambda real, fake: critic_score(fake).mean() - critic_score(real).mean(),
+        lambda fake: -critic_score(fake).mean(),
+    ),
+}
+
+
+class GANLoss:
+    """Generator- and discriminator-side adversarial terms for one of ADVERSARIAL_LOSSES' modes."""
+
+    def __init__(self, mode: str):
+        if mode not in ADVERSARIAL_LOSSES:
+            raise ValueError(f"adversarial loss {mode!r}; choose from {', '.join(ADVERSARIAL_LOSSES)}")
+        self.mode = mode
+        self._loss = ADVERSARIAL_LOSSES[mode]
+
+    def discriminator_loss(self, real_logits: Logits, fake_logits: Logits) -> torch.Tensor:
+        return self._loss.discriminator(real_logits, fake_logits)
+
+    def generator_loss(self, fake_logits: Logits) -> torch.Tensor:
+        return self._loss.generator(fake_logits)
+
+
+def gradient_penalty(discriminator: Callable[[torch.Tensor, torch.Tensor], Logits], l: torch.Tensor,
+                     real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """WGAN-GP (Gulrajani et al. 2017): E[(‖∇ₓ D(l, x)‖₂ − 1)²] at random points between real and fake colour.
+
+    The critic is conditioned on L, so the gradient is taken w.r.t. the colour input only; D's score per
+    sample is `critic_score`. Zero exactly when D is 1-Lipschitz with unit gradient along the samples.
+    """
+    alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device, dtype=real.dtype)
+    mixed = (alpha * real.detach() + (1 - alpha) * fake.detach()).requires_grad_(True)
+    (grad,) = torch.autograd.grad(critic_score(discriminator(l, mixed)).sum(), mixed, create_graph=True)
+    return (grad.float().flatten(1).norm(dim=1) - 1).square().mean()
+
+
+class GeneratorLoss(nn.Module):
+    """α·reconstruction + β·perceptual + θ·adversarial; returns every term and their weighted "total".
+
+    Terms with zero weight are not computed (β = 0 needs no VGG weights, θ = 0 no discriminator).
+    """
+
+    def __init__(self, cfg: LossConfig, color_space: str = "ab"):
+        super().__init__()
+        self.weights = {"reconstruction": cfg.alpha, "perceptual": cfg.beta, "adversarial": cfg.theta}
+        self.reconstruction = RECONSTRUCTION_LOSSES[cfg.reconstruction]
+        self.perceptual = (PerceptualLoss(cfg.perceptual_layers, color_space, cfg.vgg_weights)
+                           if cfg.beta > 0 else None)
+        self.gan = GANLoss(cfg.adversarial)
+
+    @property
+    def uses_discriminator(self) -> bool:
+        return self.weights["adversarial"] > 0
+
+    def forward(self, l: torch.Tensor, fake: torch.Tensor, real: torch.Tensor,
+                fake_logits: Logits | None = None) -> dict[str, torch.Tensor]:
+        if (fake_logits is not None) != self.uses_discriminator:
+            raise ValueError("pass the discriminator's logits on the prediction exactly when loss.theta > 0")
+        terms = {"reconstruction": self.reconstruction(fake.float(), real.float())}
+        if self.perceptual is not None:
+            terms["perceptual"] = self.perceptual(l, fake, real)
+        if fake_logits is not None:
+            terms["adversarial"] = self.gan.generator_loss(fake_logits)
+        terms["total"] = sum(self.weights[name] * value for name, value in terms.items())
+        return terms
+
+
+class DiscriminatorLoss:
+    """The adversarial term on real and (detached) fake colour, plus gp_weight × penalty for WGAN-GP."""
+
+    def __init__(self, cfg: LossConfig):
+        self.gan = GANLoss(cfg.adversarial)
+        self.gp_weight = cfg.gp_weight if cfg.adversarial == "wgan-gp" else 0.0
+
+    def __call__(self, discriminator: Callable[[torch.Tensor, torch.Tensor], Logits], l: torch.Tensor,
+                 real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
+        fake = fake.detach()
+        terms = {"adversarial": self.gan.discriminator_loss(discriminator(l, real), discriminator(l, fake))}
+        if self.gp_weight > 0:
+            terms["gradient_penalty"] = gradient_penalty(discriminator, l, real, fake)
+        terms["total"] = terms["adversarial"] + self.gp_weight * terms.get("gradient_penalty", 0.0)
+        return terms

@@ -42,13 +42,14 @@ def main(args: argparse.Namespace) -> int:
             ("DALI cpu", "dali", args.threads, torch.device("cpu"))]
     if on_gpu:
         runs.append(("DALI mixed", "dali", args.threads, device))
-    print(f"images/s, batch {args.batch_size}, {args.threads} DALI threads, "
-          f"{runs[0][2]} reference workers, device {device}")
-    print(f"{'resolution':>10} " + " ".join(f"{title:>12}" for title, *_ in runs) + f" {'DALI/ref':>9}")
     with tempfile.TemporaryDirectory(prefix="bench-data-") as scratch:
-        for resolution in args.resolutions:
-            shards = args.shards or make_synthetic_shards(Path(scratch) / str(resolution), resolution, args)
-            rates = [images_per_second(DataConfig(shards=str(shards), resolution=resolution, backend=backend,
+        shards = {resolution: args.shards or make_synthetic_shards(Path(scratch) / str(resolution), resolution, args)
+                  for resolution in args.resolutions}
+        print(f"images/s, batch {args.batch_size}, {args.threads} DALI threads, "
+              f"{runs[0][2]} reference workers, device {device}")
+        print(f"{'resolution':>10} " + " ".join(f"{title:>12}" for title, *_ in runs) + f" {'DALI/ref':>9}")
+        for resolution, shard_dir in shards.items():
+            rates = [images_per_second(DataConfig(shards=str(shard_dir), resolution=resolution, backend=backend,
                                                   num_threads=threads), run_device, args)
                      for _, backend, threads, run_device in runs]
             speedup = max(rates[1:]) / rates[0]

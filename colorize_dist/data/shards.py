@@ -142,6 +142,9 @@ class SplitWriter:
     def _finish(self, partial_name: str) -> None:
         partial = Path(partial_name)
         index_text = dali_index(partial)
+        if count_images(index_text) == 0:  # the writer opens a first shard even if nothing comes
+            partial.unlink()
+            return
         final = partial.with_suffix("")  # drop ".partial"
         os.replace(partial, final)
         atomic_write_text(final.with_suffix(".idx"), index_text)

@@ -1,0 +1,130 @@
+"""Throughput of RGB→Lab: our kernels against skimage, kornia and OpenCV, side by side.
+
+Each library gets the same random images in its own input format (converted once, outside the
+timing) and is timed single-threaded and with all threads; max error is in Lab units against
+skimage.color.rgb2lab. On a GPU it adds kornia on the GPU and our CUDA kernel's bandwidth against a
+device-to-device copy of the same bytes. Targets: CPU ≥ 10× skimage per thread and faster than
+OpenCV's float32 path at equal threads; GPU ≥ 80 % of copy bandwidth and ≥ 10× kornia on the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from colorize_dist import color
+from colorize_dist.bench.timing import format_table, seconds_per_call
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024], help="square image sizes")
+    parser.add_argument("--megapixels", type=float, default=2.0, help="pixels per call, in millions")
+    parser.add_argument("--min-time", type=float, default=0.5, help="seconds to time each row for")
+
+
+def main(args: argparse.Namespace) -> int:
+    rows, verdicts = [], []
+    for size in args.sizes:
+        n = max(1, round(args.megapixels * 1e6 / size**2))
+        rgb = torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        rows += _cpu_rows(rgb, args.min_time, verdicts)
+        if torch.cuda.is_available():
+            rows += _gpu_rows(rgb, args.min_time, verdicts)
+    print(format_table(["size", "threads", "implementation", "MP/s", "max |err| vs skimage", "× skimage"], rows))
+    print("\n" + "\n".join(verdicts))
+    return 0
+
+
+def _skimage_lab(rgb: torch.Tensor) -> torch.Tensor:
+    from skimage.color import rgb2lab
+
+    return torch.from_numpy(np.stack([rgb2lab(x) for x in rgb.numpy()])).permute(0, 3, 1, 2).float()
+
+
+def _cpu_rows(rgb: torch.Tensor, min_time: float, verdicts: list[str]) -> list[list[object]]:
+    import cv2
+    import kornia.color
+
+    n, size, _, _ = rgb.shape
+    megapixels = n * size * size / 1e6
+    rgb_np = rgb.numpy()
+    rgb_f32_np = rgb_np.astype(np.float32) / 255.0
+    rgb_chw = rgb.permute(0, 3, 1, 2).float().div(255.0).contiguous()
+    reference = _skimage_lab(rgb)
+    lab_out = torch.empty(n, 3, size, size)
+    cv_f32_out, cv_u8_out = np.empty_like(rgb_f32_np[0]), np.empty_like(rgb_np[0])
+
+    def opencv(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+        return np.stack([cv2.cvtColor(x, cv2.COLOR_RGB2Lab, dst=dst).copy() for x in src])
+
+    # name -> (run with a thread count, its output as float32 Lab (N, 3, H, W))
+    candidates: dict[str, tuple[Callable[[int], object], Callable[[object], torch.Tensor]]] = {
+        "colorize_dist": (lambda t: color.rgb_to_lab(rgb, num_threads=t), lambda out: out),
+        "colorize_dist out=": (lambda t: color.rgb_to_lab(rgb, num_threads=t, out=lab_out), lambda out: out),
+        "colorize_dist fused bf16 (bf16 rounding)": (
+            lambda t: color.rgb_to_l_ab(rgb, dtype=torch.bfloat16, num_threads=t),
+            lambda out: color.l_ab_to_lab(*out)),
+        "skimage rgb2lab": (lambda t: _skimage_lab(rgb), lambda out: out),
+        "kornia rgb_to_lab": (lambda t: kornia.color.rgb_to_lab(rgb_chw), lambda out: out),
+        "opencv float32": (lambda t: opencv(rgb_f32_np, cv_f32_out), _from_hwc),
+        "opencv 8-bit": (lambda t: opencv(rgb_np, cv_u8_out), _from_opencv_8bit),
+    }
+    all_threads = os.cpu_count() or 1
+    speeds: dict[tuple[str, int], float] = {}
+    errors: dict[str, float] = {}
+    for threads in sorted({1, all_threads}):
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(threads)
+        for name, (run, to_lab) in candidates.items():
+            if name.startswith("skimage") and threads > 1:
+                continue  # numpy code: single-threaded whatever the setting
+            speeds[name, threads] = megapixels / seconds_per_call(lambda r=run, t=threads: r(t), min_time=min_time)
+            errors[name] = (to_lab(run(threads)) - reference).abs().max().item()
+    torch.set_num_threads(all_threads)
+
+    skimage_speed = speeds["skimage rgb2lab", 1]
+    for threads in sorted({1, all_threads}):
+        ours, opencv_f32 = speeds["colorize_dist", threads], speeds["opencv float32", threads]
+        verdicts.append(f"{size}², {threads} thread(s): {ours / (skimage_speed * threads):.1f}× skimage per "
+                        f"thread (target ≥ 10), {ours / opencv_f32:.2f}× OpenCV float32 (target > 1)")
+    return [[f"{size}²", threads, name, speed, errors[name], speed / skimage_speed]
+            for (name, threads), speed in speeds.items()]
+
+
+def _from_hwc(out) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(out, dtype=np.float32)).permute(0, 3, 1, 2)
+
+
+def _from_opencv_8bit(out) -> torch.Tensor:
+    """OpenCV's 8-bit Lab is (L·255/100, a+128, b+128)."""
+    lab = _from_hwc(out)
+    return torch.cat([lab[:, :1] * (100.0 / 255.0), lab[:, 1:] - 128.0], dim=1)
+
+
+def _gpu_rows(rgb: torch.Tensor, min_time: float, verdicts: list[str]) -> list[list[object]]:
+    import kornia.color
+
+    n, size, _, _ = rgb.shape
+    megapixels = n * size * size / 1e6
+    reference = _skimage_lab(rgb)
+    rgb_chw = rgb.permute(0, 3, 1, 2).float().div(255.0).contiguous()
+    device = torch.device("cuda")
+    rgb_gpu, rgb_chw_gpu = rgb.to(device), rgb_chw.to(device)
+    lab_out = torch.empty(n, 3, size, size, device=device)
+    ours = seconds_per_call(lambda: color.rgb_to_lab(rgb_gpu, out=lab_out), min_time=min_time, device=device)
+    kornia_s = seconds_per_call(lambda: kornia.color.rgb_to_lab(rgb_chw_gpu), min_time=min_time, device=device)
+    moved = rgb_gpu.numel() + lab_out.numel() * 4  # bytes read + written by our kernel
+    src = torch.empty(moved // 2, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy_s = seconds_per_call(lambda: dst.copy_(src), min_time=min_time, device=device)
+    ours_err = (color.rgb_to_lab(rgb_gpu).cpu() - reference).abs().max().item()
+    kornia_err = (kornia.color.rgb_to_lab(rgb_chw_gpu).cpu() - reference).abs().max().item()
+    ours_gbs, copy_gbs = moved / ours / 1e9, 2 * src.numel() / copy_s / 1e9
+    verdicts.append(f"{size}², GPU: {ours_gbs:.0f} GB/s = {ours_gbs / copy_gbs:.0%} of a device copy "
+                    f"({copy_gbs:.0f} GB/s; target ≥ 80 %), {kornia_s / ours:.1f}× kornia (target ≥ 10)")
+    return [[f"{size}²", "GPU", "colorize_dist cuda", megapixels / ours, ours_err, "-"],
+            [f"{size}²", "GPU", "kornia cuda", megapixels / kornia_s, kornia_err, "-"]]

@@ -1,0 +1,178 @@
+"""Loaders: DALI and reference agree, every key once per epoch over ranks, exact resume, clear errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import webdataset as wds
+from PIL import Image
+
+from colorize_dist.color import rgb_to_l_ab
+from colorize_dist.config import ConfigError, load_config
+from colorize_dist.data import DataConfig, ManifestError, MissingShardsError, build_loader
+from tests.data.helpers import needs_dali, run_cli
+
+BACKENDS = [pytest.param("dali", marks=needs_dali), "reference"]
+
+
+def all_keys(shards: Path, split: str) -> list[str]:
+    manifest = json.loads((shards / "manifest.json").read_text())
+    return [f"{Path(entry['file']).stem}/{sample['__key__']}"
+            for entry in manifest["splits"][split]["shards"]
+            for sample in wds.DataPipeline(wds.SimpleShardList([str(shards / entry["file"])]),
+                                           wds.tarfile_to_samples())]
+
+
+def stored_images(shards: Path, split: str) -> dict[str, np.ndarray]:
+    images = {}
+    for tar in sorted((shards / split).glob("*.tar")):
+        for sample in wds.DataPipeline(wds.SimpleShardList([str(tar)]), wds.tarfile_to_samples()):
+            extension = next(ext for ext in ("png", "jpg", "jpeg") if ext in sample)
+            with Image.open(io.BytesIO(sample[extension])) as image:
+                images[f"{tar.stem}/{sample['__key__']}"] = np.asarray(image.convert("RGB"))
+    return images
+
+
+def epoch_samples(loader, epoch: int, start_batch: int = 0) -> tuple[list[str], list[bool], list[torch.Tensor]]:
+    keys, valid, ab = [], [], []
+    for batch in loader.epoch(epoch, start_batch):
+        assert batch.l.shape == (len(batch.keys), 1, 24, 24) and batch.ab.shape == (len(batch.keys), 2, 24, 24)
+        keys += batch.keys
+        valid += batch.valid.tolist()
+        ab += list(batch.ab)
+    return keys, valid, ab
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_val_batches_are_the_stored_images(synth_shards, backend):
+    """Lossless shards at the loader's resolution: (l, ab) are exactly those of the stored pixels."""
+    cfg = DataConfig(shards=str(synth_shards), resolution=24, backend=backend)
+    stored = stored_images(synth_shards, "val")
+    seen = 0
+    for batch in build_loader(cfg, "val", batch_size=4).epoch(0):
+        rgb = torch.from_numpy(np.stack([stored[key] for key in batch.keys]))
+        l, ab = rgb_to_l_ab(rgb)
+        assert torch.equal(batch.l, l) and torch.equal(batch.ab, ab)
+        seen += int(batch.valid.sum())
+    assert seen == len(stored)
+
+
+@needs_dali
+def test_dali_and_reference_agree_on_jpeg(tmp_path):
+    out = tmp_path / "jpeg"
+    assert run_cli("shards", "synth", out, "--n", 12, "--resolution", 40, "--val-fraction", 0.5,
+                   "--quality", 90, "--workers", 1) == 0
+    batches = {}
+    for backend in ("dali", "reference"):
+        cfg = DataConfig(shards=str(out), resolution=40, backend=backend)
+        batches[backend] = {key: (batch.l[i], batch.ab[i])
+                            for batch in build_loader(cfg, "val", batch_size=5).epoch(0)
+                            for i, key in enumerate(batch.keys)}
+    assert batches["dali"].keys() == batches["reference"].keys()
+    for key, (l, ab) in batches["dali"].items():
+        ref_l, ref_ab = batches["reference"][key]
+        assert (l - ref_l).abs().max() * 50 <= 1.0  # JPEG decoders may round IDCT differently
+        assert (ab - ref_ab).abs().max() * 110 <= 2.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_each_key_once_per_epoch_over_ranks(synth_shards, backend, world_size):
+    cfg = DataConfig(shards=str(synth_shards), resolution=24, backend=backend, shuffle_buffer=8)
+    expected = all_keys(synth_shards, "train")
+    assert len(expected) % (world_size * 4) != 0  # padding is exercised
+    real, counts = [], set()
+    for rank in range(world_size):
+        loader = build_loader(cfg, "train", batch_size=4, rank=rank, world_size=world_size, seed=3)
+        keys, valid, _ = epoch_samples(loader, epoch=1)
+        assert len(keys) == loader.batches_per_epoch * 4
+        real += [key for key, ok in zip(keys, valid, strict=True) if ok]
+        assert set(keys) <= set(expected)
+        counts.add(loader.batches_per_epoch)
+    assert sorted(real) == sorted(expected)
+    assert len(counts) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_yields_exactly_the_remaining_batches(synth_shards, backend):
+    cfg = DataConfig(shards=str(synth_shards), resolution=24, backend=backend, shuffle_buffer=16)
+    loader = build_loader(cfg, "train", batch_size=4, rank=1, world_size=2, seed=7)
+    keys, valid, ab = epoch_samples(loader, epoch=2)
+    again, _, _ = epoch_samples(build_loader(cfg, "train", batch_size=4, rank=1, world_size=2, seed=7), epoch=2)
+    other_epoch, _, _ = epoch_samples(loader, epoch=3)
+    assert keys == again and keys != other_epoch and sorted(keys) == sorted(other_epoch)
+    resumed_keys, resumed_valid, resumed_ab = epoch_samples(loader, epoch=2, start_batch=2)
+    assert resumed_keys == keys[8:] and resumed_valid == valid[8:]
+    assert all(torch.equal(a, b) for a, b in zip(resumed_ab, ab[8:], strict=True))  # same crops and flips
+    assert epoch_samples(loader, epoch=2, start_batch=loader.batches_per_epoch)[0] == []
+    with pytest.raises(ValueError, match="start_batch"):
+        next(loader.epoch(2, start_batch=loader.batches_per_epoch + 1))
+
+
+def _distributed_epoch(rank: int, world_size: int, port: int, shards: str, results) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        cfg = DataConfig(shards=shards, resolution=24, num_threads=1, shuffle_buffer=8)
+        loader = build_loader(cfg, "train", batch_size=5, rank=rank, world_size=world_size, seed=11)
+        keys = [key for batch in loader.epoch(0) for key, ok in zip(batch.keys, batch.valid.tolist(), strict=True)
+                if ok]
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, (loader.batches_per_epoch, keys))
+        if rank == 0:
+            results.put(gathered)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_see_every_key_once(synth_shards):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    mp.start_processes(_distributed_epoch, args=(2, port, str(synth_shards), results), nprocs=2,
+                       start_method="spawn")
+    (batches0, keys0), (batches1, keys1) = results.get()
+    assert batches0 == batches1
+    assert not set(keys0) & set(keys1)
+    assert sorted(keys0 + keys1) == sorted(all_keys(synth_shards, "train"))
+
+
+def test_missing_shards_give_clear_errors(synth_shards, tmp_path):
+    cfg = DataConfig(shards=str(tmp_path / "nowhere"), backend="reference")
+    with pytest.raises(MissingShardsError, match="nowhere does not exist; make one with `colorize-dist shards"):
+        build_loader(cfg, "train", batch_size=2)
+    broken = tmp_path / "broken"
+    shutil.copytree(synth_shards, broken)
+    (broken / "train" / "train-000001.tar").unlink()
+    cfg.shards = str(broken)
+    with pytest.raises(MissingShardsError, match=r"shard file .*train-000001.tar listed in .* is missing"):
+        build_loader(cfg, "train", batch_size=2)
+    (broken / "manifest.json").write_text("{")
+    with pytest.raises(ManifestError, match="is not a valid shard manifest"):
+        build_loader(cfg, "train", batch_size=2)
+    (broken / "manifest.json").unlink()
+    with pytest.raises(MissingShardsError, match=r"manifest.json is missing \(an interrupted `shards make`\?\)"):
+        build_loader(cfg, "val", batch_size=2)
+    with pytest.raises(ValueError, match=r"data\.shards is not set"):
+        build_loader(DataConfig(), "train", batch_size=2)
+
+
+def test_config_validation(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  resolution: 128\n  crop_scale: [0.5, 1.0]\n")
+    cfg = load_config(DataConfig, path, ["backend=reference"], section="data")
+    assert (cfg.resolution, cfg.crop_scale, cfg.backend) == (128, [0.5, 1.0], "reference")
+    with pytest.raises(ConfigError, match=r"data\.backend must be one of auto, dali, reference"):
+        load_config(DataConfig, overrides=["backend=opencv"])
+    with pytest.raises(ConfigError, match=r"data\.crop_scale must be \[min, max\]"):
+        load_config(DataConfig, overrides=["crop_scale=[0.9,0.2]"])

@@ -1,0 +1,165 @@
+"""Shard writer, verify and index commands on real image formats, bad files and foreign shards."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from colorize_dist.data.shards import count_images, dali_index, sample_key, split_of
+from tests.data.helpers import GOOD_IMAGES, run_cli
+
+
+@pytest.fixture(scope="module")
+def made_shards(image_folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("made") / "shards"
+    assert run_cli("shards", "make", image_folder, out, "--resolution", 32, "--shard-size", 4,
+                   "--val-fraction", 0.3, "--workers", 2) == 0
+    return out
+
+
+def tar_keys(directory: Path) -> dict[str, set[str]]:
+    return {split: {key for tar in sorted((directory / split).glob("*.tar"))
+                    for key in (sample["__key__"] for sample in wds.DataPipeline(
+                        wds.SimpleShardList([str(tar)]), wds.tarfile_to_samples()))}
+            for split in ("train", "val")}
+
+
+def test_make_counts_split_and_bad_files(made_shards, image_folder, capsys):
+    manifest = json.loads((made_shards / "manifest.json").read_text())
+    good = sorted(p.relative_to(image_folder).as_posix() for p in image_folder.rglob("face*"))
+    assert len(good) == GOOD_IMAGES
+    assert {entry["file"] for entry in manifest["skipped"]} == {"notes.jpg", "people/truncated.jpg"}
+    expected = {split: {sample_key(path) for path in good if split_of(path, 0.3) == split}
+                for split in ("train", "val")}
+    assert expected["train"] and expected["val"]
+    assert tar_keys(made_shards) == expected
+    for split in ("train", "val"):
+        entries = manifest["splits"][split]["shards"]
+        assert manifest["splits"][split]["samples"] == len(expected[split])
+        assert [entry["samples"] for entry in entries][:-1] == [4] * (len(entries) - 1)
+        for entry in entries:
+            tar = made_shards / entry["file"]
+            assert (tar.with_suffix(".idx")).read_text() == dali_index(tar)
+            assert count_images(dali_index(tar)) == entry["samples"]
+    assert manifest["resolution"] == 32
+    assert not list(made_shards.rglob("*.partial"))
+
+
+def test_make_reports_skipped_files(image_folder, tmp_path, capsys):
+    assert run_cli("shards", "make", image_folder, tmp_path / "out", "--resolution", 16, "--workers", 1) == 0
+    err = capsys.readouterr().err
+    assert "skipped 2 unreadable image(s)" in err
+    assert "notes.jpg" in err and "people/truncated.jpg" in err
+
+
+def test_make_refuses_existing_out_without_force(made_shards, image_folder, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(made_shards, out)
+    (out / "mine.txt").write_text("keep me")
+    before = (out / "manifest.json").read_text()
+    with pytest.raises(SystemExit, match="already exists; pass --force"):
+        run_cli("shards", "make", image_folder, out, "--resolution", 16)
+    assert (out / "manifest.json").read_text() == before
+    assert run_cli("shards", "make", image_folder, out, "--resolution", 16, "--workers", 1, "--force") == 0
+    assert json.loads((out / "manifest.json").read_text())["resolution"] == 16
+    assert (out / "mine.txt").read_text() == "keep me"
+
+
+def test_split_does_not_move_old_images_when_adding(image_folder, made_shards, tmp_path):
+    grown = tmp_path / "grown"
+    shutil.copytree(image_folder, grown)
+    for index in range(6):
+        Image.fromarray(np.full((20, 20, 3), 40 * index, np.uint8)).save(grown / f"new{index}.png")
+    out = tmp_path / "out"
+    assert run_cli("shards", "make", grown, out, "--resolution", 32, "--val-fraction", 0.3, "--workers", 1) == 0
+    old, new = tar_keys(made_shards), tar_keys(out)
+    for split in ("train", "val"):
+        assert old[split] <= new[split]
+
+
+def test_zip_and_tar_sources_give_the_same_samples(image_folder, made_shards, tmp_path):
+    archive = tmp_path / "images.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(image_folder.rglob("*")):
+            if path.is_file():
+                zf.write(path, path.relative_to(image_folder).as_posix())
+    with tarfile.open(tmp_path / "images.tar", "w") as tf:
+        for path in sorted(image_folder.rglob("*")):
+            if path.is_file():
+                tf.add(path, path.relative_to(image_folder).as_posix())
+    for source in (archive, tmp_path / "images.tar"):
+        out = tmp_path / f"from-{source.suffix[1:]}"
+        args = ("shards", "make", source, out, "--resolution", 32, "--val-fraction", 0.3, "--workers", 1)
+        assert run_cli(*args) == 0
+        assert tar_keys(out) == tar_keys(made_shards)
+        assert (out / "train" / "train-000000.tar").read_bytes().count(b"JFIF") > 0
+
+
+def test_verify_passes_then_names_a_corrupted_tar(made_shards, tmp_path, capsys):
+    assert run_cli("shards", "verify", made_shards) == 0
+    assert "OK" in capsys.readouterr().out
+
+    out = tmp_path / "corrupt"
+    shutil.copytree(made_shards, out)
+    tar = out / "train" / "train-000001.tar"
+    _, offset, size, name = (tar.with_suffix(".idx")).read_text().splitlines()[2].split(" ")
+    data = bytearray(tar.read_bytes())
+    data[int(offset) + 20: int(offset) + int(size) - 20] = bytes(int(size) - 40)  # zero the image data
+    tar.write_bytes(bytes(data))
+    assert run_cli("shards", "verify", out) == 1
+    report = capsys.readouterr().out
+    assert f"{tar}: sample {name.split('.')[0]}.jpg does not decode" in report
+
+    tar.write_bytes(bytes(data[: len(data) // 2]))  # truncated tar
+    assert run_cli("shards", "verify", out) == 1
+    report = capsys.readouterr().out
+    assert f"PROBLEM {tar}: not a readable tar" in report
+
+
+def test_verify_names_count_and_index_mismatches(made_shards, tmp_path, capsys):
+    out = tmp_path / "edited"
+    shutil.copytree(made_shards, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["splits"]["val"]["shards"][0]["samples"] += 1
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    index = out / "train" / "train-000000.idx"
+    index.write_text(index.read_text().replace("jpg ", "png ", 1))
+    assert run_cli("shards", "verify", out) == 1
+    report = capsys.readouterr().out
+    assert f"{out / 'val' / 'val-000000.tar'}: " in report and "manifest says" in report
+    assert f"{index}: does not match" in report
+
+
+def test_foreign_shards_are_indexed(tmp_path):
+    """Shards from webdataset.ShardWriter and GNU tar (directories, ./ prefixes, extra components)."""
+    train, val = tmp_path / "set" / "train", tmp_path / "set" / "val"
+    train.mkdir(parents=True)
+    val.mkdir()
+    with wds.ShardWriter(str(train / "wds-%03d.tar"), maxcount=3, verbose=0) as writer:
+        for index in range(5):
+            buffer = io.BytesIO()
+            Image.fromarray(np.full((8, 8, 3), index, np.uint8)).save(buffer, format="PNG")
+            writer.write({"__key__": f"img{index}", "png": buffer.getvalue(), "json": b"{}"})
+    files = tmp_path / "files"
+    (files / "sub").mkdir(parents=True)
+    for index in range(3):
+        Image.fromarray(np.full((8, 8, 3), 10 + index, np.uint8)).save(files / "sub" / f"g{index}.jpeg")
+    (files / "sub" / "caption.txt").write_text("no image in this sample")
+    subprocess.run(["tar", "-cf", str(val / "gnu.tar"), "-C", str(files), "."], check=True)
+    assert run_cli("shards", "index", tmp_path / "set") == 0
+    manifest = json.loads((tmp_path / "set" / "manifest.json").read_text())
+    assert [entry["samples"] for entry in manifest["splits"]["train"]["shards"]] == [3, 2]
+    assert manifest["splits"]["val"]["samples"] == 3
+    assert run_cli("shards", "verify", tmp_path / "set") == 0
+    with pytest.raises(SystemExit, match="exists; pass --force"):
+        run_cli("shards", "index", tmp_path / "set")

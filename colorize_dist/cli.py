@@ -15,6 +15,7 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("shards", "synth"): "colorize_dist.data.synth",
     ("shards", "verify"): "colorize_dist.data.verify",
     ("shards", "index"): "colorize_dist.data.index",
+    ("model-info",): "colorize_dist.models.info",
 }
 
 

@@ -2,16 +2,18 @@
 
 FLOPs count 2 per multiply-add in convolutions, linear layers and attention matmuls (the convention of
 `torch.utils.flop_counter` and of MFU figures); normalisation and elementwise ops are left out. Activation
-memory is what a float32 training step saves for backward, per sample. Models are built on the meta device,
-so even 1024² costs no memory or time.
+memory is what a float32 training step saves for backward, per sample; attention is counted as PyTorch's math
+backend stores it (the N×N scores), an upper bound for flash kernels. Models are built on the meta device, so
+even 1024² costs no memory or time.
 
-  colorize-dist model-info --config configs/base.yaml --resolution 64 128 256 generator.depth=4
+  colorize-dist model-info --config configs/base.yaml generator.depth=4 --resolution 64 128 256
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -147,9 +149,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file with a `model:` section (default: the seeds' baseline)")
     parser.add_argument("--resolution", type=int, nargs="+", default=[64, 128, 256], metavar="R",
                         help="square input sizes (default: 64 128 256)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. generator.depth=4")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides, e.g. generator.depth=4 (before --resolution)")
 
 
 def main(args: argparse.Namespace) -> int | None:
-    cfg = load_config(ModelConfig, args.config, args.overrides, section="model")
-    print(cost_table(cfg, args.resolution))
+    try:
+        cfg = load_config(ModelConfig, args.config, args.overrides, section="model")
+        table = cost_table(cfg, args.resolution)
+    except ValueError as exc:  # ConfigError, or a resolution the models cannot take
+        print(f"model-info: {exc}", file=sys.stderr)
+        return 2
+    print(table)
+    return None

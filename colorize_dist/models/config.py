@@ -12,7 +12,7 @@ from colorize_dist.models.spaces import CHANNELS
 
 @dataclass
 class GeneratorConfig:
-    """The seeds' baseline is ndims=16, depth=3, num_blocks=1 (variants: depth 4, ndims 32)."""
+    """The attention U-Net. Seeds' baseline: ndims=16, depth=3, num_blocks=1 (variants: depth 4, ndims 32)."""
 
     ndims: int = 16  # width of the first level; doubles per level
     depth: int = 3  # encoder/decoder levels = number of 2× downsamplings; inputs must divide by 2**depth
@@ -70,6 +70,8 @@ class DiscriminatorConfig:
 
 @dataclass
 class ModelConfig:
+    """The YAML `model:` section."""
+
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
 

@@ -1,12 +1,13 @@
 """Attention U-Net: shapes and ranges across resolutions, switches, gradients, size errors, bf16 and channels_last."""
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
-from colorize_dist.config import ConfigError
-from colorize_dist.models import AttentionUNet, GeneratorConfig, build_generator
+from colorize_dist.config import ConfigError, load_config
+from colorize_dist.models import AttentionUNet, GeneratorConfig, ModelConfig, build_generator
 from colorize_dist.models.blocks import AttentionGate, PixelTransformer
 
 SMALL = {"ndims": 4, "depth": 3, "num_blocks": 1}
@@ -125,3 +126,14 @@ def test_bfloat16_autocast_close_to_float32() -> None:
 def test_invalid_config_names_the_key(overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         build_generator(GeneratorConfig(**overrides))
+
+
+def test_model_config_from_the_yaml_model_section(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  generator:\n    depth: 4\n    ndims: 32\n  discriminator:\n    num_scales: 2\n"
+                    "loss:\n  alpha: 1.0\n")
+    cfg = load_config(ModelConfig, path, ["generator.attention_gates=false"], section="model")
+    assert (cfg.generator.depth, cfg.generator.ndims, cfg.generator.attention_gates) == (4, 32, False)
+    assert (cfg.generator.num_blocks, cfg.discriminator.num_scales, cfg.discriminator.ndims) == (1, 2, 64)
+    with pytest.raises(ConfigError, match=re.escape("generator.norm='bn' is not one of")):
+        load_config(ModelConfig, path, ["generator.norm=bn"], section="model")

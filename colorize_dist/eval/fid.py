@@ -8,14 +8,14 @@ across ranks exactly and in one all-reduce, whatever the split (StyleGAN's appro
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-import tempfile
-from collections.abc import Iterator
+import pickle
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
+import pytorch_fid.inception
 import torch
 from pytorch_fid.fid_score import calculate_frechet_distance
 from pytorch_fid.inception import FID_WEIGHTS_URL, InceptionV3
@@ -46,28 +46,17 @@ def load_inception(path: str | Path | None = None, device: torch.device | str = 
 
 @functools.cache
 def _load_inception(file: Path, device: str) -> nn.Module:
-    # pytorch-fid only loads from the hub cache (`load_state_dict_from_url`), so give it a private cache
-    # whose checkpoints/ links to `file`: its own loader and strict key check run, and nothing is downloaded.
-    with tempfile.TemporaryDirectory() as hub_dir, _torch_hub_dir(hub_dir):
-        (Path(hub_dir) / "checkpoints").mkdir()
-        (Path(hub_dir) / "checkpoints" / FID_WEIGHTS_FILENAME).symlink_to(file)
-        try:
-            inception = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[FEATURE_DIM]])
-        except (RuntimeError, OSError, EOFError, ValueError) as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ValueError(f"FID Inception weights at {file} cannot be loaded ({reason}); download "
-                             f"{FID_WEIGHTS_URL} again") from None
-    return inception.to(device).eval()
-
-
-@contextlib.contextmanager
-def _torch_hub_dir(path: str) -> Iterator[None]:
-    previous = torch.hub.get_dir()
-    torch.hub.set_dir(path)
     try:
-        yield
-    finally:
-        torch.hub.set_dir(previous)
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        # pytorch-fid's fid_inception_v3() takes its weights only from `load_state_dict_from_url`, which downloads
+        # when the hub cache lacks them; hand it this file's state dict (its strict load_state_dict still runs).
+        with mock.patch.object(pytorch_fid.inception, "load_state_dict_from_url", lambda url, **kwargs: state):
+            inception = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[FEATURE_DIM]])
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"FID Inception weights at {file} cannot be loaded ({reason}); download "
+                         f"{FID_WEIGHTS_URL} again") from None
+    return inception.to(device).eval()
 
 
 def inception_features(inception: nn.Module, rgb: torch.Tensor) -> torch.Tensor:

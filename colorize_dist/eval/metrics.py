@@ -43,6 +43,8 @@ from colorize_dist.models.spaces import CHANNELS, to_rgb
 
 LAB_DATA_RANGE = 2.0  # every normalised Lab channel spans [−1, 1]
 RGB_DATA_RANGE = 1.0
+SSIM_SIGMA = 1.5
+SSIM_BORDER = int(3.5 * SSIM_SIGMA + 0.5)  # radius of the Gaussian window (truncated at 3.5σ, as skimage's)
 PER_IMAGE_METRICS = ("psnr_lab", "ssim_lab", "psnr_rgb", "ssim_rgb", "psnr_lab_gray", "colorfulness",
                      "colorfulness_real")
 _SPACE_BY_CHANNELS = {channels: space for space, channels in CHANNELS.items()}
@@ -74,9 +76,14 @@ def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float) -> torch.T
 
 
 def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float) -> torch.Tensor:
-    """(N,) float64 SSIM of each image (11×11 Gaussian window, σ = 1.5), mean over channels and valid pixels."""
-    return structural_similarity_index_measure(pred.double(), target.double(), data_range=data_range,
-                                               reduction="none")
+    """(N,) float64 SSIM of each image (11×11 Gaussian window, σ = 1.5), mean over channels and valid pixels.
+
+    torchmetrics gives the SSIM map of the reflect-padded image and, since 1.5 (its PR #2721), averages all of
+    it; we average only the pixels whose window lies inside the image, as Wang et al. and skimage do.
+    """
+    _, ssim_map = structural_similarity_index_measure(pred.double(), target.double(), data_range=data_range,
+                                                      sigma=SSIM_SIGMA, reduction="none", return_full_image=True)
+    return ssim_map[..., SSIM_BORDER:-SSIM_BORDER, SSIM_BORDER:-SSIM_BORDER].mean(dim=(1, 2, 3))
 
 
 def colorfulness(rgb: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Launching training on clusters: Slurm through submitit (`colorize-dist submit`), with checkpoint and requeue."""

@@ -1,0 +1,224 @@
+"""Training as a submitit job on Slurm: one task per GPU (or per CPU process), checkpoint and requeue.
+
+Every Slurm task runs a `TrainingJob`. It derives torch.distributed's `env://` variables from submitit's
+JobEnvironment and runs the trainer (`python -m colorize_dist.train`, the same command line as by hand) as a
+child process, so that this process's signal handler can wait for the trainer to save.
+
+Before a time limit (Slurm's `--signal=USR2@signal_delay_s`) or on preemption (`scancel --signal=USR2 JOB`):
+  1. Slurm sends submitit's warning signal (USR2) to the job's processes; the trainers ignore it.
+  2. submitit's handler on global rank 0 calls `TrainingJob.checkpoint()`, which sends SIGUSR1 to its trainer.
+  3. The trainer's ranks agree to stop at the next step boundary (one all-reduce per step), all save the step
+     checkpoint and exit with EXIT_RESUMABLE.
+  4. `checkpoint()` returns a fresh submission of the job with `--resume auto`; submitit pickles it in place of
+     the submitted one, runs `scontrol requeue` and exits.
+  5. Slurm starts the job again, possibly on other nodes; every task derives a fresh rendezvous (master = first
+     node of the new allocation, port from the job id and SLURM_RESTART_COUNT) and the trainer resumes.
+A requeue that Slurm does by itself (`scontrol requeue`, preemption with PreemptMode=REQUEUE) sends SIGTERM:
+the trainers save on it, and the restarted job resumes because every start after the first uses `--resume auto`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import submitit
+
+from colorize_dist.config import save_config
+from colorize_dist.training.config import Config, check_launch
+from colorize_dist.training.stop import EXIT_RESUMABLE
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.yaml"  # the resolved config in the run dir; every start of the job trains with it
+SUBMITIT_FOLDER = "slurm"  # RUN/slurm: sbatch scripts, pickles and per-task logs of the run's jobs
+RENDEZVOUS_PORTS = range(20000, 40000)
+
+
+class TrainerFailedError(RuntimeError):
+    """The trainer exited with an error; its message is in the task's log."""
+
+
+@dataclass(frozen=True)
+class TrainingOutcome:
+    run_dir: Path
+    finished: bool  # False: stopped early with a checkpoint (e.g. cancelled); resubmitting continues it
+
+
+@dataclass
+class SlurmResources:
+    """What to ask Slurm for; each field becomes one sbatch option (None: the cluster's default)."""
+
+    partition: str | None
+    time_min: int  # time limit of each allocation; the job is requeued as often as it takes
+    nodes: int = 1
+    gpus_per_node: int = 0  # 0: CPU training (gloo), tasks_per_node processes per node
+    tasks_per_node: int = 1  # one per GPU when there are GPUs
+    cpus_per_task: int | None = None
+    mem: str | None = None  # per node, sbatch syntax (e.g. 64G)
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    exclusive: bool = False
+    signal_delay_s: int = 120  # the warning comes this long (Slurm: up to 60 s more) before the limit
+    max_timeouts: int = 20  # requeues after hitting the time limit before giving up; preemptions do not count
+    job_name: str = "colorize"
+    array_parallelism: int = 256  # job arrays: elements running at once
+
+    @property
+    def num_tasks(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+
+@dataclass
+class TrainingJob:
+    """The callable submitit runs in every task of the job; `checkpoint()` makes it requeue itself."""
+
+    run_dir: Path  # absolute; holds CONFIG_NAME, checkpoints/ and SUBMITIT_FOLDER
+    resume: str = "auto"  # the trainer's --resume for the first start; every restart uses auto
+    use_cpu: bool = False  # no GPUs: Accelerate's MULTI_CPU mode with gloo
+    save_timeout_s: float = 100.0  # how long checkpoint() waits for the trainer to save before requeueing anyway
+    _trainer: subprocess.Popen | None = field(default=None, init=False, repr=False, compare=False)
+
+    def trainer_command(self, resume: str) -> list[str]:
+        return [sys.executable, "-u", "-m", "colorize_dist.train", "--config", str(self.run_dir / CONFIG_NAME),
+                "--run-dir", str(self.run_dir), "--resume", resume]
+
+    def __call__(self) -> TrainingOutcome:
+        job = submitit.JobEnvironment()
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        env = os.environ | distributed_env(job, restarts)
+        if self.use_cpu:
+            env["ACCELERATE_USE_CPU"] = "true"
+        if "SLURM_CPUS_PER_TASK" in os.environ:
+            env.setdefault("OMP_NUM_THREADS", os.environ["SLURM_CPUS_PER_TASK"])
+        command = self.trainer_command(self.resume if restarts == 0 else "auto")
+        log.info("%s, start %d, rendezvous %s:%s: %s", job, restarts, env["MASTER_ADDR"], env["MASTER_PORT"],
+                 " ".join(command))
+        self._trainer = subprocess.Popen(command, env=env, preexec_fn=_ignore_warning_signal)
+        try:
+            # Polling rather than wait(): checkpoint() waits for the trainer from a signal handler on this thread,
+            # and a wait() interrupted here would hold the Popen's lock.
+            while (status := self._trainer.poll()) is None:
+                time.sleep(1.0)
+        finally:
+            if self._trainer.poll() is None:  # submitit exits this process after requeueing
+                self._trainer.kill()
+        if status == 0:
+            return TrainingOutcome(self.run_dir, finished=True)
+        if status == EXIT_RESUMABLE:
+            return TrainingOutcome(self.run_dir, finished=False)
+        raise TrainerFailedError(f"the trainer exited with status {status} on rank {job.global_rank}; its error is "
+                                 f"in this task's log in {self.run_dir / SUBMITIT_FOLDER}")
+
+    def checkpoint(self) -> submitit.helpers.DelayedSubmission:
+        """Called by submitit on global rank 0 when Slurm warns of the time limit or preemption.
+
+        The trainer saves a checkpoint on SIGUSR1 (all ranks agree to stop); then the job requeues itself as a new
+        submission that resumes from it. Should the save not finish in time, the requeued job resumes from the last
+        periodic checkpoint instead.
+        """
+        trainer = self._trainer
+        if trainer is not None and trainer.poll() is None:
+            trainer.send_signal(signal.SIGUSR1)
+            try:
+                trainer.wait(timeout=self.save_timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("the trainer did not exit within %.0f s of SIGUSR1; requeueing anyway",
+                            self.save_timeout_s)
+        return submitit.helpers.DelayedSubmission(replace(self, resume="auto"))
+
+
+def distributed_env(job: submitit.JobEnvironment, restarts: int) -> dict[str, str]:
+    """torch.distributed's env:// variables for this task (Accelerate reads them), from Slurm through submitit.
+
+    The rendezvous is new at every start: the master is the first node of the current allocation, and the port
+    depends on the restart count, so a requeued job never meets the previous start's socket.
+    """
+    return {
+        "MASTER_ADDR": job.hostnames[0],
+        "MASTER_PORT": str(rendezvous_port(job.job_id, restarts)),
+        "WORLD_SIZE": str(job.num_tasks),
+        "RANK": str(job.global_rank),
+        "LOCAL_RANK": str(job.local_rank),
+        "LOCAL_WORLD_SIZE": str(job.num_tasks // job.num_nodes),
+    }
+
+
+def rendezvous_port(job_id: str, restarts: int) -> int:
+    """A port every task computes alike without talking to the others (a hash of the job id and restart count)."""
+    return RENDEZVOUS_PORTS[zlib.crc32(f"{job_id}/{restarts}".encode()) % len(RENDEZVOUS_PORTS)]
+
+
+def _ignore_warning_signal() -> None:
+    """Runs in the trainer's process before exec: Slurm signals every process of a step, and only submitit's handler
+    in the parent should act on its warning signal (an ignored signal stays ignored across exec)."""
+    signal.signal(signal.Signals["SIG" + submitit.JobEnvironment.USR_SIG], signal.SIG_IGN)
+
+
+def make_executor(folder: Path, resources: SlurmResources) -> submitit.AutoExecutor:
+    """A Slurm executor whose sbatch scripts, pickles and logs go to `folder`; RuntimeError without Slurm."""
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=resources.max_timeouts)
+    executor.update_parameters(
+        name=resources.job_name,
+        timeout_min=resources.time_min,
+        nodes=resources.nodes,
+        tasks_per_node=resources.tasks_per_node,
+        gpus_per_node=resources.gpus_per_node or None,
+        cpus_per_task=resources.cpus_per_task,
+        slurm_partition=resources.partition,
+        slurm_mem=resources.mem,
+        slurm_account=resources.account,
+        slurm_qos=resources.qos,
+        slurm_constraint=resources.constraint,
+        slurm_exclusive=resources.exclusive or None,
+        slurm_signal_delay_s=resources.signal_delay_s,
+        slurm_array_parallelism=resources.array_parallelism,
+    )
+    return executor
+
+
+def training_job(cfg: Config, run_dir: Path, resources: SlurmResources, resume: str = "auto") -> TrainingJob:
+    """The job that trains `cfg` in `run_dir`; ConfigError when the global batch does not split over its tasks."""
+    check_launch(cfg.train, resources.num_tasks)
+    return TrainingJob(run_dir.absolute(), resume, use_cpu=resources.gpus_per_node == 0,
+                       save_timeout_s=max(10, resources.signal_delay_s - 20))
+
+
+def submit(cfg: Config, job: TrainingJob, resources: SlurmResources) -> submitit.Job:
+    """Write `cfg` as RUN/config.yaml and submit one Slurm job for the run; its submitit files and logs go to
+    RUN/slurm. submitit's FailedJobError carries sbatch's message when Slurm refuses the job."""
+    _write_config(cfg, job.run_dir)
+    return make_executor(job.run_dir / SUBMITIT_FOLDER, resources).submit(job)
+
+
+def submit_array(runs: Sequence[tuple[Config, TrainingJob]], resources: SlurmResources,
+                 folder: Path) -> list[submitit.Job]:
+    """A sweep as one Slurm job array: the same resources for every run, submitit files and logs in `folder`.
+    Each element checkpoints and requeues on its own."""
+    for cfg, job in runs:
+        _write_config(cfg, job.run_dir)
+    return make_executor(folder, resources).submit_array([job for _, job in runs])
+
+
+def _write_config(cfg: Config, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / CONFIG_NAME)
+
+
+def sbatch_script(job: TrainingJob, resources: SlurmResources) -> str:
+    """The sbatch script `submit` would hand to Slurm for `job`, from submitit's own template.
+
+    submitit has no public dry run; this is the method its executor calls when it submits.
+    """
+    executor = make_executor(job.run_dir / SUBMITIT_FOLDER, resources)
+    slurm_executor = executor._executor
+    return slurm_executor._make_submission_file_text(slurm_executor._submitit_command_str, uid="dry-run")

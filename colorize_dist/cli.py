@@ -16,6 +16,7 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("shards", "verify"): "colorize_dist.data.verify",
     ("shards", "index"): "colorize_dist.data.index",
     ("model-info",): "colorize_dist.models.info",
+    ("submit",): "colorize_dist.launch.submit",
 }
 
 

@@ -17,6 +17,7 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("shards", "index"): "colorize_dist.data.index",
     ("model-info",): "colorize_dist.models.info",
     ("submit",): "colorize_dist.launch.submit",
+    ("train",): "colorize_dist.training.command",
 }
 
 

@@ -1,0 +1,110 @@
+"""What the loop is made of: the Accelerator, each network with its optimizer and LR schedule, the data."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DeepSpeedPlugin
+from accelerate.utils import DistributedType, ProjectConfiguration, str_to_bool
+from torch import nn
+
+from colorize_dist.data import synth
+from colorize_dist.data.loader import Batch, ColorLoader
+from colorize_dist.data.shards import MANIFEST
+from colorize_dist.training.config import MIXED_PRECISION, Config, OptimConfig
+from colorize_dist.training.update import Update
+
+NETWORKS = ("generator", "discriminator")
+
+
+def build_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
+    """Accelerate owns devices, processes, precision, accumulation and trackers.
+
+    Under `accelerate launch` with a DeepSpeed config, each network gets its own DeepSpeed plugin (zero stage
+    and offload from the launcher), so that each becomes its own engine; clipping and accumulation come from
+    our config, never from DeepSpeed's "auto".
+    """
+    deepspeed_plugins = None
+    if str_to_bool(os.environ.get("ACCELERATE_USE_DEEPSPEED", "false")):
+        deepspeed_plugins = {
+            name: DeepSpeedPlugin(gradient_accumulation_steps=cfg.train.grad_accum,
+                                  gradient_clipping=cfg.optim.grad_clip)
+            for name in NETWORKS
+        }
+    return Accelerator(
+        mixed_precision=MIXED_PRECISION.get(cfg.train.mixed_precision),
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        deepspeed_plugins=deepspeed_plugins,
+        log_with=cfg.train.trackers,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        dynamo_backend="inductor" if cfg.train.compile else "no",
+        # LR schedules count optimizer steps; by default Accelerate steps them once per process per step.
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def input_dtype(accelerator: Accelerator) -> torch.dtype:
+    """What the networks take in: DeepSpeed's fp16/bf16 engines hold half-precision weights and do not cast
+    inputs; elsewhere autocast does, and inputs stay float32."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    return torch.float32
+
+
+def prepare_network(accelerator: Accelerator, name: str, model: nn.Module, cfg: Config, lr: float,
+                    total_steps: int, micro_batch: int) -> tuple[nn.Module, Update]:
+    """Adam and the LR schedule for `model`, everything handed to Accelerate (DDP, or a DeepSpeed engine)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=tuple(cfg.optim.betas),
+                                 weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, total_steps))
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        accelerator.state.select_deepspeed_plugin(name)
+        accelerator.deepspeed_plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=micro_batch,
+            train_batch_size=micro_batch * cfg.train.grad_accum * accelerator.num_processes,
+        )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    return model, Update(accelerator, model, optimizer, scheduler, cfg.optim.grad_clip)
+
+
+def lr_factor(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the base LR at an optimizer step: linear warm-up, then constant, linear or cosine to 0."""
+    decay_steps = max(1, total_steps - cfg.warmup_steps)
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+        if cfg.schedule == "linear":
+            return 1.0 - progress
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return factor
+
+
+def synthetic_shards(accelerator: Accelerator, run_dir: Path, images: int, resolution: int) -> Path:
+    """The embedded default's data: `images` synthetic images as shards in RUN/synthetic (made once, by rank 0)."""
+    out = run_dir / "synthetic"
+    if accelerator.is_main_process and not (out / MANIFEST).is_file():
+        parser = argparse.ArgumentParser()
+        synth.add_arguments(parser)
+        synth.main(parser.parse_args([str(out), "--n", str(images), "--resolution", str(resolution),
+                                      "--format", "png", "--shard-size", "500", "--val-fraction", "0.1",
+                                      "--workers", "1", "--force"]))
+    accelerator.wait_for_everyone()
+    return out
+
+
+def endless(loader: ColorLoader, position: int) -> Iterator[Batch]:
+    """Training micro-batches from `position` (counted from the first batch of epoch 0) on, epoch after epoch."""
+    epoch, start = divmod(position, loader.batches_per_epoch)
+    while True:
+        yield from loader.epoch(epoch, start)
+        epoch, start = epoch + 1, 0

@@ -1,0 +1,132 @@
+"""The training run's config: the `data`, `model` and `loss` sections of their packages plus `optim` and `train`.
+
+    cfg = load_training_config("configs/seed000.yaml", ["train.batch_size=32", "optim.lr=1e-4"])
+
+Sizes that depend on the launch (processes, accumulation) are checked by `check_launch` once the
+Accelerator knows the number of processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from colorize_dist.config import ConfigError, load_config
+from colorize_dist.data.config import DataConfig
+from colorize_dist.eval.metrics import PER_IMAGE_METRICS
+from colorize_dist.models.config import LossConfig, ModelConfig, check_compatible
+
+SCHEDULES = ("constant", "linear", "cosine")
+MIXED_PRECISION = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}  # ours → Accelerate's names
+BEST_MODES = ("max", "min")
+TRACKERS = ("tensorboard", "wandb")
+
+
+@dataclass
+class OptimConfig:
+    """Adam for both networks (the seeds: lr 2e-4, betas (0.5, 0.999))."""
+
+    lr: float = 2e-4  # generator
+    lr_discriminator: float | None = None  # None: same as lr
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0  # max global gradient norm per network; 0 = no clipping
+    schedule: str = "constant"  # after warm-up: constant | linear (to 0) | cosine (to 0) over the run
+    warmup_steps: int = 0  # linear LR warm-up from 0
+
+    def validate(self) -> None:
+        if self.lr <= 0 or (self.lr_discriminator is not None and self.lr_discriminator <= 0):
+            raise ConfigError(f"optim.lr and optim.lr_discriminator must be positive, got {self.lr}, "
+                              f"{self.lr_discriminator}")
+        if len(self.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in self.betas):
+            raise ConfigError(f"optim.betas must be [beta1, beta2] in [0, 1), got {self.betas}")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
+            raise ConfigError("optim.weight_decay, optim.grad_clip and optim.warmup_steps must be ≥ 0")
+        _check_choice("optim.schedule", self.schedule, SCHEDULES)
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str | None = None  # None: runs/<config file stem>; --run-dir overrides
+    seed: int = 0  # model initialisation and data order; same on every rank
+    epochs: int = 100
+    max_steps: int = 0  # > 0: stop after this many optimizer steps instead of `epochs`
+    batch_size: int = 64  # global: per-process batch × processes × grad_accum
+    grad_accum: int = 1  # micro-batches per optimizer step
+    mixed_precision: str | None = None  # fp32 | fp16 | bf16; None: what `accelerate launch` was given, else fp32
+    channels_last: bool = False
+    compile: bool = False  # torch.compile both networks (inductor)
+    pretrain_steps: int = 0  # generator-only steps (no adversarial term) before D joins (seed 002)
+    ema_decay: float = 0.999  # EMA of the generator; validation, samples and exports use it
+    log_every: int = 10  # optimizer steps between logged scalars
+    checkpoint_every: int = 1000  # optimizer steps between checkpoints (and at the end, and on SIGTERM/SIGUSR1)
+    keep_checkpoints: int = 3  # the last K step checkpoints are kept; the best one is kept apart
+    validate_every: int = 1000  # optimizer steps between validations (which update the best checkpoint)
+    best_metric: str = "psnr_lab"  # key of compute_metrics' result that picks the best checkpoint
+    fid_weights: str | None = None  # pytorch-fid Inception weights: adds "fid" to validation (and as best_metric)
+    best_mode: str = "max"  # max | min
+    sample_every: int = 500  # optimizer steps between sample grids
+    num_samples: int = 8  # validation images in the sample grid
+    max_nonfinite_steps: int = 20  # stop after this many consecutive steps with a NaN/inf loss
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb
+    synth_images: int = 1200  # the embedded default: synthetic images made when data.shards is not set
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints",
+                     "validate_every", "sample_every", "num_samples", "max_nonfinite_steps", "synth_images"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps < 0 or self.pretrain_steps < 0:
+            raise ConfigError("train.max_steps and train.pretrain_steps must be ≥ 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.mixed_precision is not None:
+            _check_choice("train.mixed_precision", self.mixed_precision, tuple(MIXED_PRECISION))
+        _check_choice("train.best_mode", self.best_mode, BEST_MODES)
+        _check_choice("train.best_metric", self.best_metric, (*PER_IMAGE_METRICS, "fid"))
+        if self.best_metric == "fid" and self.fid_weights is None:
+            raise ConfigError("train.best_metric=fid needs train.fid_weights (pytorch-fid's Inception weights)")
+        for tracker in self.trackers:
+            _check_choice("train.trackers", tracker, TRACKERS)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        for section in (self.data, self.model, self.loss, self.optim, self.train):
+            section.validate()
+        check_compatible(self.model.discriminator, self.loss)
+        multiple = 2**self.model.generator.depth
+        if self.data.resolution % multiple:
+            raise ConfigError(f"data.resolution={self.data.resolution} must be divisible by 2^model.generator.depth"
+                              f" = {multiple}")
+
+    @property
+    def adversarial(self) -> bool:
+        """Whether the run trains a discriminator at all (loss.theta > 0)."""
+        return self.loss.theta > 0
+
+
+def load_training_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    return load_config(Config, path, overrides)
+
+
+def check_launch(cfg: TrainConfig, num_processes: int) -> int:
+    """The per-process micro-batch size; ConfigError when the global batch does not split evenly."""
+    share = num_processes * cfg.grad_accum
+    if cfg.batch_size % share:
+        raise ConfigError(f"train.batch_size={cfg.batch_size} is not divisible by processes × train.grad_accum = "
+                          f"{num_processes} × {cfg.grad_accum} = {share}")
+    return cfg.batch_size // share
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}")

@@ -18,6 +18,8 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("model-info",): "colorize_dist.models.info",
     ("submit",): "colorize_dist.launch.submit",
     ("train",): "colorize_dist.training.command",
+    ("eval",): "colorize_dist.eval.evaluate",
+    ("colorize",): "colorize_dist.eval.colorize",
 }
 
 

@@ -167,7 +167,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise SystemExit("colorize: --batch-size must be at least 1")
-    state = PartialState(cpu=args.cpu)  # one process per GPU under `accelerate launch`; inputs are split
+    # One process per GPU under `accelerate launch` or torchrun; CPU when asked or without a GPU (then gloo).
+    state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
     try:
         generator, _, resolution = load_generator(resolve_checkpoint(args.checkpoint), device=state.device)
     except (OSError, ValueError) as exc:

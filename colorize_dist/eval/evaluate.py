@@ -80,7 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    state = PartialState(cpu=args.cpu)  # initialises torch.distributed under accelerate launch / torchrun
+    # One process per GPU under `accelerate launch` or torchrun; CPU when asked or without a GPU (then gloo).
+    state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
     try:
         checkpoint = resolve_checkpoint(args.checkpoint)
         generator, _, resolution = load_generator(checkpoint, device=state.device)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DeepSpeedPlugin
-from accelerate.utils import DistributedType, ProjectConfiguration, str_to_bool
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, str_to_bool
 from torch import nn
 
 from colorize_dist.data import synth
@@ -29,13 +29,15 @@ def build_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
     and offload from the launcher), so that each becomes its own engine; clipping and accumulation come from
     our config, never from DeepSpeed's "auto".
     """
-    deepspeed_plugins = None
+    deepspeed_plugins, handlers = None, []
     if str_to_bool(os.environ.get("ACCELERATE_USE_DEEPSPEED", "false")):
         deepspeed_plugins = {
             name: DeepSpeedPlugin(gradient_accumulation_steps=cfg.train.grad_accum,
                                   gradient_clipping=cfg.optim.grad_clip)
             for name in NETWORKS
         }
+        if not torch.cuda.is_available():  # Accelerate finds no backend for DeepSpeed on CPU; DeepSpeed's is gloo
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
     return Accelerator(
         mixed_precision=MIXED_PRECISION.get(cfg.train.mixed_precision),
         gradient_accumulation_steps=cfg.train.grad_accum,
@@ -43,6 +45,7 @@ def build_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
         log_with=cfg.train.trackers,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
         dynamo_backend="inductor" if cfg.train.compile else "no",
+        kwargs_handlers=handlers,
         # LR schedules count optimizer steps; by default Accelerate steps them once per process per step.
         step_scheduler_with_optimizer=False,
     )

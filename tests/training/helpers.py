@@ -38,13 +38,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# How each accelerate config file is launched on a CPU machine (see the files' comments).
+LAUNCH_FLAGS = {"cpu_2proc.yaml": ["--multi_gpu"], "deepspeed_cpu_2proc.yaml": []}
+LAUNCH_ENV = {"cpu_2proc.yaml": {"ACCELERATE_USE_CPU": "1"}, "deepspeed_cpu_2proc.yaml": {}}
+
+
 def launch(accelerate_config: str, run_dir: Path, overrides: list[str], *, timeout: float = 600,
            ) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file configs/accelerate/<name> rank_probe.py RUN overrides...`."""
     command = [sys.executable, "-m", "accelerate.commands.launch",
                "--config_file", str(REPO / "configs" / "accelerate" / accelerate_config),
-               "--main_process_port", str(free_port()), str(RANK_PROBE), str(run_dir), *overrides]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=subprocess_env())
+               *LAUNCH_FLAGS[accelerate_config], "--main_process_port", str(free_port()),
+               str(RANK_PROBE), str(run_dir), *overrides]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env=subprocess_env() | LAUNCH_ENV[accelerate_config])
 
 
 def train_process(run_dir: Path, overrides: list[str], *extra_args: str) -> subprocess.Popen:

@@ -9,6 +9,15 @@ import torchvision
 from colorize_dist.models.losses import VGG16_FILENAME
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny; two intra-op threads on a shared 2-core machine run up to 10× slower, not faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def vgg_torch_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A TORCH_HOME whose hub cache has torchvision's vgg16 file name, with random (seeded) weights."""

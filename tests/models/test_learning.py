@@ -31,7 +31,7 @@ def test_tiny_generator_beats_the_gray_baseline() -> None:
     loss = GeneratorLoss(LossConfig(beta=0.0, theta=0.0))  # the seeds' α·L1 alone
     optimizer = torch.optim.Adam(generator.parameters(), lr=2e-3, betas=(0.5, 0.999))
     for _ in range(300):
-        batch = torch.randint(len(train_l), (16,))
+        batch = torch.randint(len(train_l), (8,))
         optimizer.zero_grad()
         loss(train_l[batch], generator(train_l[batch]), train_ab[batch])["total"].backward()
         optimizer.step()

@@ -9,7 +9,7 @@ from colorize_dist.models import GeneratorConfig, build_generator
 @pytest.mark.slow
 def test_compiled_generator_matches_eager() -> None:
     torch.manual_seed(0)
-    # Every kind of layer, as few of each as possible: compilation time, not size, dominates here.
+    # Gates and the transformer, with as few layers as possible: compilation time dominates this test.
     generator = build_generator(GeneratorConfig(ndims=4, depth=2, num_blocks=0, transformer_blocks=1,
                                                 transformer_dim=16, transformer_heads=2))
     l = torch.rand(2, 1, 32, 32) * 2 - 1

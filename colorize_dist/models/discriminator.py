@@ -6,8 +6,6 @@ logit sees a 70×70 patch for n_layers=3 (`DiscriminatorConfig.receptive_field`)
 downsampled 2×, 4×, …, and returns one logit map per scale.
 """
 
-
-
 from __future__ import annotations
 
 import torch
@@ -20,6 +18,8 @@ from colorize_dist.models.config import DiscriminatorConfig
 
 
 class PatchDiscriminator(nn.Module):
+    """forward(l, color) → patch logits (B, 1, h, w); widths ndims·2^i, capped at 8·ndims as in pix2pix."""
+
     def __init__(self, cfg: DiscriminatorConfig, color_channels: int):
         super().__init__()
         widths = [cfg.ndims * min(2**i, 8) for i in range(cfg.n_layers + 1)]
@@ -37,10 +37,12 @@ class PatchDiscriminator(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, l: torch.Tensor, color: torch.Tensor) -> torch.Tensor:
-        return self.layers(torch.cat([l, color.to(l.dtype)], dim=1))
+        return self.layers(torch.cat([l, color], dim=1))
 
 
 class MultiScaleDiscriminator(nn.Module):
+    """num_scales PatchDiscriminators, the k-th on the pair average-pooled k times; forward returns a list."""
+
     def __init__(self, cfg: DiscriminatorConfig, color_channels: int):
         super().__init__()
         self.scales = nn.ModuleList(PatchDiscriminator(cfg, color_channels) for _ in range(cfg.num_scales))

@@ -5,8 +5,6 @@ level) with Attention U-Net gates on the skip connections. Level i works at H/2^
 min(ndims·2^i, max_width) channels; there are `depth` downsamplings, so H and W must divide by 2^depth.
 """
 
-
-
 from __future__ import annotations
 
 import torch
@@ -46,6 +44,8 @@ class DecoderLevel(nn.Module):
 
 
 class AttentionUNet(nn.Module):
+    """forward(l) → tanh colour; encoder[i] and decoder[i] work at level i, the bottleneck at level depth."""
+
     def __init__(self, cfg: GeneratorConfig):
         super().__init__()
         self.depth = cfg.depth

@@ -4,8 +4,6 @@ Discriminator outputs may be one tensor of patch logits or a list of them (multi
 term averages over patches, then over scales, so θ means the same whatever `num_scales` is.
 """
 
-
-
 from __future__ import annotations
 
 from collections.abc import Callable

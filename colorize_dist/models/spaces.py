@@ -4,8 +4,6 @@
 lightness. "rgb" (the seeds' colour-space ablation): 3 channels, RGB in [0, 1] mapped to (−1, 1) as 2·rgb − 1.
 """
 
-
-
 from __future__ import annotations
 
 from collections.abc import Callable

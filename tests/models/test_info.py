@@ -14,7 +14,8 @@ GENERATORS = [
     GeneratorConfig(ndims=8, depth=4, num_blocks=2, upsample="transpose", attention_gates=False),
     GeneratorConfig(ndims=8, transformer_blocks=2, transformer_dim=64, transformer_heads=4, color_space="rgb"),
 ]
-DISCRIMINATORS = [DiscriminatorConfig(ndims=16), DiscriminatorConfig(ndims=16, n_layers=4, num_scales=2)]
+DISCRIMINATORS = [DiscriminatorConfig(ndims=16),
+                  DiscriminatorConfig(ndims=16, n_layers=4, num_scales=2, spectral_norm=True)]
 
 
 def _torch_flops(model: torch.nn.Module, *inputs: torch.Tensor) -> int:

@@ -98,41 +98,24 @@ def _scales(logits: Logits) -> list[torch.Tensor]:
     return [x.float() for x in (logits if isinstance(logits, list) else [logits])]
 
 
-def _mean_over_scales(term: Callable[[torch.Tensor], torch.Tensor], logits: Logits) -> torch.Tensor:
-    return torch.stack([term(x) for x in _scales(logits)]).mean()
-
-
 def critic_score(logits: Logits) -> torch.Tensor:
     """One score per sample (B,): the patch logits' mean, averaged over scales."""
     return torch.stack([x.flatten(1).mean(1) for x in _scales(logits)]).mean(0)
 
 
 class AdversarialLoss(NamedTuple):
-    discriminator: Callable[[Logits, Logits], torch.Tensor]  # (real logits, fake logits) → loss
-    generator: Callable[[Logits], torch.Tensor]  # fake logits → loss
+    """Per-logit terms; each is averaged over patches and samples, then over scales."""
+
+    real: Callable[[torch.Tensor], torch.Tensor]  # discriminator side, logits of real pairs
+    fake: Callable[[torch.Tensor], torch.Tensor]  # discriminator side, logits of generated pairs
+    generator: Callable[[torch.Tensor], torch.Tensor]  # generator side, logits of generated pairs
 
 
 ADVERSARIAL_LOSSES: dict[str, AdversarialLoss] = {
-    # Non-saturating GAN on logits (BCE with targets 1/0).
-    "vanilla": AdversarialLoss(
-        lambda real, fake: _mean_over_scales(lambda x: F.softplus(-x).mean(), real)
-        + _mean_over_scales(lambda x: F.softplus(x).mean(), fake),
-        lambda fake: _mean_over_scales(lambda x: F.softplus(-x).mean(), fake),
-    ),
-    "lsgan": AdversarialLoss(
-        lambda real, fake: _mean_over_scales(lambda x: (x - 1).square().mean(), real)
-        + _mean_over_scales(lambda x: x.square().mean(), fake),
-        lambda fake: _mean_over_scales(lambda x: (x - 1).square().mean(), fake),
-    ),
-    "hinge": AdversarialLoss(
-        lambda real, fake: _mean_over_scales(lambda x: F.relu(1 - x).mean(), real)
-        + _mean_over_scales(lambda x: F.relu(1 + x).mean(), fake),
-        lambda fake: -critic_score(fake).mean(),
-    ),
-    "wgan-gp": AdversarialLoss(
-        lambda real, fake: critic_score(fake).mean() - critic_score(real).mean(),
-        lambda fake: -critic_score(fake).mean(),
-    ),
+    "vanilla": AdversarialLoss(lambda x: F.softplus(-x), F.softplus, lambda x: F.softplus(-x)),  # BCE, non-saturating
+    "lsgan": AdversarialLoss(lambda x: (x - 1).square(), torch.square, lambda x: (x - 1).square()),
+    "hinge": AdversarialLoss(lambda x: F.relu(1 - x), lambda x: F.relu(1 + x), torch.neg),
+    "wgan-gp": AdversarialLoss(torch.neg, lambda x: x, torch.neg),  # add gradient_penalty on the D side
 }
 
 
@@ -141,15 +124,20 @@ class GANLoss:
 
     def __init__(self, mode: str):
         if mode not in ADVERSARIAL_LOSSES:
-            raise ValueError(f"adversarial loss {mode!r}; choose from {', '.join(ADVERSARIAL_LOSSES)}")
+            choices = ", ".join(ADVERSARIAL_LOSSES)
+            raise ValueError(f"unknown adversarial loss {mode!r}; choose from {choices}")
         self.mode = mode
-        self._loss = ADVERSARIAL_LOSSES[mode]
+        self._terms = ADVERSARIAL_LOSSES[mode]
 
     def discriminator_loss(self, real_logits: Logits, fake_logits: Logits) -> torch.Tensor:
-        return self._loss.discriminator(real_logits, fake_logits)
+        return _mean(self._terms.real, real_logits) + _mean(self._terms.fake, fake_logits)
 
     def generator_loss(self, fake_logits: Logits) -> torch.Tensor:
-        return self._loss.generator(fake_logits)
+        return _mean(self._terms.generator, fake_logits)
+
+
+def _mean(term: Callable[[torch.Tensor], torch.Tensor], logits: Logits) -> torch.Tensor:
+    return torch.stack([term(x).mean() for x in _scales(logits)]).mean()
 
 
 def gradient_penalty(discriminator: Callable[[torch.Tensor, torch.Tensor], Logits], l: torch.Tensor,

@@ -99,6 +99,21 @@ def colorfulness(rgb: torch.Tensor) -> torch.Tensor:
     return spread + 0.3 * offset
 
 
+def per_image_scores(l: torch.Tensor, ab: torch.Tensor, pred_lab: torch.Tensor, pred_rgb: torch.Tensor,
+                     true_rgb: torch.Tensor) -> torch.Tensor:
+    """(N, len(PER_IMAGE_METRICS)) float64: every per-image metric of a batch, in PER_IMAGE_METRICS order."""
+    true_lab, gray_lab = torch.cat([l, ab], dim=1), torch.cat([l, torch.zeros_like(ab)], dim=1)
+    return torch.stack([
+        psnr(pred_lab, true_lab, LAB_DATA_RANGE),
+        ssim(pred_lab, true_lab, LAB_DATA_RANGE),
+        psnr(pred_rgb, true_rgb, RGB_DATA_RANGE),
+        ssim(pred_rgb, true_rgb, RGB_DATA_RANGE),
+        psnr(gray_lab, true_lab, LAB_DATA_RANGE),
+        colorfulness(pred_rgb),
+        colorfulness(true_rgb),
+    ], dim=1)
+
+
 def compute_metrics(generator: nn.Module, loader: ColorLoader, *, device: torch.device | str,
                     fid_weights: str | Path | None = None, fid_reference: str | Path | None = None,
                     progress: bool = False) -> dict[str, float]:
@@ -120,32 +135,24 @@ def compute_metrics(generator: nn.Module, loader: ColorLoader, *, device: torch.
 
     was_training = generator.training
     generator.eval()
-    with torch.no_grad():
-        for batch in tqdm(loader.epoch(0), total=loader.batches_per_epoch, desc="eval", disable=not progress):
-            image_size = tuple(batch.l.shape[-2:])
-            keep = batch.valid.to(batch.l.device)
-            l, ab = batch.l[keep].to(device).float(), batch.ab[keep].to(device).float()
-            if len(l) == 0:
-                continue
-            pred_lab, pred_rgb = colorize_batch(generator, l)
-            true_lab, true_rgb = torch.cat([l, ab], dim=1), to_rgb(l, ab, "ab")
-            gray_lab = torch.cat([l, torch.zeros_like(ab)], dim=1)
-            per_image = torch.stack([
-                psnr(pred_lab, true_lab, LAB_DATA_RANGE),
-                ssim(pred_lab, true_lab, LAB_DATA_RANGE),
-                psnr(pred_rgb, true_rgb, RGB_DATA_RANGE),
-                ssim(pred_rgb, true_rgb, RGB_DATA_RANGE),
-                psnr(gray_lab, true_lab, LAB_DATA_RANGE),
-                colorfulness(pred_rgb),
-                colorfulness(true_rgb),
-            ], dim=1)
-            sums["count"] += len(l)
-            sums["per_image"] += per_image.sum(dim=0)
-            if inception is not None:
-                _accumulate(sums, "fake", fid.inception_features(inception, pred_rgb))
-                if not reuse_reference:
-                    _accumulate(sums, "real", fid.inception_features(inception, true_rgb))
-    generator.train(was_training)
+    try:
+        with torch.no_grad():
+            for batch in tqdm(loader.epoch(0), total=loader.batches_per_epoch, desc="eval", disable=not progress):
+                image_size = tuple(batch.l.shape[-2:])
+                keep = batch.valid.to(batch.l.device)
+                l, ab = batch.l[keep].to(device).float(), batch.ab[keep].to(device).float()
+                if len(l) == 0:
+                    continue
+                pred_lab, pred_rgb = colorize_batch(generator, l)
+                true_rgb = to_rgb(l, ab, "ab")
+                sums["count"] += len(l)
+                sums["per_image"] += per_image_scores(l, ab, pred_lab, pred_rgb, true_rgb).sum(dim=0)
+                if inception is not None:
+                    _accumulate(sums, "fake", fid.inception_features(inception, pred_rgb))
+                    if not reuse_reference:
+                        _accumulate(sums, "real", fid.inception_features(inception, true_rgb))
+    finally:
+        generator.train(was_training)
 
     sums = _all_reduce_sum(sums)
     count = sums["count"].item()

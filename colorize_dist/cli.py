@@ -11,6 +11,7 @@ import sys
 COMMANDS: dict[tuple[str, ...], str] = {
     ("bench", "color"): "colorize_dist.bench.color",
     ("bench", "data"): "colorize_dist.bench.data",
+    ("bench", "train"): "colorize_dist.bench.train",
     ("shards", "make"): "colorize_dist.data.make",
     ("shards", "synth"): "colorize_dist.data.synth",
     ("shards", "verify"): "colorize_dist.data.verify",

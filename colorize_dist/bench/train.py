@@ -1,0 +1,119 @@
+"""Training throughput: fp32 eager vs bf16 vs bf16 + channels_last vs + torch.compile, side by side.
+
+Each variant is a real training run of the given config (`colorize_dist/train.py` in its own process, so each
+gets a fresh Accelerate state and compile cache) for --steps optimizer steps on one device; steps/s and
+images/s are the median of the loop's logged rates after the first --warmup steps (which hold compilation).
+Without data.shards in the config, synthetic shards are made once at the config's resolution. On a GPU the
+table adds model FLOPs utilisation: model FLOPs per image (`colorize-dist model-info`) × images/s ÷ the
+GPU's peak for that precision.
+
+  colorize-dist bench train --config configs/res256.yaml --steps 60 train.batch_size=32
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from colorize_dist import cli
+from colorize_dist.bench.timing import format_table
+from colorize_dist.config import ConfigError
+from colorize_dist.models.info import discriminator_cost, generator_cost
+from colorize_dist.training.config import Config, load_training_config
+
+# Name → overrides of the training config.
+VARIANTS: dict[str, list[str]] = {
+    "fp32 eager": ["train.mixed_precision=fp32", "train.channels_last=false", "train.compile=false"],
+    "bf16": ["train.mixed_precision=bf16", "train.channels_last=false", "train.compile=false"],
+    "bf16 + channels_last": ["train.mixed_precision=bf16", "train.channels_last=true", "train.compile=false"],
+    "bf16 + channels_last + compile": ["train.mixed_precision=bf16", "train.channels_last=true",
+                                       "train.compile=true"],
+}
+# Dense peak FLOP/s by GPU name fragment: (bf16 tensor cores, fp32 without tensor cores).
+PEAK_FLOPS: dict[str, tuple[float, float]] = {
+    "H200": (989e12, 67e12),
+    "H100": (989e12, 67e12),
+    "A100": (312e12, 19.5e12),
+    "L40S": (362e12, 91.6e12),
+}
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="training config (default: the tiny preset)")
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per variant")
+    parser.add_argument("--warmup", type=int, default=10, help="first steps left out of the rates")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), metavar="NAME",
+                        help=f"subset of: {'; '.join(VARIANTS)}")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training config overrides")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.steps <= args.warmup + 1 or args.warmup < 1:
+        raise SystemExit("bench train: need 1 <= --warmup < --steps - 1")
+    config_args = ["--config", str(args.config)] if args.config else []
+    try:
+        cfg = load_training_config(args.config or TRAIN_SCRIPT.parents[1] / "configs" / "tiny.yaml", args.overrides)
+    except ConfigError as exc:
+        raise SystemExit(f"bench train: {exc}") from None
+    log_every = max(1, (args.steps - args.warmup) // 10)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as scratch:
+        shards = cfg.data.shards or make_synthetic_shards(Path(scratch) / "shards", cfg)
+        for index, name in enumerate(args.variants):
+            run_dir = Path(scratch) / f"run-{index}"
+            overrides = [*args.overrides, f"data.shards={shards}", *VARIANTS[name], f"train.max_steps={args.steps}",
+                         "train.pretrain_steps=0", f"train.log_every={log_every}", "train.trackers=[tensorboard]",
+                         *(f"train.{key}={10**9}" for key in ("validate_every", "sample_every", "checkpoint_every"))]
+            print(f"bench train: {name} ...", file=sys.stderr, flush=True)
+            process = subprocess.run([sys.executable, str(TRAIN_SCRIPT), "--run-dir", str(run_dir), "--resume",
+                                      "none", *config_args, *overrides], capture_output=True, text=True)
+            if process.returncode != 0:
+                raise SystemExit(f"bench train: the {name} run failed:\n{process.stderr[-3000:]}")
+            images_per_s, data_wait = logged_rates(run_dir, args.warmup)
+            rows.append([name, images_per_s / cfg.train.batch_size, images_per_s, data_wait,
+                         mfu(cfg, images_per_s, "fp32" not in name)])
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"batch {cfg.train.batch_size}, {cfg.data.resolution}², {args.steps} steps ({args.warmup} warm-up), "
+          f"one process on {device}")
+    print(format_table(["variant", "steps/s", "images/s", "data wait", "MFU"], rows))
+    return 0
+
+
+def make_synthetic_shards(out: Path, cfg: Config) -> Path:
+    cli.main(["shards", "synth", str(out), "--n", str(cfg.train.synth_images), "--resolution",
+              str(cfg.data.resolution), "--format", "png", "--workers", "1"])
+    return out
+
+
+def logged_rates(run_dir: Path, warmup: int) -> tuple[float, float]:
+    """Median images/s and data-wait share of the intervals the training loop logged after `warmup` steps."""
+    (events_file,) = (run_dir / "logs" / "colorize").glob("events.out.tfevents.*")
+    events = EventAccumulator(str(events_file)).Reload()
+    rates = [event for event in events.Scalars("images_per_s") if event.step > warmup]
+    waits = [event for event in events.Scalars("data_wait") if event.step > warmup]
+    return statistics.median(e.value for e in rates), statistics.median(e.value for e in waits)
+
+
+def mfu(cfg: Config, images_per_s: float, half_precision: bool) -> str:
+    """Model FLOPs utilisation, or "n/a" off a GPU we know the peak of.
+
+    Per image and step: G forward + backward (3 × G), D on real and fake with backward (6 × D), and D again on
+    the prediction for G's adversarial term, back-propagated to its input (about 3 × D).
+    """
+    peaks = next((peak for name, peak in PEAK_FLOPS.items()
+                  if torch.cuda.is_available() and name in torch.cuda.get_device_name()), None)
+    if peaks is None:
+        return "n/a"
+    resolution = cfg.data.resolution
+    flops = 3 * generator_cost(cfg.model.generator, resolution).flops
+    if cfg.adversarial:
+        flops += 9 * discriminator_cost(cfg.model.discriminator, cfg.model.generator.out_channels, resolution).flops
+    return f"{flops * images_per_s / peaks[0 if half_precision else 1]:.1%}"

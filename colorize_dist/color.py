@@ -193,7 +193,11 @@ def _ref_rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     return torch.stack([116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)], dim=1)
 
 
-def _ref_lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
+def lab_to_linear_rgb(lab: torch.Tensor) -> torch.Tensor:
+    """float CIELAB (N, 3, H, W) → linear sRGB, unclipped: values outside [0, 1] are out of the sRGB gamut.
+
+    Pure PyTorch and differentiable; `lab_to_rgb(impl="ref")` is this, clipped and companded.
+    """
     L, a, b = lab.unbind(1)
     fy = (L + 16.0) / 116.0
     f = torch.stack([fy + a / 500.0, fy, (fy - b / 200.0).clamp_min(0.0)], dim=1)  # as skimage
@@ -201,6 +205,10 @@ def _ref_lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
     xyz = torch.where(f > delta, f.clamp_min(delta) ** 3, (f - _LAB_OFFSET) / _LAB_SLOPE)
     xyz = xyz * _matrix(_WHITE_D65, lab)[:, None, None]
     rgb_from_xyz = torch.linalg.inv(_matrix(_XYZ_FROM_RGB, lab).double()).to(lab.dtype)
-    linear = torch.einsum("ij,njhw->nihw", rgb_from_xyz, xyz).clamp(0.0, 1.0)
+    return torch.einsum("ij,njhw->nihw", rgb_from_xyz, xyz)
+
+
+def _ref_lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
+    linear = lab_to_linear_rgb(lab).clamp(0.0, 1.0)
     return torch.where(linear <= 0.0031308, 12.92 * linear,
                        1.055 * linear.clamp_min(0.0031308) ** (1.0 / 2.4) - 0.055)

@@ -28,7 +28,7 @@ from PIL import Image, ImageOps
 from torch import nn
 from tqdm import tqdm
 
-from colorize_dist.color import _WHITE_D65, _XYZ_FROM_RGB, AB_SCALE, L_SCALE, L_SHIFT, lab_to_rgb, rgb_to_lab
+from colorize_dist.color import AB_SCALE, L_SCALE, L_SHIFT, lab_to_linear_rgb, lab_to_rgb, rgb_to_lab
 from colorize_dist.eval.metrics import colorize_batch
 from colorize_dist.models.export import load_generator, resolve_checkpoint
 
@@ -84,13 +84,8 @@ def clamp_to_srgb_gamut(lab: torch.Tensor) -> torch.Tensor:
 
 
 def _in_srgb_gamut(pixels: torch.Tensor) -> torch.Tensor:
-    """(P, 3) Lab → (P,) bool: its linear sRGB, by the same D65 white and matrix as `color`, lies in [0, 1]."""
-    lightness, a, b = pixels.unbind(1)
-    fy = (lightness + 16.0) / 116.0
-    f = torch.stack([fy + a / 500.0, fy, fy - b / 200.0], dim=1)
-    delta = 6.0 / 29.0
-    xyz = torch.where(f > delta, f**3, 3 * delta**2 * (f - 4.0 / 29.0)) * pixels.new_tensor(_WHITE_D65)
-    linear = xyz @ torch.linalg.inv(pixels.new_tensor(_XYZ_FROM_RGB, dtype=torch.float64)).float().T
+    """(P, 3) Lab → (P,) bool: its linear sRGB lies in [0, 1]."""
+    linear = lab_to_linear_rgb(pixels.T[None, :, :, None])[0, :, :, 0].T
     return ((linear >= -GAMUT_TOLERANCE) & (linear <= 1.0 + GAMUT_TOLERANCE)).all(dim=1)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import logging
 import sys
 import time
 from collections.abc import Iterator
@@ -54,6 +55,8 @@ from colorize_dist.training.config import Config, check_launch, load_training_co
 from colorize_dist.training.ema import EMA
 from colorize_dist.training.samples import sample_grid, save_grid
 from colorize_dist.training.stop import EXIT_RESUMABLE, any_rank, stop_on_signals, stop_requested
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 EXIT_DIVERGED = 1
@@ -113,6 +116,7 @@ def train(cfg: Config, run_dir: Path, resume: str = "auto") -> TrainResult:
     if cfg.data.shards is None:
         cfg.data.shards = str(synthetic_shards(accelerator, run_dir, cfg.train.synth_images, cfg.data.resolution))
     if main_process:
+        warn_if_config_changed(cfg, run_dir / "config.yaml")
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
 
@@ -172,12 +176,14 @@ def train(cfg: Config, run_dir: Path, resume: str = "auto") -> TrainResult:
             adversarial = cfg.adversarial and progress.step >= cfg.train.pretrain_steps
             logs: dict[str, float] = {}
             d_nonfinite = False
-            with accelerator.accumulate(*networks), accelerator.autocast():
-                fake = generator(l)
+            with accelerator.accumulate(*networks):
+                with accelerator.autocast():
+                    fake = generator(l)
 
                 # Discriminator step: real (L, ab) against the detached prediction.
                 if adversarial:
-                    d_terms = discriminator_loss(discriminator, l, ab, fake)
+                    with accelerator.autocast():
+                        d_terms = discriminator_loss(discriminator, l, ab, fake)
                     (d_nonfinite,) = any_rank(~torch.isfinite(d_terms["total"]), device=device)
                     if d_nonfinite:
                         discriminator_update.discard()
@@ -187,11 +193,12 @@ def train(cfg: Config, run_dir: Path, resume: str = "auto") -> TrainResult:
                         logs.update({f"loss/d_{name}": value.item() for name, value in d_terms.items()})
 
                 # Generator step: reconstruction + perceptual (+ adversarial against the updated D, frozen).
-                if adversarial:
-                    with frozen(discriminator, accelerator):
-                        g_terms = generator_loss(l, fake, ab, discriminator(l, fake))
-                else:
-                    g_terms = warmup_loss(l, fake, ab)
+                with accelerator.autocast():
+                    if adversarial:
+                        with frozen(discriminator, accelerator):
+                            g_terms = generator_loss(l, fake, ab, discriminator(l, fake))
+                    else:
+                        g_terms = warmup_loss(l, fake, ab)
                 (g_nonfinite,) = any_rank(~torch.isfinite(g_terms["total"]), device=device)
                 if g_nonfinite:
                     generator_update.discard()
@@ -235,6 +242,7 @@ def train(cfg: Config, run_dir: Path, resume: str = "auto") -> TrainResult:
             if stopped:
                 accelerator.print(f"stop requested: checkpoint at step {progress.step} saved; resume with "
                                   "--resume auto")
+            if stopped or finished:
                 break
     bar.close()
 
@@ -264,16 +272,15 @@ def frozen(discriminator: nn.Module, accelerator: Accelerator) -> Iterator[None]
 
 def find_resume(accelerator: Accelerator, run_dir: Path, resume: str) -> Path | None:
     """The checkpoint to resume from, chosen by rank 0 (which checks files and checksums) for every rank."""
-    choice: list[Path | None] = [None]
-    if accelerator.is_main_process and resume != "none":
-        if resume == "auto":
-            choice = [checkpoint.latest_valid(run_dir / checkpoint.CHECKPOINTS)]
-        else:
-            problem = checkpoint.check(Path(resume))
-            if problem is not None:
-                raise ConfigError(f"--resume {resume}: not a usable checkpoint: {problem}")
-            choice = [Path(resume)]
-    return broadcast_object_list(choice)[0]
+    choice: list[Path | str | None] = [None, None]  # checkpoint, problem with the requested one
+    if accelerator.is_main_process and resume == "auto":
+        choice = [checkpoint.latest_valid(run_dir / checkpoint.CHECKPOINTS), None]
+    elif accelerator.is_main_process and resume != "none":
+        choice = [Path(resume), checkpoint.check(Path(resume))]
+    folder, problem = broadcast_object_list(choice)
+    if problem is not None:  # raised on every rank alike
+        raise ConfigError(f"--resume {resume}: not a usable checkpoint: {problem}")
+    return folder
 
 
 def save_step_checkpoint(accelerator: Accelerator, cfg: Config, root: Path, progress: Progress) -> None:
@@ -341,6 +348,16 @@ def summary(cfg: Config, progress: Progress, metrics: dict[str, float], clock: C
               f"best {cfg.train.best_metric} {progress.best:.4g}" if metrics else "not validated")
     return (f"{'stopped' if stopped else 'done'} at step {progress.step} after {minutes}m{seconds:02d}s: {scores}; "
             f"{progress.nonfinite} batches skipped for NaN/inf; run dir {run_dir}")
+
+
+def warn_if_config_changed(cfg: Config, saved: Path) -> None:
+    """A run directory reused with other settings is usually a mistake (or a deliberate extension): say which."""
+    if not saved.is_file():
+        return
+    before = flat_config(load_training_config(saved))
+    changed = sorted(key for key, value in flat_config(cfg).items() if before.get(key) != value)
+    if changed:
+        log.warning("%s: settings differ from the previous run in this directory: %s", saved, ", ".join(changed))
 
 
 def flat_config(cfg: Config) -> dict[str, str | int | float | bool]:

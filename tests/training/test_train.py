@@ -174,8 +174,10 @@ def logged(run_dir: Path, tag: str) -> list[float]:
 @pytest.mark.slow
 @pytest.mark.parametrize("accelerate_config", ["cpu_2proc.yaml", "deepspeed_cpu_2proc.yaml"], ids=["ddp", "zero2"])
 def test_two_processes_agree_and_resume_exactly(accelerate_config: str, shards: Path, tmp_path: Path) -> None:
+    """Both ranks hold the same weights, with 2 micro-batches of 2 per process and step (accumulation)."""
+    accumulate = {"train.batch_size": 8, "train.grad_accum": 2}
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    result = launch(accelerate_config, straight, tiny_overrides(shards))
+    result = launch(accelerate_config, straight, tiny_overrides(shards, **accumulate))
     assert result.returncode == 0, result.stderr[-3000:]
     reconstruction = logged(straight, "loss/g_reconstruction")
     assert len(reconstruction) == 10 and all(map(math.isfinite, reconstruction))
@@ -184,7 +186,7 @@ def test_two_processes_agree_and_resume_exactly(accelerate_config: str, shards: 
     assert_same_weights(probe_weights(straight, 0), probe_weights(straight, 1), rtol=0, atol=0)
 
     for steps in (10, 20):
-        result = launch(accelerate_config, resumed, tiny_overrides(shards, **{"train.max_steps": steps}))
+        result = launch(accelerate_config, resumed, tiny_overrides(shards, **accumulate, **{"train.max_steps": steps}))
         assert result.returncode == 0, result.stderr[-3000:]
     assert_same_weights(probe_weights(resumed, 0), probe_weights(resumed, 1), rtol=0, atol=0)
     assert_same_weights(probe_weights(straight, 0), probe_weights(resumed, 0), rtol=1e-5, atol=1e-6)

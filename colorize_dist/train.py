@@ -133,8 +133,6 @@ def train(cfg: Config, run_dir: Path, resume: str = "auto") -> TrainResult:
     # Losses first: a perceptual loss without VGG weights fails here, not an hour in.
     color_space = cfg.model.generator.color_space
     generator_loss = GeneratorLoss(cfg.loss, color_space).to(device)
-    warmup_loss = (GeneratorLoss(dataclasses.replace(cfg.loss, theta=0.0), color_space).to(device)
-                   if cfg.adversarial and cfg.train.pretrain_steps else generator_loss)
     discriminator_loss = DiscriminatorLoss(cfg.loss)
 
     # Networks: the same initial weights on every rank (seeded), then wrapped by Accelerate.
@@ -198,7 +196,7 @@ def train(cfg: Config, run_dir: Path, resume: str = "auto") -> TrainResult:
                         with frozen(discriminator, accelerator):
                             g_terms = generator_loss(l, fake, ab, discriminator(l, fake))
                     else:
-                        g_terms = warmup_loss(l, fake, ab)
+                        g_terms = generator_loss(l, fake, ab)  # warm-up: no adversarial term
                 (g_nonfinite,) = any_rank(~torch.isfinite(g_terms["total"]), device=device)
                 if g_nonfinite:
                     generator_update.discard()

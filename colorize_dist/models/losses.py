@@ -156,7 +156,8 @@ def gradient_penalty(discriminator: Callable[[torch.Tensor, torch.Tensor], Logit
 class GeneratorLoss(nn.Module):
     """α·reconstruction + β·perceptual + θ·adversarial; returns every term and their weighted "total".
 
-    Terms with zero weight are not computed (β = 0 needs no VGG weights, θ = 0 no discriminator).
+    Terms with zero weight are not computed (β = 0 needs no VGG weights, θ = 0 no discriminator). Without
+    `fake_logits` the adversarial term is left out: the generator-only warm-up before the GAN phase.
     """
 
     def __init__(self, cfg: LossConfig, color_space: str = "ab"):
@@ -173,8 +174,8 @@ class GeneratorLoss(nn.Module):
 
     def forward(self, l: torch.Tensor, fake: torch.Tensor, real: torch.Tensor,
                 fake_logits: Logits | None = None) -> dict[str, torch.Tensor]:
-        if (fake_logits is not None) != self.uses_discriminator:
-            raise ValueError("pass the discriminator's logits on the prediction exactly when loss.theta > 0")
+        if fake_logits is not None and not self.uses_discriminator:
+            raise ValueError("discriminator logits given but loss.theta = 0: there is no adversarial term")
         terms = {"reconstruction": self.reconstruction(fake.float(), real.float())}
         if self.perceptual is not None:
             terms["perceptual"] = self.perceptual(l, fake, real)

@@ -173,8 +173,15 @@ def test_generator_loss_skips_zero_weight_terms(empty_hub: Path) -> None:
     terms = loss(l, fake, real)
     assert set(terms) == {"reconstruction", "total"}
     torch.testing.assert_close(terms["total"], 100.0 * (fake - real).abs().mean())
-    with pytest.raises(ValueError, match=re.escape("exactly when loss.theta > 0")):
+    with pytest.raises(ValueError, match=re.escape("loss.theta = 0")):
         loss(l, fake, real, torch.zeros(2, 1, 2, 2))
+
+
+def test_generator_loss_without_logits_is_the_warmup_loss(empty_hub: Path) -> None:
+    l, real, fake = _batch()
+    terms = GeneratorLoss(LossConfig(beta=0.0, theta=0.5))(l, fake, real)
+    assert set(terms) == {"reconstruction", "total"}
+    torch.testing.assert_close(terms["total"], 100.0 * (fake - real).abs().mean())
 
 
 def test_generator_loss_under_bfloat16_autocast(hub_with_vgg: Path) -> None:

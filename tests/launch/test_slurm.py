@@ -1,0 +1,280 @@
+"""`colorize-dist submit` against a real Slurm cluster (slurm/local_cluster.sh): 2 CPU tasks with gloo.
+
+The requeue tests interrupt jobs the ways a cluster does (the time-limit warning, the preemption signal,
+`scontrol requeue`) and check that the run ends at its last step with the weights of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import pickle
+import re
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from colorize_dist import cli
+from colorize_dist.launch.slurm import SUBMITIT_FOLDER, TrainingOutcome, rendezvous_port
+from colorize_dist.launch.submit import time_limit_minutes
+
+REPO = Path(__file__).resolve().parents[2]
+MAX_STEPS = 60
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def tiny_overrides(shards: Path, **extra: object) -> list[str]:
+    """A model small enough for 2 CPU processes to train MAX_STEPS steps in well under a minute."""
+    settings = {
+        "data.shards": shards, "data.resolution": 16, "data.backend": "reference", "data.num_threads": 1,
+        "data.shuffle_buffer": 16,
+        "model.generator.ndims": 4, "model.generator.depth": 2, "model.discriminator.ndims": 4,
+        "model.discriminator.n_layers": 1,
+        "loss.beta": 0.0, "loss.theta": 0.2, "optim.lr": 1e-3, "train.mixed_precision": "fp32",
+        "train.batch_size": 4, "train.max_steps": MAX_STEPS, "train.pretrain_steps": 4, "train.ema_decay": 0.9,
+        "train.log_every": 4, "train.sample_every": MAX_STEPS, "train.validate_every": MAX_STEPS,
+        "train.checkpoint_every": 4, "train.keep_checkpoints": 2, "train.num_samples": 2, "train.trackers": "[]",
+    }
+    settings.update(extra)
+    return [f"{key}={value}" for key, value in settings.items()]
+
+
+def run_cli(*argv: object) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = cli.main([str(arg) for arg in argv])
+    return status, out.getvalue(), err.getvalue()
+
+
+def submit_args(run_dir: Path, partition: str, shards: Path, *slurm_args: object, **overrides: object) -> list:
+    return ["submit", "--config", REPO / "configs" / "tiny.yaml", "--run-dir", run_dir, "--partition", partition,
+            "--gpus-per-node", 0, "--tasks-per-node", 2, "--cpus-per-task", 1, *slurm_args,
+            *tiny_overrides(shards, **overrides)]
+
+
+@pytest.fixture
+def submit(partition: str, shards: Path) -> Iterator[Callable[..., str]]:
+    """Submits a tiny 2-task training run and returns its job id; cancels what is left at the end of the test."""
+    job_ids: list[str] = []
+
+    def submit_run(run_dir: Path, *slurm_args: object, **overrides: object) -> str:
+        status, out, err = run_cli(*submit_args(run_dir, partition, shards, *slurm_args, **overrides))
+        assert status == 0, err
+        job_ids.append(re.search(r"submitted job (\d+)", out).group(1))
+        return job_ids[-1]
+
+    yield submit_run
+    for job_id in job_ids:
+        subprocess.run(["scancel", job_id], check=False)
+
+
+def job_info(job_id: str) -> dict[str, str]:
+    text = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
+                          check=True).stdout
+    return dict(field.split("=", 1) for field in text.split() if "=" in field)
+
+
+def logs(run_dir: Path) -> str:
+    """Every task's log of the run, for failure messages."""
+    return "\n".join(f"==> {path.name} <==\n{path.read_text()[-3000:]}"
+                     for path in sorted((run_dir / SUBMITIT_FOLDER).glob("*_log.*")))
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str, run_dir: Path, interval: float = 1.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} after {timeout:.0f} s\n{logs(run_dir)}")
+        time.sleep(interval)
+
+
+def wait_for_first_checkpoint(run_dir: Path) -> None:
+    """Until the trainer is in its loop: its first step checkpoint (the run then has most of its steps left)."""
+    wait_for(lambda: any((run_dir / "checkpoints").glob("step-*")), 300, "first checkpoint", run_dir, interval=0.1)
+
+
+def stopped_at_step(task0_log: str) -> int:
+    """The step at which the trainer saved on a stop request (it prints this once per stop)."""
+    return int(re.search(r"stop requested: checkpoint at step (\d+) saved", task0_log).group(1))
+
+
+def wait_until_ended(job_id: str, run_dir: Path, timeout: float = 400) -> dict[str, str]:
+    wait_for(lambda: job_info(job_id)["JobState"] in ENDED, timeout, f"end of job {job_id}", run_dir)
+    return job_info(job_id)
+
+
+def task_outcomes(job_id: str, run_dir: Path) -> list[TrainingOutcome]:
+    """What each task's TrainingJob returned, from submitit's result pickles."""
+    outcomes = []
+    for path in sorted((run_dir / SUBMITIT_FOLDER).glob(f"{job_id}_*_result.pkl")):
+        kind, value = pickle.loads(path.read_bytes())
+        assert kind == "success", value
+        outcomes.append(value)
+    return outcomes
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The exported EMA generator and the last checkpoint's generator and discriminator."""
+    last = run_dir / "checkpoints" / f"step-{MAX_STEPS:07d}"
+    weights = {f"ema.{k}": v for k, v in load_file(run_dir / "export" / "generator_final.safetensors").items()}
+    for name in ("model.safetensors", "model_1.safetensors"):
+        weights |= {f"{name}.{k}": v for k, v in load_file(last / name).items()}
+    return weights
+
+
+def assert_same_weights(run_dir: Path, reference_dir: Path) -> None:
+    got, expected = final_weights(run_dir), final_weights(reference_dir)
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, msg=lambda message, key=key: f"{key}: {message}")
+
+
+@pytest.fixture(scope="module")
+def reference_run(partition: str, shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """An uninterrupted run: (run dir, job id)."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    status, out, err = run_cli(*submit_args(run_dir, partition, shards, "--time", "00:10:00"))
+    assert status == 0, err
+    job_id = re.search(r"submitted job (\d+)", out).group(1)
+    try:
+        info = wait_until_ended(job_id, run_dir)
+    finally:
+        subprocess.run(["scancel", job_id], check=False)
+    assert info["JobState"] == "COMPLETED", logs(run_dir)
+    return run_dir, job_id
+
+
+@pytest.mark.slurm
+def test_submit_trains_to_completion_and_the_checkpoint_evaluates(reference_run, shards: Path) -> None:
+    run_dir, job_id = reference_run
+    assert job_info(job_id)["Restarts"] == "0"
+    assert [outcome.finished for outcome in task_outcomes(job_id, run_dir)] == [True, True]
+    slurm_files = {path.name for path in (run_dir / SUBMITIT_FOLDER).iterdir()}
+    assert {f"{job_id}_submission.sh", f"{job_id}_0_log.out", f"{job_id}_1_log.out"} <= slurm_files
+    task_log = (run_dir / SUBMITIT_FOLDER / f"{job_id}_1_log.out").read_text()
+    assert "global_rank=1(2)" in task_log, logs(run_dir)  # submitit's JobEnvironment: rank 1 of 2
+    assert (run_dir / "checkpoints" / f"step-{MAX_STEPS:07d}" / "manifest.json").is_file()
+
+    status, _, err = run_cli("eval", "--checkpoint", run_dir, "--shards", shards, "--cpu", "--batch-size", 8)
+    assert status == 0, err
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert metrics["metrics"]["psnr_lab"] > 0, metrics
+
+
+@pytest.mark.slurm
+def test_preempted_and_requeued_job_resumes_to_the_uninterrupted_weights(submit, reference_run,
+                                                                          tmp_path: Path) -> None:
+    """submitit's preemption signal (what `SlurmJob._interrupt()` sends): the trainer checkpoints, the job requeues
+    itself and resumes. Then a Slurm-side `scontrol requeue` (SIGTERM to every process of the job, without warning):
+    the restart resumes from the newest valid checkpoint, whether or not the trainers managed to save on SIGTERM."""
+    run_dir = tmp_path / "run"
+    job_id = submit(run_dir, "--time", "00:10:00")
+    checkpoints = run_dir / "checkpoints"
+
+    wait_for_first_checkpoint(run_dir)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    wait_for(lambda: job_info(job_id)["Restarts"] == "1" and job_info(job_id)["JobState"] == "RUNNING", 300,
+             "restart after the preemption signal", run_dir)
+    task0_log = (run_dir / SUBMITIT_FOLDER / f"{job_id}_0_log.out").read_text()
+    assert f"Requeued job {job_id}" in task0_log, logs(run_dir)
+    stopped_at = stopped_at_step(task0_log)
+    assert stopped_at < MAX_STEPS
+
+    # Once the resumed trainer has saved again, Slurm requeues the job by itself: SIGTERM to every process.
+    wait_for(lambda: any(int(path.name.removeprefix("step-")) > stopped_at for path in checkpoints.glob("step-*")),
+             300, "checkpoint after the resume", run_dir, interval=0.1)
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    info = wait_until_ended(job_id, run_dir)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "2", logs(run_dir)
+    assert (run_dir / SUBMITIT_FOLDER / f"{job_id}_0_log.out").read_text().count("resumed from") == 2, logs(run_dir)
+    assert all(outcome.finished for outcome in task_outcomes(job_id, run_dir))
+    assert_same_weights(run_dir, reference_run[0])
+
+
+@pytest.mark.slurm
+def test_time_limit_checkpoints_requeues_and_resumes_to_the_uninterrupted_weights(submit, reference_run,
+                                                                                    tmp_path: Path) -> None:
+    """Slurm's own warning before a time limit. Slurm checks limits every 30 s, so the test sets the limit with
+    `scontrol update` once the run is under way and holds the trainers (SIGSTOP) until the warning has reached
+    submitit: a run this small would otherwise finish first."""
+    run_dir = tmp_path / "run"
+    job_id = submit(run_dir, "--time", "00:10:00", "--signal-delay", 120)
+    wait_for_first_checkpoint(run_dir)
+    trainers = subprocess.run(["pgrep", "-f", f"colorize_dist.train --config {run_dir}/config.yaml"],
+                              capture_output=True, text=True, check=True).stdout.split()
+    assert len(trainers) >= 2  # the two ranks and their data loader workers
+    subprocess.run(["kill", "-STOP", *trainers], check=True)
+    try:
+        # The limit ends 60 to 120 s from now: within the 120 s warning, with time left to save and requeue.
+        elapsed_min = int(job_info(job_id)["RunTime"].split(":")[-2])
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", f"TimeLimit={elapsed_min + 2}"], check=True)
+        task0_log = run_dir / SUBMITIT_FOLDER / f"{job_id}_0_log.out"
+        wait_for(lambda: "Caught signal SIGUSR2" in task0_log.read_text(), 60, "time-limit warning", run_dir)
+    finally:
+        subprocess.run(["kill", "-CONT", *trainers], check=False)
+    wait_for(lambda: job_info(job_id)["Restarts"] == "1", 120, "requeue", run_dir)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10"], check=True)
+    info = wait_until_ended(job_id, run_dir)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", logs(run_dir)
+    assert stopped_at_step(task0_log.read_text()) < MAX_STEPS
+    assert all(outcome.finished for outcome in task_outcomes(job_id, run_dir))
+    assert_same_weights(run_dir, reference_run[0])
+
+
+@pytest.mark.slurm
+def test_dry_run_prints_a_valid_sbatch_script_and_writes_nothing(partition: str, shards: Path,
+                                                                  tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    status, out, err = run_cli(*submit_args(run_dir, partition, shards, "--time", "1-00:00:00", "--dry-run"))
+    assert status == 0, err
+    assert f"max_steps: {MAX_STEPS}" in out  # the resolved config, overrides applied
+    script = out[out.index("#!/bin/bash"):]
+    assert "#SBATCH --ntasks-per-node=2" in script and "#SBATCH --time=1440" in script
+    assert "#SBATCH --signal=USR2@120" in script
+    test = subprocess.run(["sbatch", "--test-only"], input=script, capture_output=True, text=True)
+    assert test.returncode == 0 and "to start at" in test.stderr, test.stderr
+    assert not run_dir.exists()
+
+
+@pytest.mark.slurm
+def test_bad_partition_is_slurms_error_on_one_line(partition: str, shards: Path, tmp_path: Path) -> None:
+    status, _, err = run_cli(*submit_args(tmp_path / "run", "no-such-partition", shards, "--time", "00:10:00"))
+    assert status == 1
+    assert err.startswith("submit: Slurm refused the job: sbatch: error: ") and err.count("\n") == 1, err
+    assert "Invalid partition name specified" in err
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("template", sorted((REPO / "slurm").glob("*.sbatch")), ids=lambda path: path.name)
+def test_sbatch_templates_are_valid(partition: str, template: Path) -> None:
+    """The templates ask for GPUs; here the command line overrides them to fit the local cluster."""
+    test = subprocess.run(["sbatch", "--test-only", f"--partition={partition}", "--gpus-per-node=0",
+                           "--cpus-per-task=1", "--nodes=1", "--mem=1G", str(template)],
+                          capture_output=True, text=True)
+    assert test.returncode == 0 and "to start at" in test.stderr, test.stderr
+
+
+def test_bad_config_is_one_line_and_submits_nothing(shards: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    status, _, err = run_cli(*submit_args(run_dir, "debug", shards, "--time", "00:10:00", **{"train.batch_size": 3}))
+    assert (status, err.strip()) == (2, "submit: train.batch_size=3 is not divisible by processes × "
+                                        "train.grad_accum = 2 × 1 = 2")
+    status, _, err = run_cli(*submit_args(run_dir, "debug", shards, "--time", "00:10:00", **{"train.no_such": 1}))
+    assert status == 2 and len(err.strip().splitlines()) == 1 and "no_such" in err, err
+    assert not run_dir.exists()
+
+
+def test_time_limits_become_whole_minutes() -> None:
+    assert [time_limit_minutes(text) for text in ("90", "00:01:00", "01:00:01", "2-00:00:00", "1-12:30:00")] == [
+        90, 1, 61, 2880, 2190]
+
+
+def test_every_restart_gets_a_new_rendezvous_port() -> None:
+    ports = {rendezvous_port("1234", restarts) for restarts in range(20)}
+    assert len(ports) == 20 and all(20000 <= port < 40000 for port in ports)

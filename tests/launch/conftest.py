@@ -24,8 +24,8 @@ def slurm_problem() -> str | None:
         return "Slurm's commands are not installed (run: bash slurm/local_cluster.sh up)"
     ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
     if "UP" not in ping.stdout:
-        return f"the Slurm controller does not answer ({(ping.stdout + ping.stderr).strip()}); " \
-               "run: bash slurm/local_cluster.sh up"
+        last_line = (ping.stdout + ping.stderr).strip().splitlines()[-1:] or ["no output"]
+        return f"the Slurm controller does not answer ({last_line[0]}); run: bash slurm/local_cluster.sh up"
     partitions = subprocess.run(["sinfo", "-h", "-o", "%P %a"], capture_output=True, text=True, timeout=30).stdout
     rows = (line.split() for line in partitions.splitlines())
     if not any(name.endswith("*") and available == "up" for name, available in rows):

@@ -19,8 +19,8 @@ the trainers save on it, and the restarted job resumes because every start after
 
 from __future__ import annotations
 
-import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -35,8 +35,6 @@ import submitit
 from colorize_dist.config import save_config
 from colorize_dist.training.config import Config, check_launch
 from colorize_dist.training.stop import EXIT_RESUMABLE
-
-log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.yaml"  # the resolved config in the run dir; every start of the job trains with it
 SUBMITIT_FOLDER = "slurm"  # RUN/slurm: sbatch scripts, pickles and per-task logs of the run's jobs
@@ -101,8 +99,8 @@ class TrainingJob:
         if "SLURM_CPUS_PER_TASK" in os.environ:
             env.setdefault("OMP_NUM_THREADS", os.environ["SLURM_CPUS_PER_TASK"])
         command = self.trainer_command(self.resume if restarts == 0 else "auto")
-        log.info("%s, start %d, rendezvous %s:%s: %s", job, restarts, env["MASTER_ADDR"], env["MASTER_PORT"],
-                 " ".join(command))
+        print(f"launch: {job}, start {restarts}, rendezvous {env['MASTER_ADDR']}:{env['MASTER_PORT']}: "
+              f"{shlex.join(command)}", flush=True)
         self._trainer = subprocess.Popen(command, env=env, preexec_fn=_ignore_warning_signal)
         try:
             # Polling rather than wait(): checkpoint() waits for the trainer from a signal handler on this thread,
@@ -132,8 +130,8 @@ class TrainingJob:
             try:
                 trainer.wait(timeout=self.save_timeout_s)
             except subprocess.TimeoutExpired:
-                log.warning("the trainer did not exit within %.0f s of SIGUSR1; requeueing anyway",
-                            self.save_timeout_s)
+                print(f"launch: the trainer did not exit within {self.save_timeout_s:.0f} s of SIGUSR1; requeueing "
+                      "anyway", file=sys.stderr, flush=True)
         return submitit.helpers.DelayedSubmission(replace(self, resume="auto"))
 
 

@@ -97,6 +97,9 @@ def main(args: argparse.Namespace) -> int:
 def slurm_resources(args: argparse.Namespace, run_dir: Path) -> slurm.SlurmResources:
     if args.gpus_per_node < 0:
         raise ConfigError(f"--gpus-per-node must be 0 or more, got {args.gpus_per_node}")
+    if args.signal_delay * 2 > args.time * 60:
+        raise ConfigError(f"--signal-delay {args.signal_delay} s must be at most half the time limit "
+                          f"({args.time} min): Slurm may send the warning before the job can act on it")
     return slurm.SlurmResources(
         partition=args.partition, time_min=args.time, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
         tasks_per_node=args.tasks_per_node or max(1, args.gpus_per_node), cpus_per_task=args.cpus_per_task,

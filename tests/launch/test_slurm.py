@@ -21,8 +21,16 @@ import torch
 from safetensors.torch import load_file
 
 from colorize_dist import cli
-from colorize_dist.launch.slurm import SUBMITIT_FOLDER, TrainingOutcome, rendezvous_port
+from colorize_dist.launch.slurm import (
+    SUBMITIT_FOLDER,
+    SlurmResources,
+    TrainingOutcome,
+    rendezvous_port,
+    submit_array,
+    training_job,
+)
 from colorize_dist.launch.submit import time_limit_minutes
+from colorize_dist.training.config import load_training_config
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_STEPS = 60
@@ -158,7 +166,9 @@ def test_submit_trains_to_completion_and_the_checkpoint_evaluates(reference_run,
     slurm_files = {path.name for path in (run_dir / SUBMITIT_FOLDER).iterdir()}
     assert {f"{job_id}_submission.sh", f"{job_id}_0_log.out", f"{job_id}_1_log.out"} <= slurm_files
     task_log = (run_dir / SUBMITIT_FOLDER / f"{job_id}_1_log.out").read_text()
-    assert "global_rank=1(2)" in task_log, logs(run_dir)  # submitit's JobEnvironment: rank 1 of 2
+    # The launcher's line: submitit's JobEnvironment (rank 1 of 2), the rendezvous and the trainer's command.
+    assert re.search(r"launch: JobEnvironment\(.*global_rank=1\(2\)\), start 0, rendezvous \S+:\d+: ", task_log), \
+        logs(run_dir)
     assert (run_dir / "checkpoints" / f"step-{MAX_STEPS:07d}" / "manifest.json").is_file()
 
     status, _, err = run_cli("eval", "--checkpoint", run_dir, "--shards", shards, "--cpu", "--batch-size", 8)
@@ -192,7 +202,9 @@ def test_preempted_and_requeued_job_resumes_to_the_uninterrupted_weights(submit,
     subprocess.run(["scontrol", "requeue", job_id], check=True)
     info = wait_until_ended(job_id, run_dir)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "2", logs(run_dir)
-    assert (run_dir / SUBMITIT_FOLDER / f"{job_id}_0_log.out").read_text().count("resumed from") == 2, logs(run_dir)
+    task0_log = (run_dir / SUBMITIT_FOLDER / f"{job_id}_0_log.out").read_text()
+    assert task0_log.count("resumed from") == 2, logs(run_dir)
+    assert len(set(re.findall(r"rendezvous \S+:(\d+)", task0_log))) == 3  # a fresh rendezvous at every start
     assert all(outcome.finished for outcome in task_outcomes(job_id, run_dir))
     assert_same_weights(run_dir, reference_run[0])
 
@@ -225,6 +237,23 @@ def test_time_limit_checkpoints_requeues_and_resumes_to_the_uninterrupted_weight
     assert stopped_at_step(task0_log.read_text()) < MAX_STEPS
     assert all(outcome.finished for outcome in task_outcomes(job_id, run_dir))
     assert_same_weights(run_dir, reference_run[0])
+
+
+@pytest.mark.slurm
+def test_a_sweep_runs_as_one_job_array(partition: str, shards: Path, tmp_path: Path) -> None:
+    resources = SlurmResources(partition=partition, time_min=10, cpus_per_task=1, job_name="sweep")
+    runs = []
+    for seed in (0, 1):
+        overrides = tiny_overrides(shards, **{"train.seed": seed, "train.max_steps": 8})
+        cfg = load_training_config(REPO / "configs" / "tiny.yaml", overrides)
+        runs.append((cfg, training_job(cfg, tmp_path / f"seed{seed}", resources)))
+    jobs = submit_array(runs, resources, tmp_path / SUBMITIT_FOLDER)
+    array_id = jobs[0].job_id.split("_")[0]
+    assert [job.job_id for job in jobs] == [f"{array_id}_0", f"{array_id}_1"]
+    for job, (_, training) in zip(jobs, runs, strict=True):
+        assert wait_until_ended(job.job_id, tmp_path)["JobState"] == "COMPLETED", logs(tmp_path)
+        assert task_outcomes(job.job_id, tmp_path) == [TrainingOutcome(training.run_dir, finished=True)]
+        assert (training.run_dir / "export" / "generator_final.safetensors").is_file()
 
 
 @pytest.mark.slurm
@@ -268,6 +297,11 @@ def test_bad_config_is_one_line_and_submits_nothing(shards: Path, tmp_path: Path
     status, _, err = run_cli(*submit_args(run_dir, "debug", shards, "--time", "00:10:00", **{"train.no_such": 1}))
     assert status == 2 and len(err.strip().splitlines()) == 1 and "no_such" in err, err
     assert not run_dir.exists()
+
+
+def test_signal_delay_must_leave_time_to_start(shards: Path, tmp_path: Path) -> None:
+    status, _, err = run_cli(*submit_args(tmp_path / "run", "debug", shards, "--time", "00:01:00"))
+    assert status == 2 and err.startswith("submit: --signal-delay 120 s must be at most half the time limit"), err
 
 
 def test_time_limits_become_whole_minutes() -> None:

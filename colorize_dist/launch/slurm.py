@@ -115,7 +115,7 @@ class TrainingJob:
         if status == EXIT_RESUMABLE:
             return TrainingOutcome(self.run_dir, finished=False)
         raise TrainerFailedError(f"the trainer exited with status {status} on rank {job.global_rank}; its error is "
-                                 f"in this task's log in {self.run_dir / SUBMITIT_FOLDER}")
+                                 "above in this task's log")
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on global rank 0 when Slurm warns of the time limit or preemption.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import itertools
 import math
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -43,7 +44,7 @@ class ReferenceSource:
         loader = DataLoader(
             decoder, batch_sampler=self._encoded_batches(seed, start_batch), collate_fn=collate,
             num_workers=self.cfg.num_threads, prefetch_factor=self.cfg.prefetch,
-            pin_memory=self.device.type == "cuda",
+            pin_memory=self.device.type == "cuda", worker_init_fn=_ignore_stop_signals,
         )
         for rgb, keys in loader:
             yield rgb.to(self.device, non_blocking=True), keys
@@ -75,6 +76,13 @@ class ReferenceSource:
         )
         offset = self.ranks.start - first
         return itertools.islice(images, offset, offset + self.ranks.stop - self.ranks.start)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Slurm sends SIGTERM to every process of a job; the trainer saves a checkpoint on it, which needs the
+    workers alive until then (they exit with the trainer)."""
+    for stop_signal in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(stop_signal, signal.SIG_IGN)
 
 
 def _padded(samples: Iterator[tuple[str, bytes]], size: int) -> Iterator[EncodedSample]:

@@ -55,9 +55,10 @@ def launch(accelerate_config: str, run_dir: Path, overrides: list[str], *, timeo
 
 
 def train_process(run_dir: Path, overrides: list[str], *extra_args: str) -> subprocess.Popen:
-    """`python colorize_dist/train.py --run-dir RUN ...` in its own process (one rank)."""
+    """`python colorize_dist/train.py --run-dir RUN ...` in its own process group (one rank + loader workers)."""
     return subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), "--run-dir", str(run_dir), *extra_args, *overrides],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=subprocess_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=subprocess_env(),
+                            start_new_session=True)
 
 
 def train_once(run_dir: Path, overrides: list[str], *extra_args: str, timeout: float = 600,

@@ -9,11 +9,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
-
-from colorize_dist import cli
 
 REQUIRE_SLURM = "COLORIZE_DIST_REQUIRE_SLURM"
 
@@ -43,12 +40,3 @@ def partition() -> str:
         pytest.skip(problem)
     lines = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, check=True).stdout.split()
     return next(name.rstrip("*") for name in lines if name.endswith("*"))
-
-
-@pytest.fixture(scope="session")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """64 training and 16 validation images of 16² (lossless)."""
-    out = tmp_path_factory.mktemp("launch") / "shards"
-    assert cli.main(["shards", "synth", str(out), "--n", "80", "--resolution", "16", "--format", "png",
-                     "--shard-size", "40", "--val-fraction", "0.2", "--workers", "1"]) == 0
-    return out

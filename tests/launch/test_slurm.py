@@ -31,6 +31,7 @@ from colorize_dist.launch.slurm import (
 )
 from colorize_dist.launch.submit import time_limit_minutes
 from colorize_dist.training.config import load_training_config
+from tests.training.helpers import tiny_overrides as training_tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_STEPS = 60
@@ -38,19 +39,10 @@ ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 
 
 def tiny_overrides(shards: Path, **extra: object) -> list[str]:
-    """A model small enough for 2 CPU processes to train MAX_STEPS steps in well under a minute."""
-    settings = {
-        "data.shards": shards, "data.resolution": 16, "data.backend": "reference", "data.num_threads": 1,
-        "data.shuffle_buffer": 16,
-        "model.generator.ndims": 4, "model.generator.depth": 2, "model.discriminator.ndims": 4,
-        "model.discriminator.n_layers": 1,
-        "loss.beta": 0.0, "loss.theta": 0.2, "optim.lr": 1e-3, "train.mixed_precision": "fp32",
-        "train.batch_size": 4, "train.max_steps": MAX_STEPS, "train.pretrain_steps": 4, "train.ema_decay": 0.9,
-        "train.log_every": 4, "train.sample_every": MAX_STEPS, "train.validate_every": MAX_STEPS,
-        "train.checkpoint_every": 4, "train.keep_checkpoints": 2, "train.num_samples": 2, "train.trackers": "[]",
-    }
-    settings.update(extra)
-    return [f"{key}={value}" for key, value in settings.items()]
+    """The training tests' tiny model, for MAX_STEPS steps, validated and sampled only at the end."""
+    return training_tiny_overrides(shards, **{
+        "train.max_steps": MAX_STEPS, "train.log_every": 4, "train.sample_every": MAX_STEPS,
+        "train.validate_every": MAX_STEPS, "train.checkpoint_every": 4, "train.trackers": "[]", **extra})
 
 
 def run_cli(*argv: object) -> tuple[int, str, str]:

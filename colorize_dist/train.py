@@ -172,7 +172,7 @@ def train(cfg: Config, run_dir: Path, resume: str = "auto") -> TrainResult:
             l = batch.l.contiguous(memory_format=memory_format)
             ab = batch.ab.contiguous(memory_format=memory_format)
             adversarial = cfg.adversarial and progress.step >= cfg.train.pretrain_steps
-            logs: dict[str, float] = {}
+            logs: dict[str, torch.Tensor | float | None] = {}  # read (a device sync) only on logging steps
             d_nonfinite = False
             with accelerator.accumulate(*networks):
                 with accelerator.autocast():
@@ -188,7 +188,7 @@ def train(cfg: Config, run_dir: Path, resume: str = "auto") -> TrainResult:
                     else:
                         discriminator_update.backward(d_terms["total"])
                         logs["grad_norm/discriminator"] = discriminator_update.step()
-                        logs.update({f"loss/d_{name}": value.item() for name, value in d_terms.items()})
+                        logs.update({f"loss/d_{name}": value.detach() for name, value in d_terms.items()})
 
                 # Generator step: reconstruction + perceptual (+ adversarial against the updated D, frozen).
                 with accelerator.autocast():
@@ -203,7 +203,7 @@ def train(cfg: Config, run_dir: Path, resume: str = "auto") -> TrainResult:
                 else:
                     generator_update.backward(g_terms["total"])
                     logs["grad_norm/generator"] = generator_update.step()
-                    logs.update({f"loss/g_{name}": value.item() for name, value in g_terms.items()})
+                    logs.update({f"loss/g_{name}": value.detach() for name, value in g_terms.items()})
 
             # A NaN/inf loss on any rank skips that network's update on every rank; too many in a row stop the run.
             if g_nonfinite or d_nonfinite:
@@ -225,7 +225,7 @@ def train(cfg: Config, run_dir: Path, resume: str = "auto") -> TrainResult:
             bar.update()
             if progress.step % cfg.train.log_every == 0:
                 rates = clock.lap(cfg.train.log_every * cfg.train.batch_size)
-                logs = {key: value for key, value in logs.items() if value is not None}
+                logs = {key: float(value) for key, value in logs.items() if value is not None}
                 logs |= rates | {"lr": generator_update.scheduler.get_last_lr()[0], "nonfinite": progress.nonfinite}
                 accelerator.log(logs, step=progress.step)
                 bar.set_postfix(status_line(logs), refresh=False)

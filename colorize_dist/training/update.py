@@ -30,8 +30,9 @@ class Update:
         else:
             self.accelerator.backward(loss)
 
-    def step(self) -> float | None:
-        """At an accumulation boundary: clip, step, zero; returns the gradient norm before clipping (or None)."""
+    def step(self) -> torch.Tensor | float | None:
+        """At an accumulation boundary: clip, step, zero; returns the gradient norm before clipping (or None),
+        left on the device so that steps which do not log never wait for it."""
         if not self.accelerator.sync_gradients:
             return None
         if self.deepspeed:
@@ -42,7 +43,7 @@ class Update:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return None if grad_norm is None else float(grad_norm)
+        return grad_norm
 
     def discard(self) -> None:
         """Drop the gradients accumulated so far in this step (after a NaN/inf loss on some rank)."""

@@ -43,7 +43,9 @@ def main(args: argparse.Namespace) -> int:
     if on_gpu:
         runs.append(("DALI mixed", "dali", args.threads, device))
     with tempfile.TemporaryDirectory(prefix="bench-data-") as scratch:
-        shards = {resolution: args.shards or make_synthetic_shards(Path(scratch) / str(resolution), resolution, args)
+        shards = {resolution: args.shards or synth.write_synthetic_shards(
+                      Path(scratch) / str(resolution), args.images, resolution, "--val-fraction", "0",
+                      "--workers", str(args.threads))
                   for resolution in args.resolutions}
         print(f"images/s, batch {args.batch_size}, {args.threads} DALI threads, "
               f"{runs[0][2]} reference workers, device {device}")
@@ -55,14 +57,6 @@ def main(args: argparse.Namespace) -> int:
             speedup = max(rates[1:]) / rates[0]
             print(f"{resolution:>9}² " + " ".join(f"{rate:>12.0f}" for rate in rates) + f" {speedup:>8.2f}×")
     return 0
-
-
-def make_synthetic_shards(out: Path, resolution: int, args: argparse.Namespace) -> Path:
-    parser = argparse.ArgumentParser()
-    synth.add_arguments(parser)
-    synth.main(parser.parse_args([str(out), "--n", str(args.images), "--resolution", str(resolution),
-                                  "--val-fraction", "0", "--workers", str(args.threads)]))
-    return out
 
 
 def images_per_second(cfg: DataConfig, device: torch.device, args: argparse.Namespace) -> float:

@@ -100,5 +100,14 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def write_synthetic_shards(out: Path, n: int, resolution: int, *options: str) -> Path:
+    """`colorize-dist shards synth OUT --n N --resolution R [options]`, called from Python (the trainer's default
+    data, the data benchmark)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    main(parser.parse_args([str(out), "--n", str(n), "--resolution", str(resolution), *options]))
+    return out
+
+
 def encode_synth(name: str, index: int, *, resolution: int, image_format: str, quality: int) -> Encoded:
     return encode_array(Image.fromarray(synth_image(index, resolution)), image_format, quality)

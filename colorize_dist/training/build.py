@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -96,11 +95,8 @@ def synthetic_shards(accelerator: Accelerator, run_dir: Path, images: int, resol
     """The embedded default's data: `images` synthetic images as shards in RUN/synthetic (made once, by rank 0)."""
     out = run_dir / "synthetic"
     if accelerator.is_main_process and not (out / MANIFEST).is_file():
-        parser = argparse.ArgumentParser()
-        synth.add_arguments(parser)
-        synth.main(parser.parse_args([str(out), "--n", str(images), "--resolution", str(resolution),
-                                      "--format", "png", "--shard-size", "500", "--val-fraction", "0.1",
-                                      "--workers", "1", "--force"]))
+        synth.write_synthetic_shards(out, images, resolution, "--format", "png", "--shard-size", "500",
+                                     "--val-fraction", "0.1", "--workers", "1", "--force")
     accelerator.wait_for_everyone()
     return out
 

@@ -87,10 +87,14 @@ def test_widths_double_per_level_up_to_the_cap() -> None:
     assert generator.head.in_channels == 16
 
 
-def test_channels_last_matches_contiguous() -> None:
+def _generator_with_transformer() -> torch.nn.Module:
     torch.manual_seed(0)
-    generator = build_generator(GeneratorConfig(**SMALL, transformer_blocks=1, transformer_dim=16,
-                                                transformer_heads=2)).eval()
+    return build_generator(GeneratorConfig(**SMALL, transformer_blocks=1, transformer_dim=16,
+                                           transformer_heads=2)).eval()
+
+
+def test_channels_last_matches_contiguous() -> None:
+    generator = _generator_with_transformer()
     l = _l(2, 64)
     with torch.no_grad():
         expected = generator(l)
@@ -100,9 +104,7 @@ def test_channels_last_matches_contiguous() -> None:
 
 
 def test_bfloat16_autocast_close_to_float32() -> None:
-    torch.manual_seed(0)
-    generator = build_generator(GeneratorConfig(**SMALL, transformer_blocks=1, transformer_dim=16,
-                                                transformer_heads=2)).eval()
+    generator = _generator_with_transformer()
     l = _l(2, 64)
     with torch.no_grad():
         expected = generator(l)

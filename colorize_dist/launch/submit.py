@@ -1,9 +1,9 @@
 """Submit training to Slurm with submitit; the job checkpoints and requeues itself at time limits and preemption.
 
-    colorize-dist submit --config configs/res256.yaml --run-dir runs/res256 data.shards=/data/ffhq \\
+    colorize-dist submit --config res256 --run-dir runs/res256 data.shards=/data/ffhq \\
         --nodes 2 --gpus-per-node 8 --partition gpu --time 24:00:00
     colorize-dist submit ... --dry-run     # print the resolved config and the sbatch script, submit nothing
-    colorize-dist submit --config configs/tiny.yaml --run-dir runs/cpu --gpus-per-node 0 --tasks-per-node 2 \\
+    colorize-dist submit --config tiny --run-dir runs/cpu --gpus-per-node 0 --tasks-per-node 2 \\
         --partition debug --time 00:30:00  # CPU processes (gloo), e.g. on slurm/local_cluster.sh
 
 The config, its overrides, --run-dir and --resume are the trainer's (`colorize-dist train`); the config is
@@ -32,9 +32,8 @@ from submitit.core.utils import FailedJobError, FailedSubmissionError
 
 from colorize_dist.config import ConfigError
 from colorize_dist.launch import slurm
-from colorize_dist.train import DEFAULT_CONFIG
-from colorize_dist.train import add_arguments as add_training_arguments
-from colorize_dist.training.config import Config, load_training_config
+from colorize_dist.training.command import add_arguments as add_training_arguments
+from colorize_dist.training.config import Config, default_run_dir, load_training_config
 
 EXIT_SLURM = 1
 EXIT_USAGE = 2
@@ -67,10 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    config_path = args.config or DEFAULT_CONFIG
     try:
-        cfg = load_training_config(config_path, args.overrides)
-        run_dir = args.run_dir or Path(cfg.train.run_dir or Path("runs") / config_path.stem)  # as the trainer does
+        cfg = load_training_config(args.config, args.overrides)
+        run_dir = args.run_dir or default_run_dir(cfg, args.config)
         resources = slurm_resources(args, run_dir)
         job = slurm.training_job(cfg, run_dir, resources, args.resume)
     except ConfigError as exc:

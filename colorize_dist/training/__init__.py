@@ -1,1 +1,1 @@
-"""The training loop's parts: config, checkpoints, EMA, stop requests, updates; the loop is colorize_dist/train.py."""
+"""Training: the loop (loop.py), its command line (command.py), config, checkpoints, EMA, stop requests, updates."""

@@ -1,12 +1,69 @@
-"""Train the colorization GAN (G + D, DDP or DeepSpeed, checkpoints, resume).
+"""Train the colorization GAN (L → ab): attention U-Net generator, PatchGAN discriminator, DDP or DeepSpeed.
 
-    colorize-dist train [--config FILE] [--run-dir DIR] [--resume auto|none|PATH] [key=value ...]
+    accelerate launch colorize_dist/train.py         # embedded default: the tiny preset on synthetic data, CPU
+    accelerate launch colorize_dist/train.py --config seed000 data.shards=/data/celeba-hq
+    accelerate launch --config_file configs/accelerate/multi_gpu.yaml colorize_dist/train.py \\
+        --config res256 data.shards=/data/ffhq
+    accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml colorize_dist/train.py \\
+        --config res1024 data.shards=/data/ffhq
+    colorize-dist train --config ...                 # the same command line, one process
 
-The same command line as `accelerate launch colorize_dist/train.py` (see that file's docstring); run it
-under `accelerate launch` for several processes.
+--config takes a preset's name (tiny, seed000, seed000_depth4, seed000_ndims32, seed000_unet, seed001, res256,
+res512, res1024) or a YAML file, which may start from a preset with `base: NAME`. The run directory (--run-dir,
+else train.run_dir, else runs/<config name>) holds config.yaml (the resolved config), checkpoints/step-XXXXXXX/
+(the last train.keep_checkpoints) and checkpoints/best/, samples/*.png (gray | prediction | truth), logs/
+(TensorBoard) and export/generator_{final,best}.safetensors (EMA weights). --resume auto (the default)
+continues from the newest valid checkpoint of the run directory, if any.
+
+Exit status: 0 finished; 75 stopped early by SIGTERM/SIGUSR1 or `training.stop.request_stop()` after a
+checkpoint (resumable with --resume auto); 1 stopped after train.max_nonfinite_steps NaN/inf losses in a row;
+2 bad configuration or missing inputs.
 """
 
-from colorize_dist.train import add_arguments
-from colorize_dist.train import run as main
+from __future__ import annotations
 
-__all__ = ["add_arguments", "main"]
+import argparse
+import sys
+from pathlib import Path
+
+from colorize_dist.config import ConfigError
+from colorize_dist.training.config import DEFAULT_CONFIG, default_run_dir, load_training_config
+from colorize_dist.training.stop import EXIT_RESUMABLE
+
+EXIT_DIVERGED = 1
+EXIT_USAGE = 2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=DEFAULT_CONFIG,
+                        help=f"preset name or YAML file (default: {DEFAULT_CONFIG}, the embedded default that "
+                             "trains on synthetic data)")
+    parser.add_argument("--run-dir", type=Path, help="run directory (default: train.run_dir, else runs/<config>)")
+    parser.add_argument("--resume", default="auto",
+                        help="auto: the newest valid checkpoint of the run dir, if any (default); none; or a path")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.batch_size=32 optim.lr=1e-4")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Parsed arguments → exit status; errors a user can fix are one line on stderr, not a traceback."""
+    from colorize_dist.data.shards import ManifestError
+    from colorize_dist.training.loop import NonFiniteLossError, train
+
+    try:
+        cfg = load_training_config(args.config, args.overrides)
+        result = train(cfg, args.run_dir or default_run_dir(cfg, args.config), args.resume)
+    except (ConfigError, FileNotFoundError, ManifestError) as exc:
+        print(f"train: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except NonFiniteLossError as exc:
+        print(f"train: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
+    return 0 if result.finished else EXIT_RESUMABLE
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The trainer's own command line (`accelerate launch colorize_dist/train.py ...`)."""
+    parser = argparse.ArgumentParser(prog="train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return parser.parse_args(argv)

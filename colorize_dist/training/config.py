@@ -1,6 +1,6 @@
 """The training run's config: the `data`, `model` and `loss` sections of their packages plus `optim` and `train`.
 
-    cfg = load_training_config("configs/seed000.yaml", ["train.batch_size=32", "optim.lr=1e-4"])
+    cfg = load_training_config("seed000", ["train.batch_size=32", "optim.lr=1e-4"])
 
 Sizes that depend on the launch (processes, accumulation) are checked by `check_launch` once the
 Accelerator knows the number of processes.
@@ -12,11 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from colorize_dist.config import ConfigError, load_config
+from colorize_dist.config import ConfigError, check_choice, load_config
 from colorize_dist.data.config import DataConfig
 from colorize_dist.eval.metrics import PER_IMAGE_METRICS
 from colorize_dist.models.config import LossConfig, ModelConfig, check_compatible
 
+DEFAULT_CONFIG = "tiny"  # the embedded default: a preset that trains on synthetic data in minutes on a CPU
 SCHEDULES = ("constant", "linear", "cosine")
 MIXED_PRECISION = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}  # ours → Accelerate's names
 BEST_MODES = ("max", "min")
@@ -43,12 +44,12 @@ class OptimConfig:
             raise ConfigError(f"optim.betas must be [beta1, beta2] in [0, 1), got {self.betas}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
             raise ConfigError("optim.weight_decay, optim.grad_clip and optim.warmup_steps must be ≥ 0")
-        _check_choice("optim.schedule", self.schedule, SCHEDULES)
+        check_choice("optim.schedule", self.schedule, SCHEDULES)
 
 
 @dataclass
 class TrainConfig:
-    run_dir: str | None = None  # None: runs/<config file stem>; --run-dir overrides
+    run_dir: str | None = None  # None: runs/<config name>; --run-dir overrides
     seed: int = 0  # model initialisation and data order; same on every rank
     epochs: int = 100
     max_steps: int = 0  # > 0: stop after this many optimizer steps instead of `epochs`
@@ -82,13 +83,13 @@ class TrainConfig:
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.mixed_precision is not None:
-            _check_choice("train.mixed_precision", self.mixed_precision, tuple(MIXED_PRECISION))
-        _check_choice("train.best_mode", self.best_mode, BEST_MODES)
-        _check_choice("train.best_metric", self.best_metric, (*PER_IMAGE_METRICS, "fid"))
+            check_choice("train.mixed_precision", self.mixed_precision, tuple(MIXED_PRECISION))
+        check_choice("train.best_mode", self.best_mode, BEST_MODES)
+        check_choice("train.best_metric", self.best_metric, (*PER_IMAGE_METRICS, "fid"))
         if self.best_metric == "fid" and self.fid_weights is None:
             raise ConfigError("train.best_metric=fid needs train.fid_weights (pytorch-fid's Inception weights)")
         for tracker in self.trackers:
-            _check_choice("train.trackers", tracker, TRACKERS)
+            check_choice("train.trackers", tracker, TRACKERS)
 
 
 @dataclass
@@ -103,10 +104,9 @@ class Config:
         for section in (self.data, self.model, self.loss, self.optim, self.train):
             section.validate()
         check_compatible(self.model.discriminator, self.loss)
-        multiple = 2**self.model.generator.depth
-        if self.data.resolution % multiple:
-            raise ConfigError(f"data.resolution={self.data.resolution} must be divisible by 2^model.generator.depth"
-                              f" = {multiple}")
+        self.model.generator.check_resolution(self.data.resolution)
+        if self.adversarial:
+            self.model.discriminator.check_resolution(self.data.resolution)
 
     @property
     def adversarial(self) -> bool:
@@ -127,6 +127,6 @@ def check_launch(cfg: TrainConfig, num_processes: int) -> int:
     return cfg.batch_size // share
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}")
+def default_run_dir(cfg: Config, config_ref: str | Path) -> Path:
+    """train.run_dir if set, else runs/<config name> (`runs/seed000` for `--config seed000` or seed000.yaml)."""
+    return Path(cfg.train.run_dir or Path("runs") / Path(config_ref).stem)

@@ -1,4 +1,4 @@
-"""Run under `accelerate launch`: train with colorize_dist.train.train (resume auto), then every rank writes
+"""Run under `accelerate launch`: train with colorize_dist.training.loop.train (resume auto), then every rank writes
 its own generator, discriminator and EMA weights to RUN/weights-rank<R>.safetensors for the test to compare.
 
     python -m accelerate.commands.launch --config_file ... rank_probe.py RUN key=value ...
@@ -10,8 +10,8 @@ from pathlib import Path
 from accelerate import PartialState
 from safetensors.torch import save_file
 
-from colorize_dist.train import train
 from colorize_dist.training.config import load_training_config
+from colorize_dist.training.loop import train
 
 
 def main() -> int:

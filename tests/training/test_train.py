@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from colorize_dist.config import ConfigError
-from colorize_dist.train import main
-from colorize_dist.training import checkpoint
+from colorize_dist.config import ConfigError, preset_names
+from colorize_dist.training import checkpoint, command
 from colorize_dist.training.config import TrainConfig, check_launch, load_training_config
 from colorize_dist.training.stop import EXIT_RESUMABLE
 from tests.training.helpers import (
@@ -34,22 +33,35 @@ from tests.training.helpers import (
 
 # ---------------------------------------------------------------- configuration errors (fast, in-process)
 
+def train_cli(*argv: str) -> int:
+    return command.main(command.parse(list(argv)))
+
+
 @pytest.mark.parametrize(("override", "message"), [
     ("train.batch_sise=8", "Key 'batch_sise' not in 'TrainConfig'"),
     ("train.batch_size=eight", "Value 'eight' of type 'str' could not be converted to Integer"),
     ("train.best_metric=accuracy", "train.best_metric='accuracy' is not one of psnr_lab"),
     ("train.best_metric=fid", "train.best_metric=fid needs train.fid_weights"),
     ("optim.schedule=exponential", "optim.schedule='exponential' is not one of constant, linear, cosine"),
-    ("data.resolution=20", "data.resolution=20 must be divisible by 2^model.generator.depth = 8"),
+    ("data.resolution=20", "resolution 20 does not fit generator.depth=3: it must be a multiple of 2^depth = 8"),
     ("train.mixed_precision=fp8", "train.mixed_precision='fp8' is not one of fp32, fp16, bf16"),
 ])
 def test_bad_config_values_are_one_clear_line(override: str, message: str, capsys, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_training_config(None, [override])
-    assert main(["--run-dir", str(tmp_path), override]) == 2
+    assert train_cli("--run-dir", str(tmp_path), override) == 2
     error = capsys.readouterr().err
     assert message in error and error.count("\n") == 1 and "Traceback" not in error
     assert not (tmp_path / "config.yaml").exists()  # nothing started
+
+
+def test_resolution_too_small_for_the_discriminator_is_refused_before_anything_starts(capsys,
+                                                                                       tmp_path: Path) -> None:
+    assert train_cli("--run-dir", str(tmp_path), "model.discriminator.n_layers=4") == 2
+    assert capsys.readouterr().err == ("train: resolution 32 is too small for discriminator.n_layers=4 with "
+                                       "num_scales=1: use at least 48, or fewer layers or scales\n")
+    assert not (tmp_path / "config.yaml").exists()
+    load_training_config("tiny", ["model.discriminator.n_layers=4", "loss.theta=0"])  # no discriminator: fine
 
 
 def test_batch_must_split_over_processes_and_accumulation() -> None:
@@ -63,18 +75,18 @@ def test_perceptual_loss_without_vgg_weights_fails_at_start(shards: Path, tmp_pa
                                                             capsys) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_hub"))
     started = time.perf_counter()
-    assert main(["--run-dir", str(tmp_path / "run"), *tiny_overrides(shards, **{"loss.beta": 1.0})]) == 2
+    assert train_cli("--run-dir", str(tmp_path / "run"), *tiny_overrides(shards, **{"loss.beta": 1.0})) == 2
     error = capsys.readouterr().err
     assert "vgg16-397923af.pth" in error and "set loss.beta=0" in error
     assert time.perf_counter() - started < 60
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_presets_load() -> None:
-    for path in sorted((Path(__file__).parents[2] / "configs").glob("*.yaml")):
-        cfg = load_training_config(path)
-        check_launch(cfg.train, 8 if path.stem.startswith("res") else 1)
-    seed000 = load_training_config(Path(__file__).parents[2] / "configs" / "seed000.yaml")
+def test_presets_load_by_name() -> None:
+    for name in preset_names():
+        cfg = load_training_config(name)
+        check_launch(cfg.train, 8 if name.startswith("res") else 1)
+    seed000 = load_training_config("seed000")
     assert (seed000.train.epochs, seed000.train.batch_size) == (100, 64)
     assert (seed000.loss.alpha, seed000.loss.beta, seed000.loss.theta) == (100.0, 10.0, 0.2)
     assert (seed000.optim.lr, seed000.optim.betas) == (2e-4, [0.5, 0.999])

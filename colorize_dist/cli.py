@@ -1,51 +1,53 @@
 """The `colorize-dist` command line (also `python -m colorize_dist`).
 
-Each subcommand lives in the module that does the work; that module defines
-`add_arguments(parser)` and `main(args) -> int | None`, and its docstring's first line is the help.
+Each subcommand lives in the module that does the work; that module defines `add_arguments(parser)` and
+`main(args) -> int | None`. Only the module of the command being run is imported (they pull in torch,
+DeepSpeed, submitit…), so `colorize-dist --help` answers at once; the help lines live in the table below.
 """
 
 import argparse
 import importlib
 import sys
 
-COMMANDS: dict[tuple[str, ...], str] = {
-    ("bench", "color"): "colorize_dist.bench.color",
-    ("bench", "data"): "colorize_dist.bench.data",
-    ("bench", "train"): "colorize_dist.bench.train",
-    ("shards", "make"): "colorize_dist.data.make",
-    ("shards", "synth"): "colorize_dist.data.synth",
-    ("shards", "verify"): "colorize_dist.data.verify",
-    ("shards", "index"): "colorize_dist.data.index",
-    ("model-info",): "colorize_dist.models.info",
-    ("submit",): "colorize_dist.launch.submit",
-    ("train",): "colorize_dist.training.command",
-    ("eval",): "colorize_dist.eval.evaluate",
-    ("colorize",): "colorize_dist.eval.colorize",
+COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("bench", "color"): ("colorize_dist.bench.color", "RGB→Lab throughput: our kernels vs skimage, kornia, OpenCV"),
+    ("bench", "data"): ("colorize_dist.bench.data", "images/s of the DALI pipeline vs the reference loader"),
+    ("bench", "train"): ("colorize_dist.bench.train", "training throughput: fp32 vs bf16 vs channels_last vs compile"),
+    ("shards", "make"): ("colorize_dist.data.make", "make WebDataset shards from a folder, .zip or .tar of images"),
+    ("shards", "synth"): ("colorize_dist.data.synth", "write the built-in synthetic dataset as a shard set"),
+    ("shards", "verify"): ("colorize_dist.data.verify", "check every shard, image, count and index of a shard set"),
+    ("shards", "index"): ("colorize_dist.data.index", "index shards written by other tools so the loaders read them"),
+    ("model-info",): ("colorize_dist.models.info", "parameters, FLOPs and activation memory of G and D"),
+    ("submit",): ("colorize_dist.launch.submit", "submit training to Slurm (checkpoint and requeue at time limits)"),
+    ("train",): ("colorize_dist.training.command", "train the colorization GAN (one process; see accelerate launch)"),
+    ("eval",): ("colorize_dist.eval.evaluate", "evaluate an exported generator on a shard set"),
+    ("colorize",): ("colorize_dist.eval.colorize", "colorize images of any size with an exported generator"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """Every command with its help line; the arguments of the one `argv` selects, if any."""
     parser = argparse.ArgumentParser(prog="colorize-dist", description=__doc__.splitlines()[0])
     groups: dict[tuple[str, ...], argparse._SubParsersAction] = {(): parser.add_subparsers(dest="command")}
-    for words, module_name in COMMANDS.items():
+    for words, (module_name, help_line) in COMMANDS.items():
         for depth in range(1, len(words)):
             prefix = words[:depth]
             if prefix not in groups:
                 group = groups[prefix[:-1]].add_parser(prefix[-1], help=f"{prefix[-1]} commands")
                 groups[prefix] = group.add_subparsers(dest="_".join(prefix) + "_command", required=True)
-        module = importlib.import_module(module_name)
-        doc = (module.__doc__ or "").strip().splitlines()
-        sub = groups[words[:-1]].add_parser(
-            words[-1], help=doc[0] if doc else None, description=module.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        module.add_arguments(sub)
-        sub.set_defaults(run=module.main)
+        sub = groups[words[:-1]].add_parser(words[-1], help=help_line)
+        if tuple(argv[:len(words)]) == words:
+            module = importlib.import_module(module_name)
+            sub.description = module.__doc__
+            sub.formatter_class = argparse.RawDescriptionHelpFormatter
+            module.add_arguments(sub)
+            sub.set_defaults(run=module.main)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):
         parser.print_help()

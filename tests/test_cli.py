@@ -1,0 +1,26 @@
+"""The command line: `--help` imports no command module (so no torch), every command's own help works."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from colorize_dist.cli import COMMANDS, build_parser
+
+
+def test_top_level_help_imports_no_command() -> None:
+    code = ("import sys; from colorize_dist import cli; cli.build_parser(['--help']).format_help(); "
+            "heavy = {'torch', 'accelerate', 'deepspeed', 'submitit'} & set(sys.modules); "
+            "print(sorted(heavy))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("words", sorted(COMMANDS))
+def test_every_command_parses_its_own_help(words: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_status:
+        build_parser([*words, "--help"]).parse_args([*words, "--help"])
+    assert exit_status.value.code == 0
+    assert "usage: colorize-dist " + " ".join(words) in capsys.readouterr().out

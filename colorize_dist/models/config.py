@@ -1,12 +1,14 @@
-"""Typed configs: the models (YAML section `model:`, with `generator:` and `discriminator:`) and `loss:`."""
+"""Typed configs of the models (YAML section `model:`, with `generator:` and `discriminator:`).
+
+`loss:` is `LossConfig`, defined beside the losses it configures."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from colorize_dist.config import ConfigError
+from colorize_dist.config import ConfigError, check_choice
 from colorize_dist.models.blocks import ACTIVATIONS, NORMS, UPSAMPLES
-from colorize_dist.models.losses import ADVERSARIAL_LOSSES, RECONSTRUCTION_LOSSES, VGG16_LAYERS
+from colorize_dist.models.losses import LossConfig
 from colorize_dist.models.spaces import CHANNELS
 
 
@@ -44,6 +46,14 @@ class GeneratorConfig:
             raise ConfigError(f"generator.transformer_dim={self.transformer_dim} must be divisible by "
                               f"4 × transformer_heads = {4 * self.transformer_heads}")
 
+    def check_resolution(self, resolution: int) -> None:
+        """Inputs must halve `depth` times exactly and keep at least 2×2 pixels for the lowest level's norm."""
+        multiple = 2**self.depth
+        if resolution % multiple or resolution < 2 * multiple:
+            raise ConfigError(f"resolution {resolution} does not fit generator.depth={self.depth}: it must be a "
+                              f"multiple of 2^depth = {multiple} and at least {2 * multiple}; resize the images or "
+                              "lower generator.depth")
+
 
 @dataclass
 class DiscriminatorConfig:
@@ -67,6 +77,20 @@ class DiscriminatorConfig:
         _check_positive(self, "ndims", "n_layers", "num_scales")
         _check_choice(self, "norm", NORMS)
 
+    def check_resolution(self, resolution: int) -> None:
+        """The coarsest scale's last normalised layer needs more than one logit per side (else InstanceNorm fails
+        deep inside the first step): the input halves n_layers times and must keep at least 3 pixels."""
+        if not self._fits(resolution):
+            smallest = next(side for side in range(resolution, 2**30) if self._fits(side))
+            raise ConfigError(f"resolution {resolution} is too small for discriminator.n_layers={self.n_layers} "
+                              f"with num_scales={self.num_scales}: use at least {smallest}, or fewer layers or scales")
+
+    def _fits(self, resolution: int) -> bool:
+        side = resolution
+        for _ in range(self.num_scales - 1):
+            side = (side + 1) // 2  # the 3×3, stride-2 average pool between scales
+        return side >> self.n_layers >= 3
+
 
 @dataclass
 class ModelConfig:
@@ -80,31 +104,6 @@ class ModelConfig:
         self.discriminator.validate()
 
 
-@dataclass
-class LossConfig:
-    """alpha·reconstruction + beta·perceptual + theta·adversarial (seed 000's weights); 0 skips a term."""
-
-    reconstruction: str = "l1"  # "l1" | "l2"
-    alpha: float = 100.0
-    beta: float = 10.0
-    theta: float = 0.2
-    adversarial: str = "vanilla"  # "vanilla" | "lsgan" | "hinge" | "wgan-gp"
-    gp_weight: float = 10.0  # WGAN-GP only
-    vgg_weights: str | None = None  # torchvision vgg16 state dict; None = $TORCH_HOME/hub/checkpoints
-    perceptual_layers: list[str] = field(default_factory=lambda: ["relu1_2", "relu2_2", "relu3_3", "relu4_3"])
-
-    def validate(self) -> None:
-        _check_choice(self, "reconstruction", RECONSTRUCTION_LOSSES)
-        _check_choice(self, "adversarial", ADVERSARIAL_LOSSES)
-        _check_non_negative(self, "alpha", "beta", "theta", "gp_weight")
-        if not self.perceptual_layers:
-            raise ConfigError("loss.perceptual_layers must name at least one VGG16 layer")
-        for layer in self.perceptual_layers:
-            if layer not in VGG16_LAYERS:
-                raise ConfigError(f"loss.perceptual_layers: unknown layer {layer!r}; "
-                                  f"choose from {', '.join(VGG16_LAYERS)}")
-
-
 def check_compatible(discriminator: DiscriminatorConfig, loss: LossConfig) -> None:
     """Refuse batch norm in a WGAN-GP critic: the gradient penalty needs samples scored independently."""
     if loss.adversarial == "wgan-gp" and discriminator.norm == "batch" and loss.theta > 0:
@@ -113,9 +112,7 @@ def check_compatible(discriminator: DiscriminatorConfig, loss: LossConfig) -> No
 
 
 def _check_choice(config: object, name: str, choices: dict) -> None:
-    value = getattr(config, name)
-    if value not in choices:
-        raise ConfigError(f"{_section(config)}.{name}={value!r} is not one of {', '.join(choices)}")
+    check_choice(f"{_section(config)}.{name}", getattr(config, name), list(choices))
 
 
 def _check_positive(config: object, *names: str) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from colorize_dist.config import ConfigError
+from colorize_dist.files import atomic_path, first_line
 from colorize_dist.models.config import GeneratorConfig
 from colorize_dist.models.generator import build_generator
 
@@ -42,17 +42,11 @@ def save_generator(model: nn.Module, cfg: GeneratorConfig, resolution: int, path
     Pass the bare module (e.g. `accelerator.unwrap_model(g)` or the EMA copy), not a DDP/compiled wrapper,
     so that the keys match `build_generator(cfg)`. Call it on one rank only: it is a plain file write.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in model.state_dict().items()}
     metadata = {"format": FORMAT, "generator_config": json.dumps(dataclasses.asdict(cfg)),
                 "resolution": str(int(resolution))}
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as temporary:
         save_file(state, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def load_generator(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, GeneratorConfig, int]:
@@ -77,9 +71,8 @@ def load_generator(path: str | Path, device: torch.device | str = "cpu") -> tupl
         model = build_generator(cfg)
         model.load_state_dict(state)
     except (KeyError, TypeError, ValueError, ConfigError, RuntimeError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise GeneratorFileError(f"{path}: its generator config or weights do not fit this version of "
-                                 f"colorize_dist ({first_line}); re-export it with this version") from None
+                                 f"colorize_dist ({first_line(exc)}); re-export it with this version") from None
     return model.to(device).eval(), cfg, resolution
 
 

@@ -1,79 +1,42 @@
 """Print parameters, forward FLOPs and activation memory of G and D per resolution.
 
-FLOPs count 2 per multiply-add in convolutions, linear layers and attention matmuls (the convention of
-`torch.utils.flop_counter` and of MFU figures); normalisation and elementwise ops are left out. Activation
+FLOPs are `torch.utils.flop_counter`'s: 2 per multiply-add in convolutions, linear layers and attention matmuls
+(the convention of MFU figures); normalisation and elementwise ops are left out. Activation
 memory is what a float32 training step saves for backward, per sample; attention is counted as PyTorch's math
 backend stores it (the N×N scores), an upper bound for flash kernels. Models are built on the meta device, so
 even 1024² costs no memory or time.
 
-  colorize-dist model-info --config configs/base.yaml generator.depth=4 --resolution 64 128 256
+  colorize-dist model-info --config res512                      # at the config's data.resolution
+  colorize-dist model-info --config seed000 generator.depth=4 --resolution 64 128 256
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from colorize_dist.config import load_config
-from colorize_dist.models.blocks import SelfAttention
+from colorize_dist.data.config import DataConfig
 from colorize_dist.models.config import DiscriminatorConfig, GeneratorConfig, ModelConfig
 from colorize_dist.models.discriminator import build_discriminator
 from colorize_dist.models.generator import build_generator
 
 
-def _conv_flops(module: nn.Conv2d, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> int:
-    return 2 * output.numel() * module.in_channels // module.groups * math.prod(module.kernel_size)
-
-
-def _transposed_conv_flops(module: nn.ConvTranspose2d, inputs: tuple[torch.Tensor, ...],
-                           output: torch.Tensor) -> int:
-    return 2 * inputs[0].numel() * module.out_channels // module.groups * math.prod(module.kernel_size)
-
-
-def _linear_flops(module: nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> int:
-    return 2 * inputs[0].numel() * module.out_features
-
-
-def _attention_flops(module: SelfAttention, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> int:
-    batch, tokens, dim = inputs[0].shape
-    return 2 * 2 * batch * tokens * tokens * dim  # Q·Kᵀ and A·V; the projections are Linear layers
-
-
-# Layers that do a model's matmul work, with their forward FLOPs from (module, inputs, output).
-FLOP_COUNTERS: dict[type[nn.Module], Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], int]] = {
-    nn.Conv2d: _conv_flops,
-    nn.ConvTranspose2d: _transposed_conv_flops,
-    nn.Linear: _linear_flops,
-    SelfAttention: _attention_flops,
-}
-
-
 def forward_flops(model: nn.Module, *inputs: torch.Tensor) -> int:
-    """FLOPs of one forward pass of `model` on `inputs` (whole batch), counted per layer by forward hooks."""
-    total = 0
+    """FLOPs of one forward pass of `model` on `inputs` (whole batch), as torch's FlopCounterMode counts them.
 
-    def count(counter: Callable) -> Callable:
-        def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            nonlocal total
-            total += counter(module, args, output)
-        return hook
-
-    handles = [module.register_forward_hook(count(counter))
-               for module in model.modules()
-               for kind, counter in FLOP_COUNTERS.items() if isinstance(module, kind)]
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return total
+    Attention runs as the math kernel, the one the meta device has, so its two matmuls count like any other.
+    """
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(*inputs)
+    return counter.get_total_flops()
 
 
 def activation_bytes(model: nn.Module, *inputs: torch.Tensor) -> int:
@@ -95,6 +58,9 @@ def activation_bytes(model: nn.Module, *inputs: torch.Tensor) -> int:
     total = sum(saved.values())
     del output
     return total
+
+
+DEFAULT_RESOLUTIONS = [64, 128, 256]
 
 
 @dataclass(frozen=True)
@@ -146,9 +112,10 @@ def cost_table(cfg: ModelConfig, resolutions: list[int]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML file with a `model:` section (default: the seeds' baseline)")
-    parser.add_argument("--resolution", type=int, nargs="+", default=[64, 128, 256], metavar="R",
-                        help="square input sizes (default: 64 128 256)")
+    parser.add_argument("--config", help="preset name or YAML file with a `model:` section (default: the seeds' "
+                                         "baseline)")
+    parser.add_argument("--resolution", type=int, nargs="+", metavar="R",
+                        help="square input sizes (default: the config's data.resolution; 64 128 256 without one)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides, e.g. generator.depth=4 (before --resolution)")
 
@@ -156,7 +123,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int | None:
     try:
         cfg = load_config(ModelConfig, args.config, args.overrides, section="model")
-        table = cost_table(cfg, args.resolution)
+        resolutions = args.resolution or (
+            [load_config(DataConfig, args.config, section="data").resolution] if args.config else DEFAULT_RESOLUTIONS)
+        for resolution in resolutions:
+            cfg.generator.check_resolution(resolution)
+            cfg.discriminator.check_resolution(resolution)
+        table = cost_table(cfg, resolutions)
     except ValueError as exc:  # ConfigError, or a resolution the models cannot take
         print(f"model-info: {exc}", file=sys.stderr)
         return 2

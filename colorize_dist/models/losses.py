@@ -7,18 +7,17 @@ term averages over patches, then over scales, so θ means the same whatever `num
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from colorize_dist.config import ConfigError, check_choice
 from colorize_dist.models.spaces import to_rgb
-
-if TYPE_CHECKING:
-    from colorize_dist.models.config import LossConfig
 
 Logits = torch.Tensor | list[torch.Tensor]
 
@@ -117,6 +116,32 @@ ADVERSARIAL_LOSSES: dict[str, AdversarialLoss] = {
     "hinge": AdversarialLoss(lambda x: F.relu(1 - x), lambda x: F.relu(1 + x), torch.neg),
     "wgan-gp": AdversarialLoss(torch.neg, lambda x: x, torch.neg),  # add gradient_penalty on the D side
 }
+
+
+@dataclass
+class LossConfig:
+    """The YAML `loss:` section: alpha·reconstruction + beta·perceptual + theta·adversarial (seed 000's weights);
+    0 skips a term."""
+
+    reconstruction: str = "l1"  # "l1" | "l2"
+    alpha: float = 100.0
+    beta: float = 10.0
+    theta: float = 0.2
+    adversarial: str = "vanilla"  # "vanilla" | "lsgan" | "hinge" | "wgan-gp"
+    gp_weight: float = 10.0  # WGAN-GP only
+    vgg_weights: str | None = None  # torchvision vgg16 state dict; None = $TORCH_HOME/hub/checkpoints
+    perceptual_layers: list[str] = field(default_factory=lambda: ["relu1_2", "relu2_2", "relu3_3", "relu4_3"])
+
+    def validate(self) -> None:
+        check_choice("loss.reconstruction", self.reconstruction, list(RECONSTRUCTION_LOSSES))
+        check_choice("loss.adversarial", self.adversarial, list(ADVERSARIAL_LOSSES))
+        for name in ("alpha", "beta", "theta", "gp_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"loss.{name} must be ≥ 0, got {getattr(self, name)}")
+        if not self.perceptual_layers:
+            raise ConfigError("loss.perceptual_layers must name at least one VGG16 layer")
+        for layer in self.perceptual_layers:
+            check_choice("loss.perceptual_layers", layer, list(VGG16_LAYERS))
 
 
 class GANLoss:

@@ -21,6 +21,8 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from colorize_dist.files import first_line
+
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
@@ -95,11 +97,11 @@ def latest_valid(root: Path) -> Path | None:
 def check(folder: Path) -> str | None:
     """None if `folder` is a complete checkpoint, else what is wrong with it."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest = read_manifest(folder)
     except FileNotFoundError:
         return f"no {MANIFEST} (the save did not finish)"
     except (OSError, ValueError) as exc:
-        return f"unreadable {MANIFEST} ({exc})"
+        return f"unreadable {MANIFEST} ({first_line(exc)})"
     for name, expected in manifest["files"].items():
         path = folder / name
         if not path.is_file():
@@ -110,7 +112,19 @@ def check(folder: Path) -> str | None:
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / MANIFEST).read_text())
+    """The manifest `save_checkpoint` wrote; ValueError if it is not of that shape (hand-edited, another tool's)."""
+    manifest = json.loads((folder / MANIFEST).read_text())
+    shaped = isinstance(manifest, dict) and isinstance(manifest.get("step"), int)
+    if not (shaped and _is_file_table(manifest.get("files"))):
+        raise ValueError('not a checkpoint manifest: expected {"step": int, "files": {name: {"size": int, '
+                         '"sha256": str}, ...}}')
+    return manifest
+
+
+def _is_file_table(files: Any) -> bool:
+    return isinstance(files, dict) and bool(files) and all(
+        isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)
+        for entry in files.values())
 
 
 def _replace(source: Path, target: Path) -> None:

@@ -6,8 +6,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from colorize_dist.cli import main as cli_main
+from colorize_dist.config import preset_names
 from colorize_dist.models import DiscriminatorConfig, GeneratorConfig, ModelConfig, build_discriminator, build_generator
 from colorize_dist.models.info import activation_bytes, discriminator_cost, generator_cost
+from colorize_dist.training.config import load_training_config
 
 GENERATORS = [
     GeneratorConfig(),  # the seeds' baseline
@@ -85,7 +87,19 @@ def test_model_info_command_prints_the_table(capsys: pytest.CaptureFixture[str])
 def test_model_info_reports_bad_input_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["model-info", "--resolution", "100"]) == 2
     assert capsys.readouterr().err.strip() == (
-        "model-info: input size 100×100 is not divisible by 2^depth = 8; crop or pad the images, "
-        "or lower generator.depth")
+        "model-info: resolution 100 does not fit generator.depth=3: it must be a multiple of 2^depth = 8 and at "
+        "least 16; resize the images or lower generator.depth")
+    assert cli_main(["model-info", "--resolution", "16"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "model-info: resolution 16 is too small for discriminator.n_layers=3 with num_scales=1: use at least 24, "
+        "or fewer layers or scales")
     assert cli_main(["model-info", "generator.norm=layer"]) == 2
     assert "generator.norm='layer' is not one of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_model_info_defaults_to_each_presets_resolution(preset: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["model-info", "--config", preset]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    resolution = load_training_config(preset).data.resolution
+    assert [row[:2] for row in rows] == [["generator", f"{resolution}²"], ["discriminator", f"{resolution}²"]]

@@ -212,7 +212,7 @@ def test_loss_config_from_yaml_and_its_errors(tmp_path: Path) -> None:
     cfg = load_config(LossConfig, path, section="loss")
     assert (cfg.reconstruction, cfg.adversarial, cfg.perceptual_layers, cfg.alpha) == ("l2", "hinge", ["relu2_2"],
                                                                                        100.0)
-    with pytest.raises(ConfigError, match=re.escape("loss.perceptual_layers: unknown layer 'relu9_9'")):
+    with pytest.raises(ConfigError, match=re.escape("loss.perceptual_layers='relu9_9' is not one of relu1_1, relu1_2")):
         load_config(LossConfig, path, ["perceptual_layers=[relu9_9]"], section="loss")
     with pytest.raises(ConfigError, match=re.escape("loss.adversarial='wgan' is not one of")):
         load_config(LossConfig, path, ["adversarial=wgan"], section="loss")

@@ -19,6 +19,7 @@ import torch
 from colorize_dist.data import synth
 from colorize_dist.data.config import DataConfig
 from colorize_dist.data.loader import build_loader, dali_available
+from colorize_dist.data.make import ShardOptions
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,9 +44,9 @@ def main(args: argparse.Namespace) -> int:
     if on_gpu:
         runs.append(("DALI mixed", "dali", args.threads, device))
     with tempfile.TemporaryDirectory(prefix="bench-data-") as scratch:
+        options = ShardOptions(val_fraction=0.0, workers=args.threads)
         shards = {resolution: args.shards or synth.write_synthetic_shards(
-                      Path(scratch) / str(resolution), args.images, resolution, "--val-fraction", "0",
-                      "--workers", str(args.threads))
+                      Path(scratch) / str(resolution), args.images, resolution, options=options)
                   for resolution in args.resolutions}
         print(f"images/s, batch {args.batch_size}, {args.threads} DALI threads, "
               f"{runs[0][2]} reference workers, device {device}")

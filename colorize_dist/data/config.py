@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from colorize_dist.config import ConfigError
 
 BACKENDS = ("auto", "dali", "reference")
+ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)  # random-resized-crop aspect ratios (width / height), in both loaders
 
 
 @dataclass

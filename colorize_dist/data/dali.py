@@ -13,12 +13,10 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
-from colorize_dist.data.config import DataConfig
+from colorize_dist.data.config import ASPECT_RATIO_RANGE, DataConfig
 from colorize_dist.data.sharding import RankSlice, epoch_seed
 from colorize_dist.data.shards import IMAGE_EXTENSIONS, batch_key
 
-READER = "reader"
-ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)  # random-resized-crop aspect ratios, as in the reference loader
 IMAGE_COMPONENTS = ";".join(IMAGE_EXTENSIONS + tuple(ext.upper() for ext in IMAGE_EXTENSIONS))
 
 
@@ -29,7 +27,7 @@ def color_pipeline(paths: list[str], index_paths: list[str], *, train: bool, res
     encoded = fn.readers.webdataset(
         paths=paths, index_paths=index_paths, ext=[IMAGE_COMPONENTS], missing_component_behavior="skip",
         shard_id=shard_id, num_shards=num_shards, pad_last_batch=True,
-        random_shuffle=train, initial_fill=shuffle_buffer, name=READER,
+        random_shuffle=train, initial_fill=shuffle_buffer,
     )
     decoder_options = {"device": decode_device, "output_type": types.RGB}
     if decode_device == "mixed":

@@ -20,6 +20,7 @@ import sys
 import tarfile
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from colorize_dist.data.shards import (
     MANIFEST,
     SPLIT_RULE,
     SPLITS,
+    ShardError,
     SplitWriter,
     image_extension,
     path_hash,
@@ -38,9 +40,29 @@ from colorize_dist.data.shards import (
     split_of,
     write_manifest,
 )
+from colorize_dist.files import first_line
 
 # Encoded results: (extension, bytes), or (None, reason) for a skipped input.
 Encoded = tuple[str | None, bytes | str]
+IMAGE_FORMATS = ("jpg", "png")
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    """How `write_shard_set` stores images and cuts them into shards; checked when made."""
+
+    image_format: str = "jpg"  # stored format: jpg | png
+    quality: int = 95  # JPEG quality (1-100)
+    shard_size: int = 1000  # samples per shard
+    val_fraction: float = 0.05  # share of images in val/ (by a hash of their path)
+    workers: int | None = None  # encoding processes; None: one per CPU core
+    force: bool = False  # replace the shards of an existing output directory
+
+    def __post_init__(self):
+        if self.image_format not in IMAGE_FORMATS:
+            raise ShardError(f"--format must be one of {', '.join(IMAGE_FORMATS)}, got {self.image_format!r}")
+        if self.shard_size < 1 or not 0.0 <= self.val_fraction < 1.0 or not 1 <= self.quality <= 100:
+            raise ShardError("need --shard-size >= 1, 0 <= --val-fraction < 1 and 1 <= --quality <= 100")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,26 +74,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_writer_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by `shards make` and `shards synth`."""
-    parser.add_argument("--format", choices=("jpg", "png"), default="jpg", help="stored image format")
-    parser.add_argument("--quality", type=int, default=95, help="JPEG quality (1-100)")
-    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    parser.add_argument("--val-fraction", type=float, default=0.05, help="share of images in val/")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="encoding processes")
+    """Options shared by `shards make` and `shards synth`; `writer_options` turns them into ShardOptions."""
+    defaults = ShardOptions()
+    parser.add_argument("--format", choices=IMAGE_FORMATS, default=defaults.image_format, help="stored image format")
+    parser.add_argument("--quality", type=int, default=defaults.quality, help="JPEG quality (1-100)")
+    parser.add_argument("--shard-size", type=int, default=defaults.shard_size, help="samples per shard")
+    parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction, help="share of images in val/")
+    parser.add_argument("--workers", type=int, help="encoding processes (default: one per CPU core)")
     parser.add_argument("--force", action="store_true", help="replace the shards of an existing OUT")
 
 
+def writer_options(args: argparse.Namespace) -> ShardOptions:
+    return ShardOptions(image_format=args.format, quality=args.quality, shard_size=args.shard_size,
+                        val_fraction=args.val_fraction, workers=args.workers, force=args.force)
+
+
 def main(args: argparse.Namespace) -> int:
-    if args.resolution is None and not args.keep_original:
-        raise SystemExit("shards make: --resolution is required (or pass --keep-original)")
-    resolution = None if args.keep_original else args.resolution
-    encode = functools.partial(encode_image, resolution=resolution, image_format=args.format, quality=args.quality)
-    with open_source(args.source) as (relative_paths, load):
-        write_shard_set(
-            args.out, relative_paths, load, encode, args, source=str(args.source.resolve()),
-            resolution=resolution, image_format="original" if args.keep_original else args.format,
-        )
+    try:
+        if args.resolution is None and not args.keep_original:
+            raise ShardError("--resolution is required (or pass --keep-original)")
+        make_shards(args.source, args.out, resolution=None if args.keep_original else args.resolution,
+                    options=writer_options(args))
+    except ShardError as exc:
+        print(f"shards make: {first_line(exc)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def make_shards(source: Path, out: Path, *, resolution: int | None, options: ShardOptions) -> list[tuple[str, str]]:
+    """Shards of the images in `source` (a folder, .zip or .tar), cropped to `resolution`² or, with
+    `resolution=None`, stored as they are. Returns the skipped inputs (path, reason)."""
+    if resolution is not None and resolution < 1:
+        raise ShardError(f"--resolution must be at least 1, got {resolution}")
+    encode = functools.partial(encode_image, resolution=resolution, image_format=options.image_format,
+                               quality=options.quality)
+    with open_source(source) as (relative_paths, load):
+        return write_shard_set(
+            out, relative_paths, load, encode, options, source=str(source.resolve()), resolution=resolution,
+            image_format="original" if resolution is None else options.image_format,
+        )
 
 
 @contextlib.contextmanager
@@ -91,13 +132,12 @@ def open_source(source: Path) -> Iterator[tuple[list[str], Callable[[str], bytes
         try:
             tar = tarfile.open(source, "r:")  # noqa: SIM115 (closed below; uncompressed, as we seek)
         except tarfile.ReadError:
-            raise SystemExit(f"shards make: {source} is a compressed tar; decompress it first") from None
+            raise ShardError(f"{source} is a compressed tar; decompress it first") from None
         with tar:
             members = {member.name: member for member in tar.getmembers() if member.isreg()}
             yield sorted(filter(is_image, members)), lambda name: tar.extractfile(members[name]).read()
     else:
-        raise SystemExit(f"shards make: {source} is not a folder, .zip or .tar of images "
-                         f"({', '.join(IMAGE_EXTENSIONS)})")
+        raise ShardError(f"{source} is not a folder, .zip or .tar of images ({', '.join(IMAGE_EXTENSIONS)})")
 
 
 def encode_image(relative_path: str, data: bytes, *, resolution: int | None, image_format: str,
@@ -125,40 +165,39 @@ def encode_array(image: Image.Image, image_format: str, quality: int) -> Encoded
 
 
 def write_shard_set(out: Path, relative_paths: Sequence[str], load: Callable[[str], Any],
-                    encode: Callable[[str, Any], Encoded], args: argparse.Namespace,
+                    encode: Callable[[str, Any], Encoded], options: ShardOptions,
                     **manifest_info: Any) -> list[tuple[str, str]]:
     """Encode every input in worker processes and write train/val shards and the manifest under `out`.
 
-    `load` runs in this process (reading files, archive members); `encode(path, loaded)` in the workers.
-    Samples are written in hash order, so consecutive samples are unrelated. Returns the skipped inputs.
+    `load` runs in this process (reading files, archive members); `encode(path, loaded)` in the workers
+    (it stores `options.image_format`). Samples are written in hash order, so consecutive samples are
+    unrelated. Returns the skipped inputs (path, reason); raises ShardError for what the caller can fix.
     """
-    if args.shard_size < 1 or not 0.0 <= args.val_fraction < 1.0 or not 1 <= args.quality <= 100:
-        raise SystemExit("shards: need --shard-size >= 1, 0 <= --val-fraction < 1 and 1 <= --quality <= 100")
     if not relative_paths:
-        raise SystemExit("shards: no images found in the source")
+        raise ShardError("no images found in the source")
     keys = {}
     for path in relative_paths:
         if keys.setdefault(sample_key(path), path) != path:
-            raise SystemExit(f"shards: {keys[sample_key(path)]} and {path} map to the same key; rename one")
-    prepare_output(out, args.force)
+            raise ShardError(f"{keys[sample_key(path)]} and {path} map to the same key; rename one")
+    prepare_output(out, options.force)
 
     ordered = sorted(relative_paths, key=path_hash)
-    writers = {split: SplitWriter(out, split, args.shard_size) for split in SPLITS}
+    writers = {split: SplitWriter(out, split, options.shard_size) for split in SPLITS}
     skipped: list[tuple[str, str]] = []
-    workers = max(1, args.workers)
+    workers = max(1, options.workers or os.cpu_count() or 1)
     with multiprocessing.Pool(workers) as pool, tqdm(total=len(ordered), unit="img") as progress:
         for path, (extension, result) in zip(ordered, _encode_all(pool, workers, ordered, load, encode), strict=True):
             if extension is None:
                 skipped.append((path, result))
             else:
-                writers[split_of(path, args.val_fraction)].write(sample_key(path), extension, result)
+                writers[split_of(path, options.val_fraction)].write(sample_key(path), extension, result)
             progress.update()
     shards = {split: writer.close() for split, writer in writers.items()}
     if not any(shards.values()):
-        raise SystemExit(f"shards: none of the {len(ordered)} inputs could be read; nothing written to {out}")
+        raise ShardError(f"none of the {len(ordered)} inputs could be read; nothing written to {out}")
     manifest = write_manifest(
-        out, shards, **manifest_info, val_fraction=args.val_fraction, split_rule=SPLIT_RULE,
-        jpeg_quality=args.quality, skipped=[{"file": path, "reason": reason} for path, reason in skipped],
+        out, shards, **manifest_info, val_fraction=options.val_fraction, split_rule=SPLIT_RULE,
+        jpeg_quality=options.quality, skipped=[{"file": path, "reason": reason} for path, reason in skipped],
     )
     for split in SPLITS:
         summary = manifest["splits"][split]
@@ -182,10 +221,10 @@ def _encode_all(pool: multiprocessing.pool.Pool, workers: int, ordered: Sequence
 def prepare_output(out: Path, force: bool) -> None:
     """Refuse to touch an existing non-empty `out` unless forced; then remove only our own files in it."""
     if out.exists() and not out.is_dir():
-        raise SystemExit(f"shards: {out} exists and is not a directory")
+        raise ShardError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         if not force:
-            raise SystemExit(f"shards: {out} already exists; pass --force to replace its shards")
+            raise ShardError(f"{out} already exists; pass --force to replace its shards")
         (out / MANIFEST).unlink(missing_ok=True)  # first, so the old set reads as incomplete from now on
         for split in SPLITS:
             shutil.rmtree(out / split, ignore_errors=True)

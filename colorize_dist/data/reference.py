@@ -20,11 +20,10 @@ import webdataset as wds
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 
-from colorize_dist.data.config import DataConfig
+from colorize_dist.data.config import ASPECT_RATIO_RANGE, DataConfig
 from colorize_dist.data.sharding import RankSlice, epoch_seed
 from colorize_dist.data.shards import batch_key, image_extension
 
-ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)  # random-resized-crop aspect ratios, as in the DALI pipeline
 CROP_ATTEMPTS = 10  # then the whole image, as DALI's random crop does
 
 # One encoded sample on its way to a worker: (position in this rank's epoch, key, image bytes).

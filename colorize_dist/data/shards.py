@@ -25,6 +25,8 @@ from typing import Any
 
 import webdataset as wds
 
+from colorize_dist.files import atomic_write
+
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -39,6 +41,11 @@ class MissingShardsError(FileNotFoundError):
 
 class ManifestError(ValueError):
     """A manifest that cannot be read or does not describe the requested split."""
+
+
+class ShardError(ValueError):
+    """A shard set cannot be written as asked (bad options, no readable images, an existing output);
+    the message is one line saying what to change."""
 
 
 @dataclass(frozen=True)
@@ -111,14 +118,8 @@ def count_images(index_text: str) -> int:
 
 def write_index(tar_path: Path) -> str:
     text = dali_index(tar_path)
-    atomic_write_text(tar_path.with_suffix(".idx"), text)
+    atomic_write(tar_path.with_suffix(".idx"), text)
     return text
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
 
 
 class SplitWriter:
@@ -147,7 +148,7 @@ class SplitWriter:
             return
         final = partial.with_suffix("")  # drop ".partial"
         os.replace(partial, final)
-        atomic_write_text(final.with_suffix(".idx"), index_text)
+        atomic_write(final.with_suffix(".idx"), index_text)
         self.shards.append(Shard(final, count_images(index_text)))
 
 
@@ -164,7 +165,7 @@ def write_manifest(directory: Path, shards: dict[str, list[Shard]], **info: Any)
             for split, split_shards in shards.items()
         },
     }
-    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    atomic_write(directory / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 

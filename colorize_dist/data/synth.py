@@ -15,12 +15,22 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from colorize_dist.data.make import Encoded, add_writer_arguments, encode_array, write_shard_set
+from colorize_dist.data.make import (
+    Encoded,
+    ShardOptions,
+    add_writer_arguments,
+    encode_array,
+    write_shard_set,
+    writer_options,
+)
+from colorize_dist.data.shards import ShardError
+from colorize_dist.files import first_line
 
 # Background colour ramp: hue follows luminance.
 NAVY = np.array([30.0, 50.0, 125.0])
@@ -90,23 +100,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.n < 1 or args.resolution < 1:
-        raise SystemExit("shards synth: --n and --resolution must be at least 1")
-    encode = functools.partial(encode_synth, resolution=args.resolution, image_format=args.format,
-                               quality=args.quality)
-    names = [f"{index:07d}" for index in range(args.n)]
-    write_shard_set(args.out, names, int, encode, args, source=f"synth_image(0..{args.n - 1})",
-                    resolution=args.resolution, image_format=args.format)
+    try:
+        write_synthetic_shards(args.out, args.n, args.resolution, options=writer_options(args))
+    except ShardError as exc:
+        print(f"shards synth: {first_line(exc)}", file=sys.stderr)
+        return 2
     return 0
 
 
-def write_synthetic_shards(out: Path, n: int, resolution: int, *options: str) -> Path:
-    """`colorize-dist shards synth OUT --n N --resolution R [options]`, called from Python (the trainer's default
-    data, the data benchmark)."""
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    main(parser.parse_args([str(out), "--n", str(n), "--resolution", str(resolution), *options]))
-    return out
+def write_synthetic_shards(out: Path, n: int, resolution: int, *, options: ShardOptions | None = None) -> Path:
+    """Images 0..n-1 at `resolution`² as a shard set in `out` (the trainer's default data, the data benchmark)."""
+    if n < 1 or resolution < 1:
+        raise ShardError("--n and --resolution must be at least 1")
+    options = options or ShardOptions()
+    encode = functools.partial(encode_synth, resolution=resolution, image_format=options.image_format,
+                               quality=options.quality)
+    names = [f"{index:07d}" for index in range(n)]
+    write_shard_set(Path(out), names, int, encode, options, source=f"synth_image(0..{n - 1})",
+                    resolution=resolution, image_format=options.image_format)
+    return Path(out)
 
 
 def encode_synth(name: str, index: int, *, resolution: int, image_format: str, quality: int) -> Encoded:

@@ -1,12 +1,13 @@
 """Check a shard set: every shard opens, every image decodes, counts match the manifest, indexes match the tars.
 
-Prints a summary; exits non-zero naming each file at fault.
+Prints a summary; exits 1 naming each file at fault (2 if the set has no readable manifest).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import sys
 import tarfile
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from colorize_dist.data.shards import (
     image_extension,
     read_manifest,
 )
+from colorize_dist.files import first_line
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +37,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         manifest = read_manifest(args.directory)
     except (MissingShardsError, ManifestError) as exc:
-        raise SystemExit(f"shards verify: {exc}") from None
+        print(f"shards verify: {first_line(exc)}", file=sys.stderr)
+        return 2
     problems = []
     listed = set()
     print(f"{'split':<6} {'shards':>7} {'samples':>9}")

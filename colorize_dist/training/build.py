@@ -14,6 +14,7 @@ from torch import nn
 
 from colorize_dist.data import synth
 from colorize_dist.data.loader import Batch, ColorLoader
+from colorize_dist.data.make import ShardOptions
 from colorize_dist.data.shards import MANIFEST
 from colorize_dist.training.config import MIXED_PRECISION, Config, OptimConfig
 from colorize_dist.training.update import Update
@@ -95,8 +96,8 @@ def synthetic_shards(accelerator: Accelerator, run_dir: Path, images: int, resol
     """The embedded default's data: `images` synthetic images as shards in RUN/synthetic (made once, by rank 0)."""
     out = run_dir / "synthetic"
     if accelerator.is_main_process and not (out / MANIFEST).is_file():
-        synth.write_synthetic_shards(out, images, resolution, "--format", "png", "--shard-size", "500",
-                                     "--val-fraction", "0.1", "--workers", "1", "--force")
+        options = ShardOptions(image_format="png", shard_size=500, val_fraction=0.1, workers=1, force=True)
+        synth.write_synthetic_shards(out, images, resolution, options=options)
     accelerator.wait_for_everyone()
     return out
 

@@ -15,7 +15,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from colorize_dist.data.shards import count_images, dali_index, sample_key, split_of
+from colorize_dist.data.make import ShardOptions, make_shards
+from colorize_dist.data.shards import ShardError, count_images, dali_index, sample_key, split_of
+from colorize_dist.data.synth import write_synthetic_shards
 from tests.data.helpers import GOOD_IMAGES, run_cli
 
 
@@ -62,17 +64,52 @@ def test_make_reports_skipped_files(image_folder, tmp_path, capsys):
     assert "notes.jpg" in err and "people/truncated.jpg" in err
 
 
-def test_make_refuses_existing_out_without_force(made_shards, image_folder, tmp_path):
+def test_make_refuses_existing_out_without_force(made_shards, image_folder, tmp_path, capsys):
     out = tmp_path / "copy"
     shutil.copytree(made_shards, out)
     (out / "mine.txt").write_text("keep me")
     before = (out / "manifest.json").read_text()
-    with pytest.raises(SystemExit, match="already exists; pass --force"):
-        run_cli("shards", "make", image_folder, out, "--resolution", 16)
+    with pytest.raises(ShardError, match="already exists; pass --force"):
+        make_shards(image_folder, out, resolution=16, options=ShardOptions(workers=1))
+    assert run_cli("shards", "make", image_folder, out, "--resolution", 16) == 2
+    assert capsys.readouterr().err == f"shards make: {out} already exists; pass --force to replace its shards\n"
     assert (out / "manifest.json").read_text() == before
     assert run_cli("shards", "make", image_folder, out, "--resolution", 16, "--workers", 1, "--force") == 0
     assert json.loads((out / "manifest.json").read_text())["resolution"] == 16
     assert (out / "mine.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("options", [{"quality": 0}, {"shard_size": 0}, {"val_fraction": 1.0}, {"image_format": "gif"}])
+def test_bad_writer_options_raise_shard_error(options):
+    with pytest.raises(ShardError) as error:
+        ShardOptions(**options)
+    assert isinstance(error.value, ValueError) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("argv", [
+    ("make", "{images}", "{out}", "--resolution", "16", "--quality", "0"),
+    ("make", "{images}", "{out}"),
+    ("make", "{out}/missing.zip", "{out}", "--resolution", "16"),
+    ("synth", "{out}", "--n", "0"),
+    ("synth", "{out}", "--shard-size", "0"),
+])
+def test_commands_report_bad_options_in_one_line(argv, image_folder, tmp_path, capsys):
+    argv = [word.format(images=image_folder, out=tmp_path / "out") for word in argv]
+    assert run_cli("shards", *argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"shards {argv[0]}: ") and captured.err.count("\n") == 1
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_write_synthetic_shards_keyword_api(tmp_path):
+    out = write_synthetic_shards(tmp_path / "synth", 6, 16, options=ShardOptions(image_format="png", shard_size=4,
+                                                                                 val_fraction=0.0, workers=1))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["image_format"] == "png" and manifest["resolution"] == 16
+    assert [entry["samples"] for entry in manifest["splits"]["train"]["shards"]] == [4, 2]
+    assert manifest["splits"]["val"]["samples"] == 0
+    with pytest.raises(ShardError, match="--n and --resolution must be at least 1"):
+        write_synthetic_shards(tmp_path / "none", 0, 16)
 
 
 def test_split_does_not_move_old_images_when_adding(image_folder, made_shards, tmp_path):
@@ -140,7 +177,7 @@ def test_verify_names_count_and_index_mismatches(made_shards, tmp_path, capsys):
     assert f"{index}: does not match" in report
 
 
-def test_foreign_shards_are_indexed(tmp_path):
+def test_foreign_shards_are_indexed(tmp_path, capsys):
     """Shards from webdataset.ShardWriter and GNU tar (directories, ./ prefixes, extra components)."""
     train, val = tmp_path / "set" / "train", tmp_path / "set" / "val"
     train.mkdir(parents=True)
@@ -161,5 +198,7 @@ def test_foreign_shards_are_indexed(tmp_path):
     assert [entry["samples"] for entry in manifest["splits"]["train"]["shards"]] == [3, 2]
     assert manifest["splits"]["val"]["samples"] == 3
     assert run_cli("shards", "verify", tmp_path / "set") == 0
-    with pytest.raises(SystemExit, match="exists; pass --force"):
-        run_cli("shards", "index", tmp_path / "set")
+    capsys.readouterr()
+    assert run_cli("shards", "index", tmp_path / "set") == 2
+    manifest_path = tmp_path / "set" / "manifest.json"
+    assert capsys.readouterr().err == f"shards index: {manifest_path} exists; pass --force to replace it\n"

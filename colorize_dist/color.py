@@ -120,9 +120,28 @@ def _extension(device: torch.device):
         from colorize_dist import _C
     except ImportError as exc:
         raise KernelUnavailableError(f"colorize_dist._C is not built ({exc}); {_REBUILD_HINT}") from None
-    if device.type == "cuda" and not _C.cuda_compiled:
-        raise KernelUnavailableError(f"colorize_dist._C was built without CUDA kernels; {_REBUILD_HINT}")
+    if device.type == "cuda":
+        if not _C.cuda_compiled:
+            raise KernelUnavailableError(f"colorize_dist._C was built without CUDA kernels; {_REBUILD_HINT}")
+        _check_cuda_arch(_C.cuda_archs, device)
     return _C
+
+
+def _check_cuda_arch(archs: tuple[int, ...], device: torch.device) -> None:
+    """Raises before launch on a GPU the build has no code for, instead of CUDA's "no kernel image" later.
+
+    SASS for sm_XY runs on sm_XZ with Z ≥ Y; the PTX of the highest arch runs on anything newer.
+    """
+    major, minor = torch.cuda.get_device_capability(device)
+    cc = 10 * major + minor
+    if cc >= max(archs) or any(a // 10 == major and a <= cc for a in archs):
+        return
+    toolkit = " (CUDA 13 dropped sm_70 and older: use CUDA 12.x)" if cc < 75 else ""
+    raise KernelUnavailableError(
+        f"colorize_dist._C has CUDA kernels for {', '.join(f'sm_{a}' for a in archs)} and, through PTX, newer "
+        f"GPUs; {torch.cuda.get_device_name(device)} ({device}) is sm_{cc}. Rebuild with "
+        f"`COLORIZE_DIST_CUDA_ARCHS={cc} pip install -e .` and a CUDA toolkit that supports sm_{cc}{toolkit}, "
+        "or pass impl='ref'")
 
 
 def _cuda_stream(device: torch.device) -> tuple[int, int]:
@@ -168,26 +187,23 @@ def _check_rgb(rgb: torch.Tensor) -> None:
 
 # --- reference ---------------------------------------------------------------------------------------
 
-_WHITE_D65 = (0.95047, 1.0, 1.08883)
-_XYZ_FROM_RGB = (
-    (0.412453, 0.357580, 0.180423),
-    (0.212671, 0.715160, 0.072169),
-    (0.019334, 0.119193, 0.950227),
-)
+# float64 constants, cast to each input's device and dtype; the inverse is taken once, in float64, as skimage does.
+_WHITE_D65 = torch.tensor([0.95047, 1.0, 1.08883], dtype=torch.float64)[:, None, None]
+_XYZ_FROM_RGB = torch.tensor([
+    [0.412453, 0.357580, 0.180423],
+    [0.212671, 0.715160, 0.072169],
+    [0.019334, 0.119193, 0.950227],
+], dtype=torch.float64)
+_RGB_FROM_XYZ = torch.linalg.inv(_XYZ_FROM_RGB)
 _LAB_EPSILON = (6.0 / 29.0) ** 3
 _LAB_SLOPE = 841.0 / 108.0
 _LAB_OFFSET = 4.0 / 29.0
 
 
-def _matrix(rows, like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(rows, dtype=like.dtype, device=like.device)
-
-
 def _ref_rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     c = rgb.permute(0, 3, 1, 2).float() / 255.0
     linear = torch.where(c <= 0.04045, c / 12.92, ((c.clamp_min(0.04045) + 0.055) / 1.055) ** 2.4)
-    white = _matrix(_WHITE_D65, linear)[:, None, None]
-    xyz = torch.einsum("ij,njhw->nihw", _matrix(_XYZ_FROM_RGB, linear), linear) / white
+    xyz = torch.einsum("ij,njhw->nihw", _XYZ_FROM_RGB.to(linear), linear) / _WHITE_D65.to(linear)
     f = torch.where(xyz > _LAB_EPSILON, xyz.clamp_min(_LAB_EPSILON) ** (1.0 / 3.0), _LAB_SLOPE * xyz + _LAB_OFFSET)
     fx, fy, fz = f.unbind(1)
     return torch.stack([116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)], dim=1)
@@ -203,9 +219,8 @@ def lab_to_linear_rgb(lab: torch.Tensor) -> torch.Tensor:
     f = torch.stack([fy + a / 500.0, fy, (fy - b / 200.0).clamp_min(0.0)], dim=1)  # as skimage
     delta = 6.0 / 29.0
     xyz = torch.where(f > delta, f.clamp_min(delta) ** 3, (f - _LAB_OFFSET) / _LAB_SLOPE)
-    xyz = xyz * _matrix(_WHITE_D65, lab)[:, None, None]
-    rgb_from_xyz = torch.linalg.inv(_matrix(_XYZ_FROM_RGB, lab).double()).to(lab.dtype)
-    return torch.einsum("ij,njhw->nihw", rgb_from_xyz, xyz)
+    xyz = xyz * _WHITE_D65.to(lab)
+    return torch.einsum("ij,njhw->nihw", _RGB_FROM_XYZ.to(lab), xyz)
 
 
 def _ref_lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,6 @@
 #include <stdexcept>
 
 #include "color_kernels.h"
-#include "color_math.h"
 
 namespace py = pybind11;
 using namespace colorize_dist;
@@ -30,14 +29,14 @@ LabPlanes make_planes(uintptr_t l, uintptr_t ab, int64_t l_stride, int64_t ab_st
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "RGB<->CIELAB kernels (CPU, and CUDA when built with nvcc)";
+  // cuda_archs: the compute capabilities with SASS (setup.py's list); PTX of the highest serves newer GPUs.
 #if defined(COLORIZE_DIST_WITH_CUDA)
   m.attr("cuda_compiled") = true;
+  m.attr("cuda_archs") = py::make_tuple(COLORIZE_DIST_CUDA_ARCHS);
 #else
   m.attr("cuda_compiled") = false;
+  m.attr("cuda_archs") = py::tuple();
 #endif
-  m.attr("L_SCALE") = kLScale;
-  m.attr("L_SHIFT") = kLShift;
-  m.attr("AB_SCALE") = kAbScale;
 
   m.def(
       "rgb_to_lab_cpu",

@@ -46,9 +46,11 @@ struct StoreHalf {
   static T convert(float v) { return float_to_half_bits(v); }
 };
 
-// The arithmetic of one chunk, compiled for AVX2+FMA and for baseline x86-64; the loader picks one.
+// The arithmetic of one chunk, compiled for x86-64-v3 (AVX2 and FMA together) and for baseline x86-64;
+// the loader picks one. Not "avx2,fma": GCC splits that into an AVX2 clone and an FMA clone, and the
+// AVX2 one it prefers has no FMA.
 #if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target_clones("avx2,fma", "default")))
+__attribute__((target_clones("arch=x86-64-v3", "default")))
 #endif
 void lab_chunk(const float* __restrict r, const float* __restrict g, const float* __restrict b,
                float* __restrict L, float* __restrict A, float* __restrict B, int64_t m, float l_scale,

@@ -1,5 +1,6 @@
 // CUDA kernels: one pass over memory on the caller's stream. RGB->Lab reads 4 pixels (12 bytes) as three
 // 32-bit words and writes each plane as one 4-element vector when the layout allows, else one pixel a thread.
+#include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -97,6 +98,49 @@ void check(cudaError_t err, const char* what) {
   }
 }
 
+// cuDevicePrimaryCtxGetState, reached through the runtime: linking libcuda would stop the module
+// importing on machines without a driver.
+bool has_primary_context(int device) {
+  using GetState = CUresult (*)(CUdevice, unsigned int*, int*);
+  static const GetState get_state = [] {
+    void* fn = nullptr;
+#if CUDART_VERSION >= 12050
+    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuDevicePrimaryCtxGetState", &fn, CUDART_VERSION,
+                                                             cudaEnableDefault, nullptr);
+#else
+    const cudaError_t err = cudaGetDriverEntryPoint("cuDevicePrimaryCtxGetState", &fn, cudaEnableDefault);
+#endif
+    return err == cudaSuccess ? reinterpret_cast<GetState>(fn) : nullptr;
+  }();
+  unsigned int flags = 0;
+  int active = 0;
+  // Unknown (no entry point, or the query failed): assume a context, so the caller's device is restored.
+  return get_state == nullptr || get_state(device, &flags, &active) != CUDA_SUCCESS || active != 0;
+}
+
+// Makes `device` current for a launch and gives the caller back their current device after, as
+// torch's CUDAGuard does: the current device is per-thread state that belongs to the caller.
+// Like torch, it does not switch back to a device that has no context yet (a fresh thread reads
+// device 0): that would create one there, hundreds of MB on a GPU this process never used.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check(cudaGetDevice(&previous_), "cudaGetDevice");
+    switched_ = previous_ != device;
+    if (switched_) check(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    // A destructor cannot throw; clear the error so the caller's next CUDA check does not report it.
+    if (switched_ && has_primary_context(previous_) && cudaSetDevice(previous_) != cudaSuccess) cudaGetLastError();
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+  bool switched_ = false;
+};
+
 // Enough blocks to fill the GPU a few times over; the kernels loop over the rest.
 int grid_size(int device, int64_t work_items) {
   int sms = 0;
@@ -125,7 +169,7 @@ void launch_rgb_to_lab(const uint8_t* rgb, int64_t n, int64_t hw, const LabPlane
 
 void rgb_to_lab_cuda(const uint8_t* rgb, int64_t n, int64_t h, int64_t w, const LabPlanes& out, int device,
                      uintptr_t stream_handle) {
-  check(cudaSetDevice(device), "cudaSetDevice");
+  const DeviceGuard guard(device);
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   switch (out.dtype) {
     case OutDType::kFloat32: return launch_rgb_to_lab<float>(rgb, n, h * w, out, device, stream);
@@ -136,7 +180,7 @@ void rgb_to_lab_cuda(const uint8_t* rgb, int64_t n, int64_t h, int64_t w, const 
 
 void lab_to_rgb_cuda(const float* lab, int64_t n, int64_t h, int64_t w, void* rgb, bool out_uint8, int device,
                      uintptr_t stream_handle) {
-  check(cudaSetDevice(device), "cudaSetDevice");
+  const DeviceGuard guard(device);
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   const int64_t hw = h * w;
   const int blocks = grid_size(device, n * hw);

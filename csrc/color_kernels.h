@@ -26,7 +26,8 @@ void rgb_to_lab_cpu(const uint8_t* rgb, int64_t n, int64_t h, int64_t w, const L
 void lab_to_rgb_cpu(const float* lab, int64_t n, int64_t h, int64_t w, void* rgb, bool out_uint8, int threads);
 
 #if defined(COLORIZE_DIST_WITH_CUDA)
-// Same contracts on device pointers; launched on `stream` (a cudaStream_t) of `device`.
+// Same contracts on device pointers; launched on `stream` (a cudaStream_t) of `device`, leaving the
+// calling thread's current device as it was.
 // Throw std::runtime_error with CUDA's message on failure.
 void rgb_to_lab_cuda(const uint8_t* rgb, int64_t n, int64_t h, int64_t w, const LabPlanes& out, int device,
                      uintptr_t stream);

@@ -25,11 +25,6 @@ constexpr float kLabSlope = 841.0f / 108.0f;         // 1 / (3 (6/29)^2)
 constexpr float kLabOffset = 4.0f / 29.0f;
 constexpr float kLabDeltaInv = 6.0f / 29.0f;
 
-// Normalisation of the model's input and target (as pix2pix's colorization mode): L/50 - 1, ab/110.
-constexpr float kLScale = 1.0f / 50.0f;
-constexpr float kLShift = -1.0f;
-constexpr float kAbScale = 1.0f / 110.0f;
-
 CD_HD float srgb_to_linear(float c) {
   return c <= 0.04045f ? c / 12.92f : powf((c + 0.055f) / 1.055f, 2.4f);
 }

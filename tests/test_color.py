@@ -1,8 +1,11 @@
 """colorize_dist.color: kernels against the PyTorch reference and skimage, on every uint8 colour."""
 
+import importlib.util
 import os
 import shutil
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -164,15 +167,78 @@ def test_missing_extension_says_how_to_rebuild(monkeypatch):
     color.rgb_to_lab(random_rgb(), impl="ref")  # the reference needs no extension
 
 
+@pytest.fixture(scope="module")
+def setup_py():
+    """The build script's helpers; its setup() call only runs when setuptools runs it as __main__."""
+    spec = importlib.util.spec_from_file_location("colorize_dist_setup", Path(__file__).parents[1] / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.skipif(
     shutil.which("nvcc") is None or os.environ.get("COLORIZE_DIST_CUDA") == "0",
     reason="nvcc not found: the CUDA kernels are not expected to be built",
 )
-def test_cuda_kernels_are_compiled_when_nvcc_is_present():
+def test_cuda_kernels_are_compiled_when_nvcc_is_present(setup_py):
     from colorize_dist import _C
 
     assert _C.cuda_compiled, "nvcc is on PATH but colorize_dist._C was built without its CUDA kernels"
     assert hasattr(_C, "rgb_to_lab_cuda") and hasattr(_C, "lab_to_rgb_cuda")
+    supported = setup_py.nvcc_gpu_codes(setup_py.find_cuda_home())
+    want = setup_py.select_cuda_archs(os.environ.get("COLORIZE_DIST_CUDA_ARCHS"), supported)
+    assert _C.cuda_archs == tuple(want)
+    if os.environ.get("COLORIZE_DIST_CUDA_ARCHS") is None:
+        assert 75 in _C.cuda_archs and (70 in _C.cuda_archs) == (70 in supported)  # T4; V100 where nvcc can
+
+
+def test_cuda_arch_list_parsing(setup_py):
+    assert setup_py.parse_cuda_archs("75;80;86;89;90") == [75, 80, 86, 89, 90]
+    assert setup_py.parse_cuda_archs(" 9.0, 7.5 8.0;8.0 ") == [75, 80, 90]
+    assert setup_py.parse_cuda_archs(setup_py.DEFAULT_CUDA_ARCHS)[:2] == [70, 75]  # V100, T4
+    for bad in ["", "sm_75", "7.5+PTX", "75;;abc"]:
+        with pytest.raises(SystemExit, match="COLORIZE_DIST_CUDA_ARCHS"):
+            setup_py.parse_cuda_archs(bad)
+
+
+def test_cuda_archs_are_cut_to_what_nvcc_supports(setup_py):
+    cuda13 = {75, 80, 86, 87, 88, 89, 90, 100, 103, 110, 120, 121}
+    cuda12 = cuda13 | {50, 52, 53, 60, 61, 62, 70, 72}
+    assert setup_py.select_cuda_archs(None, cuda13) == [75, 80, 86, 89, 90]  # the default, less sm_70
+    assert setup_py.select_cuda_archs(None, cuda12) == [70, 75, 80, 86, 89, 90]
+    assert setup_py.select_cuda_archs("90;80", cuda13) == [80, 90]
+    with pytest.raises(SystemExit, match=r"cannot build sm_70 .*CUDA 12"):  # asked for explicitly: fail, don't drop
+        setup_py.select_cuda_archs("70;80", cuda13)
+    with pytest.raises(SystemExit, match="supports none"):
+        setup_py.select_cuda_archs(None, {100, 120})
+    assert setup_py.cuda_arch_flags([75, 90]) == [
+        "-gencode=arch=compute_75,code=sm_75",
+        "-gencode=arch=compute_90,code=sm_90",
+        "-gencode=arch=compute_90,code=compute_90",  # PTX of the highest, for newer GPUs
+    ]
+
+
+@pytest.mark.parametrize(
+    ("capability", "runs"),
+    [((7, 5), True), ((8, 0), True), ((8, 7), True), ((9, 0), True), ((10, 0), True), ((12, 0), True),
+     ((7, 0), False), ((7, 2), False), ((6, 1), False)],
+)
+def test_unsupported_gpu_raises_naming_the_archs(monkeypatch, capability, runs):
+    import colorize_dist
+
+    # A build for the default archs under CUDA 13, on a GPU of `capability` (sm_87 runs sm_86 SASS, sm_100 the PTX).
+    monkeypatch.setattr(colorize_dist, "_C", SimpleNamespace(cuda_compiled=True, cuda_archs=(75, 80, 86, 89, 90)),
+                        raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Tesla V100-SXM2-16GB")
+    device = torch.device("cuda", 0)
+    if runs:
+        assert color._extension(device) is colorize_dist._C
+        return
+    cc = 10 * capability[0] + capability[1]
+    message = rf"sm_75, sm_80, sm_86, sm_89, sm_90 .*is sm_{cc}\. .*COLORIZE_DIST_CUDA_ARCHS={cc} .*CUDA 12\.x"
+    with pytest.raises(color.KernelUnavailableError, match=message):
+        color._extension(device)
 
 
 @cuda

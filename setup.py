@@ -19,7 +19,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 # V100, T4, A100, RTX 30xx/A10, RTX 40xx/L4/L40, H100/H200.
@@ -129,6 +129,10 @@ if __name__ == "__main__":  # setuptools runs this file as __main__; tests impor
     from pybind11.setup_helpers import Pybind11Extension
 
     setup(
+        # The presets in the checkout's configs/ ship inside the package, as colorize_dist/configs.
+        packages=[*find_packages(include=["colorize_dist", "colorize_dist.*"]), "colorize_dist.configs"],
+        package_dir={"colorize_dist.configs": "configs"},
+        package_data={"colorize_dist.configs": ["*.yaml", "*/*.yaml"]},
         ext_modules=[
             Pybind11Extension(
                 "colorize_dist._C",

@@ -29,6 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from colorize_dist.color import AB_SCALE, L_SCALE, L_SHIFT, lab_to_linear_rgb, lab_to_rgb, rgb_to_lab
+from colorize_dist.data.images import to_8bit
 from colorize_dist.eval.metrics import colorize_batch
 from colorize_dist.models.export import load_generator, resolve_checkpoint
 
@@ -107,9 +108,10 @@ def colorize_images(generator: nn.Module, resolution: int, images: list[np.ndarr
 
 
 def read_picture(path: Path) -> Picture:
-    """The image at `path` as 8-bit RGB (+ alpha if it has one), upright per its EXIF orientation."""
+    """The image at `path` as 8-bit RGB (+ alpha if it has one), upright per its EXIF orientation; 16-bit
+    images are scaled to 8 bits, not clipped (a 16-bit gray PNG used to come out pure white)."""
     with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
+        image = to_8bit(ImageOps.exif_transpose(image))
         if image.mode == "P":
             image = image.convert("RGBA" if "transparency" in image.info else "RGB")
         alpha = np.asarray(image.getchannel("A")) if "A" in image.getbands() else None

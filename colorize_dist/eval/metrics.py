@@ -1,4 +1,5 @@
-"""Validation metrics of a generator, computed across ranks: PSNR/SSIM in Lab and RGB, colourfulness, FID.
+"""Validation metrics of a generator, computed across ranks: PSNR/SSIM in Lab, ab and RGB, ΔE, LPIPS,
+colourfulness, and FID/KID/IS from one Inception pass.
 
 Definitions (every image is the ground truth's own L with the predicted colour, compared with the ground truth):
 
@@ -8,26 +9,38 @@ Definitions (every image is the ground truth's own L with the predicted colour, 
   covariances), averaged over channels and the pixels whose window fits in the image. Both are per image,
   then averaged over images: `skimage.metrics.peak_signal_noise_ratio(true, pred, data_range=2)` and
   `structural_similarity(true, pred, channel_axis=0, data_range=2, gaussian_weights=True, sigma=1.5,
-  use_sample_covariance=False)` give the same per-image values. L is exact, so it adds no error but
-  counts in the means, as in seed 001's PSNR_Lab / SSIM_Lab.
-- psnr_rgb, ssim_rgb: the same on sRGB in [0, 1] with data_range = 1.
+  use_sample_covariance=False)` give the same per-image values. L is copied from the input, so it adds no
+  error but counts in the means, as in seed 001's PSNR_Lab / SSIM_Lab: they look better than the colour is.
+- psnr_ab, ssim_ab: the same on the two ab channels only (data_range = 2 on ab/110, i.e. 220 in CIELAB
+  units): the colour alone.
+- delta_e: the CIEDE2000 colour difference ΔE00 (Sharma et al. 2005, k_L = k_C = k_H = 1) between predicted
+  and true CIELAB, mean over the pixels of an image, then over images; `skimage.color.deltaE_ciede2000`
+  gives the same per-pixel values. About 1 is just noticeable, above 10 a clearly different colour.
+- psnr_rgb, ssim_rgb: the same as Lab on sRGB in [0, 1] with data_range = 1.
+- lpips (only with LPIPS weights): LPIPS v0.1 with AlexNet (torchmetrics' implementation, see
+  `colorize_dist.eval.lpips`) between predicted and true sRGB, per image then averaged.
 - psnr_lab_gray: psnr_lab of the gray baseline (ab = 0), the score a model must beat.
 - colorfulness, colorfulness_real: Hasler–Süsstrunk's M on 0–255 RGB, mean over images of the prediction and
   of the ground truth; a prediction far below the real one is washed out.
-- fid (only with Inception weights): Fréchet distance between Inception features of the predictions and of
-  the ground truth (or cached reference statistics), both quantised to 8 bits as saved images would be.
+- fid, kid, kid_std, inception_score, inception_score_std (only with Inception weights): from one pass of
+  pytorch-fid's Inception over the predictions (and the ground truth, unless cached reference statistics are
+  reused), images quantised to 8 bits and resized with PIL's bicubic filter; see `colorize_dist.eval.fid`.
 
 An RGB-output generator (color_space "rgb") predicts its own lightness: its Lab is that of its 8-bit RGB.
 
 Each rank scores its own samples (padding copies, `valid == False`, are skipped) into float64 sums — per-image
-metric sums, and for FID the count, Σx and XᵀX — that are reduced with one all-reduce; rank 0 then computes
-the Fréchet distance once and broadcasts it. torchmetrics' functional PSNR/SSIM give the per-image values
-(in float64); we keep the sums rather than torchmetrics' stateful metrics so that all statistics travel in
-a single reduction and the result does not depend on how samples are split over ranks.
+metric sums, and for FID the count, Σx and XᵀX — that are reduced with one all-reduce. KID and IS need the
+Inception outputs themselves: they are gathered exactly (float32, as computed) in the global sample order,
+which the contiguous rank ranges make the same for any number of ranks. Rank 0 then computes FID, KID and IS
+once and broadcasts them. torchmetrics' functional PSNR/SSIM give the per-image values (in float64); we keep
+the sums rather than torchmetrics' stateful metrics so that the result does not depend on how samples are
+split over ranks.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from pathlib import Path
 
 import torch
@@ -39,24 +52,33 @@ from tqdm import tqdm
 from colorize_dist.color import AB_SCALE, L_SCALE, L_SHIFT, rgb_to_lab
 from colorize_dist.data.loader import ColorLoader
 from colorize_dist.eval import fid
+from colorize_dist.eval.lpips import load_lpips, lpips_scores
+from colorize_dist.eval.names import INCEPTION_METRICS, LPIPS_METRICS, PER_IMAGE_METRICS
 from colorize_dist.models.spaces import CHANNELS, to_rgb
 
 LAB_DATA_RANGE = 2.0  # every normalised Lab channel spans [−1, 1]
 RGB_DATA_RANGE = 1.0
 SSIM_SIGMA = 1.5
 SSIM_BORDER = int(3.5 * SSIM_SIGMA + 0.5)  # radius of the Gaussian window (truncated at 3.5σ, as skimage's)
-PER_IMAGE_METRICS = ("psnr_lab", "ssim_lab", "psnr_rgb", "ssim_rgb", "psnr_lab_gray", "colorfulness",
-                     "colorfulness_real")
 _SPACE_BY_CHANNELS = {channels: space for space, channels in CHANNELS.items()}
+_POOL, _LOGITS = fid.FEATURE_DIM, fid.FEATURE_DIM + fid.LOGITS_DIM  # column ends in the gathered Inception rows
+
+log = logging.getLogger(__name__)
+_WARNED_COUNTS: set[int] = set()
 
 
-def colorize_batch(generator: nn.Module, l: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The generator's colourisation of normalised L (N, 1, H, W): (normalised Lab (N, 3, H, W), RGB in [0, 1])."""
+def colorize_batch(generator: nn.Module, l: torch.Tensor,
+                   color_space: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The generator's colourisation of normalised L (N, 1, H, W): (normalised Lab (N, 3, H, W), RGB in [0, 1]).
+
+    The output's space follows from its channels (2: ab, 3: rgb); `color_space`, if given, must agree.
+    """
     output = generator(l).float()
     space = _SPACE_BY_CHANNELS.get(output.shape[1])
-    if space is None:
-        raise ValueError(f"generator output has {output.shape[1]} channels; expected one of "
-                         f"{', '.join(f'{c} ({s})' for s, c in CHANNELS.items())}")
+    if space is None or (color_space is not None and space != color_space):
+        expected = [color_space] if color_space is not None else list(CHANNELS)
+        raise ValueError(f"generator output has {output.shape[1]} channels; expected "
+                         f"{' or '.join(f'{CHANNELS[s]} ({s})' for s in expected)}")
     rgb = to_rgb(l, output, space).clamp(0.0, 1.0)
     if space == "ab":
         return torch.cat([l.float(), output], dim=1), rgb
@@ -67,6 +89,12 @@ def colorize_batch(generator: nn.Module, l: torch.Tensor) -> tuple[torch.Tensor,
 def normalise_lab(lab: torch.Tensor) -> torch.Tensor:
     """CIELAB (N, 3, H, W) → the model's normalisation, every channel in about [−1, 1]."""
     return torch.cat([lab[:, :1] * L_SCALE + L_SHIFT, lab[:, 1:] * AB_SCALE], dim=1)
+
+
+def denormalise_lab(lab: torch.Tensor) -> torch.Tensor:
+    """The model's normalised Lab (N, 3, H, W) → CIELAB (L in [0, 100], a and b in about [−110, 110]), float64."""
+    lab = lab.double()
+    return torch.cat([(lab[:, :1] - L_SHIFT) / L_SCALE, lab[:, 1:] / AB_SCALE], dim=1)
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float) -> torch.Tensor:
@@ -86,6 +114,45 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float) -> torch.T
     return ssim_map[..., SSIM_BORDER:-SSIM_BORDER, SSIM_BORDER:-SSIM_BORDER].mean(dim=(1, 2, 3))
 
 
+def ciede2000(lab1: torch.Tensor, lab2: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) float64 CIEDE2000 ΔE00 between CIELAB images (N, 3, H, W), k_L = k_C = k_H = 1.
+
+    Sharma, Wu & Dalal (2005), "The CIEDE2000 color-difference formula: implementation notes"; hues in
+    radians, a zero chroma giving hue 0 and no hue difference, as in their notes.
+    """
+    l1, a1, b1 = lab1.double().unbind(1)
+    l2, a2, b2 = lab2.double().unbind(1)
+    chroma_mean = 0.5 * (torch.hypot(a1, b1) + torch.hypot(a2, b2))
+    g = 0.5 * (1.0 - _chroma_weight(chroma_mean))
+    a1, a2 = (1.0 + g) * a1, (1.0 + g) * a2
+    c1, c2 = torch.hypot(a1, b1), torch.hypot(a2, b2)
+    h1, h2 = torch.atan2(b1, a1) % (2 * math.pi), torch.atan2(b2, a2) % (2 * math.pi)
+    achromatic = c1 * c2 == 0
+
+    dh = h2 - h1
+    dh = torch.where(dh > math.pi, dh - 2 * math.pi, torch.where(dh < -math.pi, dh + 2 * math.pi, dh))
+    dh = torch.where(achromatic, torch.zeros_like(dh), dh)
+    d_l, d_c, d_h = l2 - l1, c2 - c1, 2.0 * torch.sqrt(c1 * c2) * torch.sin(dh / 2)
+
+    l_mean, c_mean, h_sum = 0.5 * (l1 + l2), 0.5 * (c1 + c2), h1 + h2
+    h_mean = torch.where((h1 - h2).abs() <= math.pi, h_sum / 2,
+                         torch.where(h_sum < 2 * math.pi, (h_sum + 2 * math.pi) / 2, (h_sum - 2 * math.pi) / 2))
+    h_mean = torch.where(achromatic, h_sum, h_mean)
+    t = (1.0 - 0.17 * torch.cos(h_mean - math.radians(30)) + 0.24 * torch.cos(2 * h_mean)
+         + 0.32 * torch.cos(3 * h_mean + math.radians(6)) - 0.20 * torch.cos(4 * h_mean - math.radians(63)))
+    rotation = math.radians(30) * torch.exp(-(((torch.rad2deg(h_mean) - 275.0) / 25.0) ** 2))
+    r_t = -torch.sin(2 * rotation) * 2.0 * _chroma_weight(c_mean)
+    s_l = 1.0 + 0.015 * (l_mean - 50.0) ** 2 / torch.sqrt(20.0 + (l_mean - 50.0) ** 2)
+    s_c, s_h = 1.0 + 0.045 * c_mean, 1.0 + 0.015 * c_mean * t
+    return torch.sqrt((d_l / s_l) ** 2 + (d_c / s_c) ** 2 + (d_h / s_h) ** 2 + r_t * (d_c / s_c) * (d_h / s_h))
+
+
+def _chroma_weight(chroma: torch.Tensor) -> torch.Tensor:
+    """√(C⁷ / (C⁷ + 25⁷)), CIEDE2000's chroma weighting."""
+    c7 = chroma**7
+    return torch.sqrt(c7 / (c7 + 25.0**7))
+
+
 def colorfulness(rgb: torch.Tensor) -> torch.Tensor:
     """(N,) float64 Hasler–Süsstrunk colourfulness of RGB (N, 3, H, W) in [0, 1], on the paper's 0–255 scale.
 
@@ -103,35 +170,44 @@ def per_image_scores(l: torch.Tensor, ab: torch.Tensor, pred_lab: torch.Tensor, 
                      true_rgb: torch.Tensor) -> torch.Tensor:
     """(N, len(PER_IMAGE_METRICS)) float64: every per-image metric of a batch, in PER_IMAGE_METRICS order."""
     true_lab, gray_lab = torch.cat([l, ab], dim=1), torch.cat([l, torch.zeros_like(ab)], dim=1)
-    return torch.stack([
-        psnr(pred_lab, true_lab, LAB_DATA_RANGE),
-        ssim(pred_lab, true_lab, LAB_DATA_RANGE),
-        psnr(pred_rgb, true_rgb, RGB_DATA_RANGE),
-        ssim(pred_rgb, true_rgb, RGB_DATA_RANGE),
-        psnr(gray_lab, true_lab, LAB_DATA_RANGE),
-        colorfulness(pred_rgb),
-        colorfulness(true_rgb),
-    ], dim=1)
+    scores = {
+        "psnr_lab": psnr(pred_lab, true_lab, LAB_DATA_RANGE),
+        "ssim_lab": ssim(pred_lab, true_lab, LAB_DATA_RANGE),
+        "psnr_ab": psnr(pred_lab[:, 1:], true_lab[:, 1:], LAB_DATA_RANGE),
+        "ssim_ab": ssim(pred_lab[:, 1:], true_lab[:, 1:], LAB_DATA_RANGE),
+        "delta_e": ciede2000(denormalise_lab(pred_lab), denormalise_lab(true_lab)).mean(dim=(1, 2)),
+        "psnr_rgb": psnr(pred_rgb, true_rgb, RGB_DATA_RANGE),
+        "ssim_rgb": ssim(pred_rgb, true_rgb, RGB_DATA_RANGE),
+        "psnr_lab_gray": psnr(gray_lab, true_lab, LAB_DATA_RANGE),
+        "colorfulness": colorfulness(pred_rgb),
+        "colorfulness_real": colorfulness(true_rgb),
+    }
+    return torch.stack([scores[name] for name in PER_IMAGE_METRICS], dim=1)
 
 
 def compute_metrics(generator: nn.Module, loader: ColorLoader, *, device: torch.device | str,
                     fid_weights: str | Path | None = None, fid_reference: str | Path | None = None,
-                    progress: bool = False) -> dict[str, float]:
+                    lpips_weights: str | Path | None = None, progress: bool = False) -> dict[str, float]:
     """The module docstring's metrics over one pass of `loader` (epoch 0), the same dict on every rank.
 
     Every rank must call it when torch.distributed is initialised. `fid_weights`: pytorch-fid's Inception
-    file; None skips FID. `fid_reference`: an .npz of the ground truth's statistics, read if it exists,
-    else computed and written (rank 0). The generator is scored in eval mode and put back as it was.
+    file; None skips FID, KID and IS. `fid_reference`: an .npz of the ground truth's statistics and features,
+    read if it exists, else computed and written (rank 0). `lpips_weights`: torchvision's AlexNet file; None
+    skips LPIPS. The generator is scored in eval mode and put back as it was. Keys come in the order of
+    `colorize_dist.eval.names`.
     """
     device = torch.device(device)
     inception = fid.load_inception(fid_weights, device) if fid_weights is not None else None
+    lpips_net = load_lpips(lpips_weights, device) if lpips_weights is not None else None
     reuse_reference = inception is not None and fid_reference is not None and Path(fid_reference).is_file()
+    names = PER_IMAGE_METRICS + (LPIPS_METRICS if lpips_net is not None else ())
     sums = {"count": torch.zeros((), dtype=torch.float64, device=device),
-            "per_image": torch.zeros(len(PER_IMAGE_METRICS), dtype=torch.float64, device=device)}
+            "per_image": torch.zeros(len(names), dtype=torch.float64, device=device)}
     if inception is not None:
         sums.update({f"fake_{name}": value for name, value in fid.empty_sums(device).items()})
         if not reuse_reference:
             sums.update({f"real_{name}": value for name, value in fid.empty_sums(device).items()})
+    rows: list[torch.Tensor] = []  # per batch: fake pool features | fake logits [| real pool features]
 
     was_training = generator.training
     generator.eval()
@@ -145,46 +221,61 @@ def compute_metrics(generator: nn.Module, loader: ColorLoader, *, device: torch.
                     continue
                 pred_lab, pred_rgb = colorize_batch(generator, l)
                 true_rgb = to_rgb(l, ab, "ab")
+                scores = per_image_scores(l, ab, pred_lab, pred_rgb, true_rgb)
+                if lpips_net is not None:
+                    scores = torch.cat([scores, lpips_scores(lpips_net, pred_rgb, true_rgb)[:, None]], dim=1)
                 sums["count"] += len(l)
-                sums["per_image"] += per_image_scores(l, ab, pred_lab, pred_rgb, true_rgb).sum(dim=0)
+                sums["per_image"] += scores.sum(dim=0)
                 if inception is not None:
-                    _accumulate(sums, "fake", fid.inception_features(inception, pred_rgb))
+                    outputs = list(fid.inception_outputs(inception, pred_rgb))
+                    fid.accumulate(_stats(sums, "fake"), outputs[0])  # in place: the views share sums' tensors
                     if not reuse_reference:
-                        _accumulate(sums, "real", fid.inception_features(inception, true_rgb))
+                        outputs.append(fid.inception_outputs(inception, true_rgb)[0])
+                        fid.accumulate(_stats(sums, "real"), outputs[-1])
+                    rows.append(torch.cat(outputs, dim=1))
     finally:
         generator.train(was_training)
 
     sums = _all_reduce_sum(sums)
     count = sums["count"].item()
-    metrics = dict(zip(PER_IMAGE_METRICS, (sums["per_image"] / count).tolist(), strict=True))
+    metrics = dict(zip(names, (sums["per_image"] / count).tolist(), strict=True))
     if inception is not None:
-        metrics["fid"] = _fid(sums, fid_reference, reuse_reference, int(count), image_size)
+        width = _LOGITS + (0 if reuse_reference else fid.FEATURE_DIM)
+        gathered = _gather_rows(torch.cat(rows) if rows else torch.zeros(0, width, device=device))
+        metrics.update(_inception_metrics(sums, gathered, fid_weights, fid_reference, reuse_reference, int(count),
+                                          image_size))
     return metrics
-
-
-def _accumulate(sums: dict[str, torch.Tensor], prefix: str, features: torch.Tensor) -> None:
-    fid.accumulate(_stats(sums, prefix), features)  # in place: the views share sums' tensors
 
 
 def _stats(sums: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {name: sums[f"{prefix}_{name}"] for name in ("count", "sum", "gram")}
 
 
-def _fid(sums: dict[str, torch.Tensor], reference: str | Path | None, reuse_reference: bool, count: int,
-         image_size: tuple[int, int]) -> float:
-    """FID from the reduced sums: rank 0 computes the Fréchet distance, every rank gets the value (or error)."""
+def _inception_metrics(sums: dict[str, torch.Tensor], gathered: torch.Tensor, weights: str | Path,
+                       reference: str | Path | None, reuse_reference: bool, count: int,
+                       image_size: tuple[int, int]) -> dict[str, float]:
+    """FID, KID and IS from the reduced sums and gathered rows: rank 0 computes them (and reads or writes the
+    reference file), every rank gets the values, or the same error."""
     rank = dist.get_rank() if _distributed() else 0
-    if reuse_reference:
-        real = fid.load_reference(reference, count=count, image_size=image_size)  # every rank: same check
-    else:
-        real = fid.gaussian_from_sums(_stats(sums, "real"))
-        if reference is not None and rank == 0:
-            fid.save_reference(reference, *real, count=count, image_size=image_size)
-    outcome: list[float | str | None] = [None]
+    outcome: list[dict[str, float] | str | None] = [None]
     if rank == 0:
         try:
-            outcome = [fid.frechet_distance(fid.gaussian_from_sums(_stats(sums, "fake")), real)]
-        except ValueError as exc:
+            sha256 = fid.weights_info(weights)["weights_sha256"]
+            if reuse_reference:
+                *real, real_features = fid.load_reference(reference, count=count, image_size=image_size,
+                                                          weights_sha256=sha256)
+            else:
+                real, real_features = fid.gaussian_from_sums(_stats(sums, "real")), gathered[:, _LOGITS:]
+                if reference is not None:
+                    fid.save_reference(reference, *real, real_features, image_size=image_size, weights_sha256=sha256)
+            kid = fid.kernel_inception_distance(gathered[:, :_POOL], real_features.to(gathered.device))
+            score = fid.inception_score(gathered[:, _POOL:_LOGITS])
+            values = (fid.frechet_distance(fid.gaussian_from_sums(_stats(sums, "fake")), tuple(real)), *kid, *score)
+            outcome = [dict(zip(INCEPTION_METRICS, values, strict=True))]
+            if (warning := fid.sample_size_warning(count)) is not None and count not in _WARNED_COUNTS:
+                _WARNED_COUNTS.add(count)  # once per process and set size, not at every validation
+                log.warning(warning)
+        except (ValueError, OSError) as exc:
             outcome = [f"FID failed: {exc}"]
     if _distributed():
         dist.broadcast_object_list(outcome, src=0)  # also orders every rank after the reference file is written
@@ -208,3 +299,19 @@ def _all_reduce_sum(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         reduced[name] = flat[offset:offset + value.numel()].view_as(value)
         offset += value.numel()
     return reduced
+
+
+def _gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows (n_r, D), concatenated in rank order on every rank: exact, whatever the n_r."""
+    if not _distributed():
+        return rows
+    world_size = dist.get_world_size()
+    count = torch.tensor([len(rows)], dtype=torch.int64, device=rows.device)
+    counts = [torch.zeros_like(count) for _ in range(world_size)]
+    dist.all_gather(counts, count)
+    sizes = [int(c.item()) for c in counts]
+    padded = rows.new_zeros((max(sizes), rows.shape[1]))
+    padded[:len(rows)] = rows
+    parts = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])

@@ -8,7 +8,8 @@ Everything needed to rebuild the model travels inside the file, in the safetenso
     "resolution":       the training resolution (side of the square crops), as a decimal string
 
 A training run writes `RUN/export/generator_final.safetensors` and `RUN/export/generator_best.safetensors`
-(EMA weights); `resolve_checkpoint` maps a run directory to the best one (falling back to final).
+(EMA weights); `resolve_checkpoint` maps a run directory to the best one (falling back to final), and
+`init_from_export` starts another run's generator from it (`train.init_generator`).
 """
 
 from __future__ import annotations
@@ -87,3 +88,26 @@ def resolve_checkpoint(run_or_file: str | Path) -> Path:
             return candidate
     raise FileNotFoundError(f"run directory {path} has no exported generator ({' or '.join(EXPORT_NAMES)} "
                             f"in {path / EXPORT_DIR}); train until the first export, or pass a .safetensors file")
+
+
+def init_from_export(model: nn.Module, cfg: GeneratorConfig, run_or_file: str | Path) -> Path:
+    """Copy an exported generator's weights into `model`, a `build_generator(cfg)`; returns the file used.
+
+    For `train.init_generator`: e.g. a GAN run started from a U-Net trained without the discriminator (seed
+    002's best variant). `run_or_file` is a file or a run directory (its best export, else its final one).
+    The file's generator config must equal `cfg`; any problem is a ConfigError of one line.
+    """
+    setting = f"train.init_generator={run_or_file}"
+    try:
+        path = resolve_checkpoint(run_or_file)
+        loaded, loaded_cfg, _ = load_generator(path)
+    except (FileNotFoundError, GeneratorFileError) as exc:
+        raise ConfigError(f"{setting}: {first_line(exc)}") from None
+    if loaded_cfg != cfg:
+        differences = ", ".join(f"{field.name}={getattr(loaded_cfg, field.name)!r}"
+                                for field in dataclasses.fields(cfg)
+                                if getattr(loaded_cfg, field.name) != getattr(cfg, field.name))
+        raise ConfigError(f"{setting}: {path} is another architecture ({differences}); set model.generator "
+                          "to match it")
+    model.load_state_dict(loaded.state_dict())
+    return path

@@ -1,4 +1,4 @@
-"""`colorize-dist eval` end to end on CPU: table, metrics.json, sample grid, and the FID weights error."""
+"""`colorize-dist eval` end to end on CPU: table, metrics.json, sample grid, and one-line errors."""
 
 from __future__ import annotations
 
@@ -9,27 +9,60 @@ import pytest
 from PIL import Image
 
 from colorize_dist import cli
-from colorize_dist.eval import PER_IMAGE_METRICS
+from colorize_dist.eval import INCEPTION_METRICS, LPIPS_METRICS, PER_IMAGE_METRICS, fid
 from colorize_dist.eval.fid import FID_WEIGHTS_FILENAME
 
 
-def test_eval_writes_metrics_and_samples(val_shards: Path, generator_file: Path, capsys: pytest.CaptureFixture):
+def test_eval_writes_metrics_and_samples(val_shards: Path, generator_file: Path, lpips_weights: Path,
+                                         capsys: pytest.CaptureFixture):
     run_dir = generator_file.parents[1]
     assert cli.main(["eval", "--checkpoint", str(run_dir), "--shards", str(val_shards), "--batch-size", "4",
-                     "--backend", "reference"]) == 0
+                     "--backend", "reference", "--lpips-weights", str(lpips_weights)]) == 0
     report = json.loads((run_dir / "eval" / "metrics.json").read_text())
     assert report["images"] == 15 and report["checkpoint"] == str(generator_file)
-    assert list(report["metrics"]) == list(PER_IMAGE_METRICS)
-    assert "PSNR Lab (dB)" in capsys.readouterr().out
+    assert list(report["metrics"]) == [*PER_IMAGE_METRICS, *LPIPS_METRICS]
+    assert report["delta_e"].startswith("CIEDE2000") and report["lpips"]["weights"] == str(lpips_weights)
+    assert "inception" not in report
+    out = capsys.readouterr().out
+    for label in ("PSNR Lab (dB)", "PSNR ab (dB)", "SSIM ab", "ΔE CIEDE2000", "LPIPS (AlexNet)"):
+        assert label in out
     with Image.open(run_dir / "eval" / "samples.png") as grid:
         assert grid.size == (3 * 34 + 2, 4 * 34 + 2)  # 3 columns × 4 valid samples of the first batch, 2 px gaps
+
+
+@pytest.mark.slow  # Inception on CPU
+def test_eval_with_inception_records_how_fid_was_computed(val_shards: Path, generator_file: Path,
+                                                          fid_weights: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture):
+    assert cli.main(["eval", "--checkpoint", str(generator_file), "--shards", str(val_shards), "--batch-size", "8",
+                     "--backend", "reference", "--fid-weights", str(fid_weights), "--min-fid-images", "10",
+                     "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert list(report["metrics"]) == [*PER_IMAGE_METRICS, *INCEPTION_METRICS]
+    inception = report["inception"]
+    assert inception["images"] == 15 and inception["weights"] == str(fid_weights)
+    assert len(inception["weights_sha256"]) == 64 and inception["resize"] == fid.RESIZE_FILTER
+    assert inception["jpeg_compressed"] == {"predictions": False, "ground_truth": False}  # PNG shards
+    assert inception["kid"]["subset_size"] == 15 and inception["inception_score"]["splits"] == 10
+    assert "singular below 2,048 images" in inception["warning"]
+    out = capsys.readouterr().out
+    assert "KID ↓" in out and "Inception Score ↑" in out
+
+
+def test_too_few_images_for_fid_is_one_clear_line(val_shards: Path, generator_file: Path, fid_weights: Path,
+                                                  tmp_path: Path, capsys: pytest.CaptureFixture):
+    assert cli.main(["eval", "--checkpoint", str(generator_file), "--shards", str(val_shards),
+                     "--fid-weights", str(fid_weights), "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == ("eval: FID/KID/IS need at least 2,048 images (--min-fid-images), the val "
+                                       "split has 15; score a larger split or leave out --fid-weights\n")
+    assert not (tmp_path / "metrics.json").exists()
 
 
 def test_missing_fid_weights_is_one_clear_line(val_shards: Path, generator_file: Path, tmp_path: Path,
                                                capsys: pytest.CaptureFixture):
     missing = tmp_path / FID_WEIGHTS_FILENAME
     assert cli.main(["eval", "--checkpoint", str(generator_file), "--shards", str(val_shards),
-                     "--fid-weights", str(missing), "--out", str(tmp_path / "eval")]) == 2
+                     "--fid-weights", str(missing), "--min-fid-images", "2", "--out", str(tmp_path / "eval")]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith(f"eval: FID Inception weights not found at {missing}: download ")
     assert "\n" not in error

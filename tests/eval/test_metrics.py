@@ -1,4 +1,5 @@
-"""Metric definitions against skimage and pytorch-fid, and FID weights loading."""
+"""Metric definitions against their reference implementations (skimage, pytorch-fid, torch-fidelity, torchmetrics,
+PIL), and the loading of Inception and AlexNet weights."""
 
 from __future__ import annotations
 
@@ -7,13 +8,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from pytorch_fid.fid_score import calculate_frechet_distance
+from pytorch_fid.inception import InceptionV3
+from skimage.color import deltaE_ciede2000
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from torch_fidelity.metric_isc import isc_features_to_metric
+from torch_fidelity.metric_kid import kid_features_to_metric
+from torchmetrics.image import LearnedPerceptualImagePatchSimilarity
 
 from colorize_dist.data import DataConfig, build_loader, synth_image
-from colorize_dist.eval import fid
-from colorize_dist.eval.metrics import colorfulness, colorize_batch, compute_metrics, psnr, ssim
+from colorize_dist.eval import INCEPTION_METRICS, LPIPS_METRICS, PER_IMAGE_METRICS, fid
+from colorize_dist.eval.lpips import LPIPS_WEIGHTS_FILENAME, load_lpips, lpips_scores
+from colorize_dist.eval.metrics import (
+    ciede2000,
+    colorfulness,
+    colorize_batch,
+    compute_metrics,
+    denormalise_lab,
+    psnr,
+    ssim,
+)
 from colorize_dist.models.export import load_generator
+from colorize_dist.models.spaces import to_rgb
 from tests.eval.conftest import RESOLUTION
 
 
@@ -34,7 +51,25 @@ def test_psnr_ssim_match_skimage_per_image():
     np.testing.assert_allclose(ours, expected, rtol=1e-7)  # torchmetrics' PSNR uses a float32 log(10)
 
 
-def test_compute_metrics_lab_and_rgb_match_skimage(val_shards: Path, generator_file: Path):
+def test_ciede2000_matches_skimage_and_sharmas_table():
+    rng = np.random.default_rng(0)
+    lab1 = np.stack([rng.uniform(0, 100, (4, 16, 16)), *rng.uniform(-110, 110, (2, 4, 16, 16))], axis=1)
+    lab2 = lab1 + rng.normal(0.0, 8.0, lab1.shape)
+    lab1[:, 1:, 0], lab2[:, 1:, 1] = 0.0, 0.0  # achromatic pixels: hue 0, no hue difference
+    lab2[:, 1, 2], lab1[:, 1, 2], lab1[:, 2, 2] = -50.0, -50.0, 3.0  # hues either side of 180°
+    lab2[:, 2, 2] = -3.0
+    expected = deltaE_ciede2000(lab1.transpose(0, 2, 3, 1), lab2.transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(ciede2000(torch.from_numpy(lab1), torch.from_numpy(lab2)).numpy(), expected,
+                               rtol=1e-12, atol=1e-12)
+    # Sharma, Wu & Dalal (2005), table 1, pairs 1, 7, 17 and 25 (four decimals).
+    pairs = [((50, 2.6772, -79.7751), (50, 0, -82.7485), 2.0425), ((50, 0, 0), (50, -1, 2), 2.3669),
+             ((50, 2.5, 0), (73, 25, -18), 27.1492),
+             ((60.2574, -34.0099, 36.2677), (60.4626, -34.1751, 39.4387), 1.2644)]
+    first, second = (torch.tensor([pair[i] for pair in pairs], dtype=torch.float64)[..., None, None] for i in (0, 1))
+    np.testing.assert_allclose(ciede2000(first, second).flatten().numpy(), [pair[2] for pair in pairs], atol=5e-5)
+
+
+def test_compute_metrics_lab_ab_delta_e_and_rgb_match_skimage(val_shards: Path, generator_file: Path):
     """The dataset means equal skimage's scores averaged over the real (not padding) samples."""
     model, _, _ = load_generator(generator_file)
     cfg = DataConfig(shards=str(val_shards), resolution=RESOLUTION, backend="reference", num_threads=1)
@@ -46,18 +81,23 @@ def test_compute_metrics_lab_and_rgb_match_skimage(val_shards: Path, generator_f
         for batch in loader.epoch(0):
             pred_lab, pred_rgb = colorize_batch(model, batch.l)
             true_lab = torch.cat([batch.l, batch.ab], dim=1)
+            pred_cielab, true_cielab = denormalise_lab(pred_lab).numpy(), denormalise_lab(true_lab).numpy()
             true_rgb = np.stack([original_rgb(key) for key in batch.keys])
             for i in np.flatnonzero(batch.valid.numpy()):
-                expected.append([*skimage_scores(pred_lab[i].double().numpy(), true_lab[i].double().numpy(), 2.0),
+                pred, true = pred_lab[i].double().numpy(), true_lab[i].double().numpy()
+                delta_e = deltaE_ciede2000(pred_cielab[i], true_cielab[i], channel_axis=0).mean()
+                expected.append([*skimage_scores(pred, true, 2.0), *skimage_scores(pred[1:], true[1:], 2.0), delta_e,
                                  *skimage_scores(pred_rgb[i].double().numpy(), true_rgb[i], 1.0)])
     assert len(expected) == 7
     metrics = compute_metrics(model, loader, device="cpu")
-    ours = [metrics[name] for name in ("psnr_lab", "ssim_lab", "psnr_rgb", "ssim_rgb")]
-    np.testing.assert_allclose(ours[:2], np.mean(expected, axis=0)[:2], rtol=1e-6)
+    names = ("psnr_lab", "ssim_lab", "psnr_ab", "ssim_ab", "delta_e", "psnr_rgb", "ssim_rgb")
+    ours, reference = np.array([metrics[name] for name in names]), np.mean(expected, axis=0)
+    np.testing.assert_allclose(ours[:5], reference[:5], rtol=1e-6)
     # The ground-truth RGB goes through Lab and back in float32: equal to the decoded PNG to ~1e-5.
-    np.testing.assert_allclose(ours[2:], np.mean(expected, axis=0)[2:], rtol=1e-4)
-    assert metrics["psnr_lab_gray"] > 0 and metrics["colorfulness_real"] > 0
-    assert "fid" not in metrics
+    np.testing.assert_allclose(ours[5:], reference[5:], rtol=1e-4)
+    assert metrics["psnr_ab"] < metrics["psnr_lab"]  # the copied L no longer flatters the colour
+    assert metrics["psnr_lab_gray"] > 0 and metrics["colorfulness_real"] > 0 and metrics["delta_e"] > 0
+    assert "fid" not in metrics and "lpips" not in metrics
 
 
 def original_rgb(key: str) -> np.ndarray:
@@ -108,6 +148,114 @@ def test_inception_loads_from_hub_cache_and_gives_2048_features(fid_weights: Pat
     monkeypatch.setenv("TORCH_HOME", str(fid_weights.parents[2]))
     inception = fid.load_inception()
     state = torch.load(fid_weights, weights_only=True)
-    torch.testing.assert_close(inception.blocks[0][0].conv.weight, state["Conv2d_1a_3x3.conv.weight"])
+    torch.testing.assert_close(inception.net.Conv2d_1a_3x3.conv.weight, state["Conv2d_1a_3x3.conv.weight"])
     features = fid.inception_features(inception, torch.rand(2, 3, 32, 32))
     assert features.shape == (2, fid.FEATURE_DIM) and features.dtype == torch.float64
+
+
+def test_kid_matches_torch_fidelity():
+    rng = np.random.default_rng(0)
+    fake = torch.from_numpy(rng.gamma(2.0, 0.3, size=(1100, 64)))
+    real = torch.from_numpy(rng.gamma(2.1, 0.3, size=(1050, 64)))
+    expected = kid_features_to_metric(fake, real, kid_subsets=5, kid_subset_size=1000, rng_seed=2020, verbose=False)
+    ours = fid.kernel_inception_distance(fake, real, subsets=5)
+    np.testing.assert_allclose(ours, [expected["kernel_inception_distance_mean"],
+                                      expected["kernel_inception_distance_std"]], rtol=1e-9)
+    # Below 1000 images every subset is the whole set (torch-fidelity refuses; we take min(1000, n)).
+    small = fid.kernel_inception_distance(fake[:40], real[:30], subsets=3)
+    expected = kid_features_to_metric(fake[:40], real[:30], kid_subsets=3, kid_subset_size=30, verbose=False)
+    assert small[0] == pytest.approx(expected["kernel_inception_distance_mean"], rel=1e-9)
+
+
+def test_inception_score_matches_torch_fidelity():
+    logits = torch.from_numpy(np.random.default_rng(0).normal(0.0, 3.0, size=(503, fid.LOGITS_DIM)))
+    expected = isc_features_to_metric(logits, splits=10, shuffle=True, rng_seed=2020)
+    np.testing.assert_allclose(fid.inception_score(logits), [expected["inception_score_mean"],
+                                                             expected["inception_score_std"]], rtol=1e-12)
+
+
+@pytest.mark.parametrize("side", [32, 512])  # up and down (antialiased) to 299
+def test_inception_resize_is_pil_bicubic(side: int):
+    """clean-fid's filter: PIL's bicubic resize of each channel as a float image, clamped to [0, 255]."""
+    image = np.random.default_rng(side).integers(0, 256, size=(side, side, 3), dtype=np.uint8)
+    expected = np.stack([np.asarray(Image.fromarray(image[..., c].astype(np.float32)).resize((299, 299),
+                                                                                             Image.BICUBIC))
+                         for c in range(3)]).clip(0, 255)
+    ours = fid.resize_for_inception(torch.from_numpy(image).permute(2, 0, 1)[None] / 255.0)[0].double() * 255.0
+    np.testing.assert_allclose(ours.numpy(), expected, atol=1e-3)  # float32 output; PIL computes in float32
+
+
+def test_inception_equals_pytorch_fids_loaded_through_its_own_code(fid_weights: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch):
+    """Our one pass gives pytorch-fid's 2048-d features and, from the same pool, the logits pool · Wᵀ."""
+    monkeypatch.setenv("TORCH_HOME", str(fid_weights.parents[2]))
+    reference = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[fid.FEATURE_DIM]], resize_input=False).eval()
+    images = torch.rand(2, 3, 299, 299, generator=torch.Generator().manual_seed(0))
+    pool, logits = fid.load_inception()(images)
+    with torch.no_grad():
+        expected = reference(images)[0].flatten(1)
+    torch.testing.assert_close(pool, expected, rtol=1e-5, atol=1e-6)
+    state = torch.load(fid_weights, weights_only=True)
+    torch.testing.assert_close(logits, expected @ state["fc.weight"].T, rtol=1e-5, atol=1e-5)
+    assert logits.shape == (2, fid.LOGITS_DIM)
+
+
+def test_lpips_matches_torchmetrics_loaded_through_torchvision(lpips_weights: Path,
+                                                               monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("TORCH_HOME", str(lpips_weights.parents[2]))
+    generator = torch.Generator().manual_seed(0)
+    true = torch.rand(3, 3, 48, 40, generator=generator)
+    pred = (true + 0.1 * torch.randn(true.shape, generator=generator)).clamp(0, 1)
+    reference = LearnedPerceptualImagePatchSimilarity(net_type="alex", reduction="none", normalize=True)
+    reference.update(pred, true)
+    ours = lpips_scores(load_lpips(), pred, true)
+    assert ours.dtype == torch.float64 and ours.shape == (3,)
+    torch.testing.assert_close(ours, reference.compute().double(), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="at least 31×31 pixels, got 16×16"):
+        lpips_scores(load_lpips(), pred[..., :16, :16], true[..., :16, :16])
+
+
+def test_missing_lpips_weights_name_the_file_and_where_to_put_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    expected = tmp_path / "hub" / "checkpoints" / LPIPS_WEIGHTS_FILENAME
+    with pytest.raises(FileNotFoundError, match=f"not found at {expected}.*download .*{LPIPS_WEIGHTS_FILENAME}"):
+        load_lpips()
+
+
+@pytest.mark.slow  # Inception on CPU and two 2048² matrix square roots: about 40 s
+def test_one_pass_fid_kid_is_and_lpips_match_references(val_shards: Path, generator_file: Path, fid_weights: Path,
+                                                        lpips_weights: Path, monkeypatch: pytest.MonkeyPatch):
+    """compute_metrics' set-level values equal pytorch-fid's, torch-fidelity's and torchmetrics' on the same images."""
+    model, _, _ = load_generator(generator_file)
+    cfg = DataConfig(shards=str(val_shards), resolution=RESOLUTION, backend="reference", num_threads=1)
+    loader = build_loader(cfg, "val", batch_size=4)
+    metrics = compute_metrics(model, loader, device="cpu", fid_weights=fid_weights, lpips_weights=lpips_weights)
+
+    # The same batches as compute_metrics: float32 inference differs with the batch's composition (~1e-6).
+    inception, preds, truths, outputs = fid.load_inception(fid_weights), [], [], []
+    with torch.no_grad():
+        for batch in loader.epoch(0):
+            keep = batch.valid
+            preds.append(colorize_batch(model, batch.l[keep])[1])
+            truths.append(to_rgb(batch.l[keep], batch.ab[keep], "ab"))
+            outputs.append([*fid.inception_outputs(inception, preds[-1]),
+                            fid.inception_outputs(inception, truths[-1])[0]])
+    pred, true = torch.cat(preds), torch.cat(truths)
+    fake, logits, real = (torch.cat(column).double() for column in zip(*outputs, strict=True))
+    assert len(pred) == 15
+    expected_fid = calculate_frechet_distance(fake.mean(0).numpy(), np.cov(fake.numpy(), rowvar=False),
+                                              real.mean(0).numpy(), np.cov(real.numpy(), rowvar=False))
+    kid = kid_features_to_metric(fake, real, kid_subsets=100, kid_subset_size=15, verbose=False)
+    score = isc_features_to_metric(logits, splits=10)
+    monkeypatch.setenv("TORCH_HOME", str(lpips_weights.parents[2]))
+    lpips = LearnedPerceptualImagePatchSimilarity(net_type="alex", reduction="mean", normalize=True)
+    lpips.update(pred, true)
+
+    assert metrics["fid"] == pytest.approx(expected_fid, rel=1e-6)
+    assert metrics["kid"] == pytest.approx(kid["kernel_inception_distance_mean"], rel=1e-9)
+    assert metrics["kid_std"] == pytest.approx(kid["kernel_inception_distance_std"], abs=1e-12)  # 15 images: ~0
+    assert metrics["inception_score"] == pytest.approx(score["inception_score_mean"], rel=1e-9)
+    assert metrics["inception_score_std"] == pytest.approx(score["inception_score_std"], rel=1e-9)
+    assert metrics["fid"] > 1 and metrics["kid"] > 0 and metrics["inception_score"] > 1
+    assert metrics["lpips"] == pytest.approx(lpips.compute().item(), rel=1e-6)
+    assert list(metrics) == [*PER_IMAGE_METRICS, *LPIPS_METRICS, *INCEPTION_METRICS]

@@ -1,0 +1,92 @@
+"""Running a point here: the trainer in its own process (`python -m colorize_dist.train`, or torchrun for several
+processes on this machine), so that a failing point cannot take the study down. Its output goes to RUN/study.log
+and its exit status and last error line to RUN/study.json."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+
+from colorize_dist.config import ConfigError, save_config
+from colorize_dist.study.plan import Point
+from colorize_dist.study.status import LOG, last_error_line, write_record
+from colorize_dist.training.stop import EXIT_RESUMABLE
+from colorize_dist.training.summary import SUMMARY, read_summary
+
+CONFIG_NAME = "config.yaml"
+STOP_TIMEOUT_S = 120  # after Ctrl-C: how long the trainer may take to checkpoint before it is killed
+
+
+def check_local(point: Point) -> None:
+    if point.launch.nodes > 1:
+        raise ConfigError(f"point {point.name!r} asks for {point.launch.nodes} nodes: run the study on Slurm "
+                          "(--partition …) or give it launch.nodes=1")
+
+
+def trainer_command(point: Point) -> list[str]:
+    trainer = ["-m", "colorize_dist.train", "--config", str(point.run_dir / CONFIG_NAME),
+               "--run-dir", str(point.run_dir), "--resume", "auto"]
+    if point.num_processes == 1:
+        return [sys.executable, "-u", *trainer]
+    return [sys.executable, "-u", "-m", "torch.distributed.run", "--standalone",
+            "--nproc_per_node", str(point.num_processes), *trainer]
+
+
+def trainer_env(point: Point) -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if point.launch.gpus_per_node == 0 and point.num_processes > 1:
+        env["ACCELERATE_USE_CPU"] = "1"  # several CPU processes: Accelerate's MULTI_CPU mode (gloo)
+    return env
+
+
+def run_point(point: Point) -> tuple[int, str | None]:
+    """Train the point to its end (resuming from its last checkpoint, if any): (exit status, last error line).
+
+    Ctrl-C asks the trainer to checkpoint and stop (SIGTERM), then re-raises: running the study again resumes it.
+    """
+    point.run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(point.cfg, point.run_dir / CONFIG_NAME)
+    command = trainer_command(point)
+    write_record(point, launcher="local", command=shlex.join(command), returncode=None)
+    log_path = point.run_dir / LOG
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"==> {datetime.now(timezone.utc).isoformat(timespec='seconds')} {shlex.join(command)}\n")
+        log.flush()
+        start, started = log.tell(), time.time()
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=trainer_env(point),
+                                   start_new_session=True)  # its own group: Ctrl-C here is ours to pass on
+        try:
+            status = process.wait()
+        except KeyboardInterrupt:
+            _stop(process)
+            write_record(point, launcher="local", command=shlex.join(command), returncode=None,
+                         error="interrupted (Ctrl-C)")  # incomplete: the next run resumes it
+            raise
+    summary = read_summary(point.run_dir)
+    if status not in (0, EXIT_RESUMABLE) and summary is not None and not summary["finished"] and \
+            (point.run_dir / SUMMARY).stat().st_mtime >= started:
+        status = EXIT_RESUMABLE  # torchrun reports its ranks' 75 as 1; the run's summary says it stopped to resume
+    error = None
+    if status not in (0, EXIT_RESUMABLE):
+        with open(log_path, encoding="utf-8", errors="replace") as log:
+            log.seek(start)
+            error = last_error_line(log.read()) or f"the trainer exited with status {status}"
+    write_record(point, launcher="local", command=shlex.join(command), returncode=status, error=error)
+    return status, error
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the trainer's process group (it saves a checkpoint at its next step); SIGKILL if it lingers."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=STOP_TIMEOUT_S)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,183 @@
+"""Run every point of a study, each in its own run dir (OUT/points/<point>), then write its report.
+
+    colorize-dist study run smoke --local                       # here, one point after another
+    colorize-dist study run seed000_table1 data.shards=/data/celeba-hq --partition gpu --time 24:00:00
+    colorize-dist study run node_ladder data.shards=/data/ffhq --partition gpu --wait
+    colorize-dist study run resolution_ladder data.shards=/data/ffhq --dry-run   # the points, nothing run
+
+KEY=VALUE overrides are training keys for every point (data.shards=…) or study keys (budget.steps=…,
+launch.gpus_per_node=…). Every point is checked before anything runs. Running a study again
+skips its finished points and resumes the others from their last checkpoint (points whose Slurm job is still
+queued or running are left alone). --local runs each point as a child process (torchrun for several processes);
+one failing point is recorded with its error and the study goes on. On Slurm, one submitit job array per set of
+resources; every point checkpoints and requeues itself at time limits. The report (`colorize-dist study report`)
+is written at the end of a local run and after --wait. Exit status: 0 every point done (or submitted); 1 some
+point failed or Slurm refused the jobs; 2 bad study; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import shlex
+import sys
+import time
+
+from colorize_dist.config import ConfigError
+from colorize_dist.data.make import ShardOptions
+from colorize_dist.data.shards import MANIFEST
+from colorize_dist.data.synth import write_synthetic_shards
+from colorize_dist.launch.submit import time_limit_minutes
+from colorize_dist.study.command import add_study_arguments, load_plan
+from colorize_dist.study.plan import Plan
+from colorize_dist.study.status import DONE, read_record, write_study_args
+from colorize_dist.study.status import is_done as point_is_done
+
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+SLURM_OPTIONS = {  # --option: its type; each sets launch.<option>
+    "partition": str, "gpus_per_node": int, "tasks_per_node": int, "cpus_per_task": int, "mem": str,
+    "account": str, "qos": str, "constraint": str, "signal_delay": int, "max_timeouts": int,
+    "array_parallelism": int,
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_study_arguments(parser)
+    parser.add_argument("--local", action="store_true", help="run the points here, one after another")
+    parser.add_argument("--dry-run", action="store_true", help="print the points and their run dirs; run nothing")
+    parser.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    group = parser.add_argument_group("Slurm (without --local; defaults from the study's launch: section)")
+    group.add_argument("--time", type=time_limit_minutes, dest="slurm_time_min", metavar="[D-]HH:MM:SS",
+                       help="time limit of each allocation (launch.time_min); points requeue themselves")
+    for name, kind in SLURM_OPTIONS.items():
+        group.add_argument(f"--{name.replace('_', '-')}", type=kind, dest=f"slurm_{name}", metavar=name.upper(),
+                           help=f"launch.{name} of every point that does not set its own")
+    group.add_argument("--exclusive", action="store_true", dest="slurm_exclusive", help="whole nodes only")
+    group.add_argument("--wait", action="store_true", help="wait for the jobs to end, then write the report")
+    group.add_argument("--poll", type=float, default=10.0, metavar="SECONDS", help="squeue interval for --wait")
+
+
+def main(args: argparse.Namespace) -> int:
+    launch = [f"launch.{name}={json.dumps(getattr(args, f'slurm_{name}'))}" for name in [*SLURM_OPTIONS, "time_min"]
+              if getattr(args, f"slurm_{name}") is not None]
+    launch += ["launch.exclusive=true"] if args.slurm_exclusive else []
+    try:
+        plan, overrides = load_plan(args.study, [*args.overrides, *launch], args.out)
+        if args.local:
+            from colorize_dist.study.local import check_local
+
+            for point in plan.points:
+                check_local(point)
+        elif not args.dry_run and not all(point.launch.partition for point in plan.points):
+            raise ConfigError("give --local to run here, or --partition (or launch.partition in the study) for "
+                              "Slurm")
+    except (ConfigError, ValueError) as exc:
+        print(f"study run: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.dry_run:
+        print_plan(plan)
+        return 0
+    plan.out.mkdir(parents=True, exist_ok=True)
+    write_study_args(plan.out, plan.path, overrides)
+    make_synthetic(plan)
+    try:
+        status = run_local(plan) if args.local else run_slurm(plan, args.wait, args.poll)
+    except KeyboardInterrupt:
+        print("study run: interrupted; run the same command again to go on", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if status is None:  # submitted, not waited for
+        return 0
+    if not args.no_report:
+        from colorize_dist.study.report import REPORT, summary_line, write_report
+
+        results = write_report(plan)
+        print(f"study run: {summary_line(results)}; report {plan.out / REPORT}")
+        status = 0 if all(result.state.status == DONE for result in results) else EXIT_FAILED
+    return status
+
+
+def print_plan(plan: Plan) -> None:
+    print(f"study {plan.study.name}: {len(plan.points)} points in {plan.out}/points"
+          + (f"; synthetic data {plan.synthetic}" if plan.synthetic else ""))
+    for point in plan.points:
+        cfg = point.cfg
+        length = f"{cfg.train.max_steps} steps" if cfg.train.max_steps else f"{cfg.train.epochs} epochs"
+        print(f"  {point.name}: {point.run_dir.name}, {cfg.data.resolution}², batch {cfg.train.batch_size}, "
+              f"{length}, {point.num_processes} process(es) on {point.launch.nodes} node(s)"
+              + (" (done)" if point_is_done(point) else ""))
+
+
+def make_synthetic(plan: Plan) -> None:
+    """The study's shared synthetic shards, made once (as the trainer makes its own: PNG, 10% validation)."""
+    if plan.synthetic is None or (plan.synthetic / MANIFEST).is_file():
+        return
+    print(f"study run: writing {plan.synthetic_images} synthetic images of {plan.synthetic_resolution}² to "
+          f"{plan.synthetic}", flush=True)
+    options = ShardOptions(image_format="png", shard_size=500, val_fraction=0.1, workers=1, force=True)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        write_synthetic_shards(plan.synthetic, plan.synthetic_images, plan.synthetic_resolution, options=options)
+
+
+def run_local(plan: Plan) -> int:
+    from colorize_dist.study.local import run_point
+
+    failures = 0
+    for index, point in enumerate(plan.points, 1):
+        prefix = f"[{index}/{len(plan.points)}] {point.name}"
+        if point_is_done(point):
+            print(f"{prefix}: done, skipped", flush=True)
+            continue
+        print(f"{prefix}: training in {point.run_dir} (log: {point.run_dir / 'study.log'})", flush=True)
+        started = time.monotonic()
+        status, error = run_point(point)
+        took = f"{time.monotonic() - started:.0f} s"
+        if error is not None:
+            failures += 1
+            print(f"{prefix}: FAILED after {took} (exit status {status}): {error}", flush=True)
+        else:
+            print(f"{prefix}: {'done' if status == 0 else 'stopped early'} after {took}", flush=True)
+    return EXIT_FAILED if failures else 0
+
+
+def run_slurm(plan: Plan, wait: bool, poll_s: float) -> int | None:
+    """Submit what is not done nor queued; with `wait`, until every job has ended (then 0), else None."""
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
+    from colorize_dist.study.cluster import SLURM_FOLDER, active_jobs, submit_points, wait_for
+
+    active = active_jobs() or set()
+    waiting, to_submit = [], []
+    for point in plan.points:
+        job_id = (read_record(point.run_dir) or {}).get("job_id")
+        if point_is_done(point):
+            print(f"{point.name}: done, skipped")
+        elif job_id in active:
+            print(f"{point.name}: Slurm job {job_id} still queued or running, left alone")
+            waiting.append(job_id)
+        else:
+            to_submit.append(point)
+    folder = (plan.out / SLURM_FOLDER).absolute()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's error itself before raising
+            submitted = submit_points(to_submit, folder, job_name=f"study-{plan.study.name}") if to_submit else {}
+    except (FailedJobError, FailedSubmissionError) as exc:
+        message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"study run: Slurm refused the jobs: {message}", file=sys.stderr)
+        return EXIT_FAILED
+    except RuntimeError as exc:  # submitit's "Could not detect srun": no Slurm here
+        print(f"study run: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    for name, job_id in submitted.items():
+        print(f"{name}: submitted as Slurm job {job_id}")
+    if submitted:
+        print(f"logs: {folder}/<job id>_<task>_log.{{out,err}}   cancel: scancel "
+              f"{' '.join(sorted({job_id.split('_')[0] for job_id in submitted.values()}))}")
+    if not wait:
+        command = shlex.join(["colorize-dist", "study", "report", str(plan.path), "--out", str(plan.out)])
+        print(f"when the jobs have ended: {command}")
+        return None
+    wait_for([*waiting, *submitted.values()], poll_s,
+             on_change=lambda active: print(f"study run: {len(active)} job(s) queued or running", flush=True))
+    return 0

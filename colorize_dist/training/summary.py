@@ -1,0 +1,85 @@
+"""RUN/summary.json: what a finished (or stopped) run reports about itself, for studies and scripts.
+
+Written atomically by rank 0 at the end of `train()`, after every rank has contributed its peak memory (one
+all-reduce), so all ranks must call `write_summary`. Throughput over time is in the TensorBoard logs
+(`images_per_s`, `data_wait` per logging interval); this file holds what the logs do not:
+
+    {"finished": true, "step": 300, "total_steps": 300, "images_seen": 4800, "batch_size": 16,
+     "best_metric": "psnr_lab", "best": 23.1, "metrics": {"psnr_lab": 23.0, ...},   # the last validation
+     "peak_memory_mib": 812.5, "memory": "peak RSS", "device": "cpu", "num_processes": 1,
+     "mixed_precision": "no", "wall_s": 41.2, "written": "2026-11-21T19:20:03+00:00"}
+
+`memory` says what `peak_memory_mib` measures: on GPUs torch's `max_memory_allocated` (tensors only, what a
+batch size must fit in), on CPUs the peak resident set size of the process; the largest over ranks either way.
+`wall_s` is the training loop's time in this start of the run (a resumed run counts from its resume).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+
+from colorize_dist.files import atomic_write
+from colorize_dist.training.checkpoint import Progress
+from colorize_dist.training.config import Config
+
+SUMMARY = "summary.json"
+
+
+def peak_memory(device: torch.device) -> tuple[float, str]:
+    """(MiB, what was measured) of this process: CUDA tensors at their peak, else the peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max_memory_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10), "peak RSS"
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def write_summary(accelerator: Accelerator, cfg: Config, run_dir: Path, progress: Progress,
+                  metrics: dict[str, float], *, total_steps: int, finished: bool, started: float) -> None:
+    """RUN/summary.json (see the module docstring); call on every rank. `started`: time.perf_counter() at start."""
+    memory_mib, memory_kind = peak_memory(accelerator.device)
+    peak = torch.tensor(memory_mib, dtype=torch.float64, device=accelerator.device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    if not accelerator.is_main_process:
+        return
+    summary: dict[str, Any] = {
+        "finished": finished,
+        "step": progress.step,
+        "total_steps": total_steps,
+        "images_seen": progress.step * cfg.train.batch_size,
+        "batch_size": cfg.train.batch_size,
+        "best_metric": cfg.train.best_metric,
+        "best": progress.best,
+        "metrics": {name: float(value) for name, value in metrics.items()},
+        "peak_memory_mib": round(float(peak), 1),
+        "memory": memory_kind,
+        "device": device_name(accelerator.device),
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": str(accelerator.mixed_precision),
+        "wall_s": round(time.perf_counter() - started, 2),
+        "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    atomic_write(run_dir / SUMMARY, json.dumps(summary, indent=1) + "\n")
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """RUN/summary.json, or None when the run has not written one (not finished, or older than summaries)."""
+    path = Path(run_dir) / SUMMARY
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None

@@ -17,6 +17,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,6 +29,7 @@ from colorize_dist.bench.timing import format_table
 from colorize_dist.config import ConfigError
 from colorize_dist.models.info import discriminator_cost, generator_cost
 from colorize_dist.training.config import Config, load_training_config
+from colorize_dist.training.summary import read_summary
 
 # Name → overrides of the training config.
 VARIANTS: dict[str, list[str]] = {
@@ -44,6 +47,7 @@ PEAK_FLOPS: dict[str, tuple[float, float]] = {
     "L40S": (362e12, 91.6e12),
 }
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
+DEFAULT_CONFIG = TRAIN_SCRIPT.parents[1] / "configs" / "tiny.yaml"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,33 +62,70 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.steps <= args.warmup + 1 or args.warmup < 1:
         raise SystemExit("bench train: need 1 <= --warmup < --steps - 1")
-    config_args = ["--config", str(args.config)] if args.config else []
     try:
-        cfg = load_training_config(args.config or TRAIN_SCRIPT.parents[1] / "configs" / "tiny.yaml", args.overrides)
+        cfg = load_training_config(args.config or DEFAULT_CONFIG, args.overrides)
     except ConfigError as exc:
         raise SystemExit(f"bench train: {exc}") from None
-    log_every = max(1, (args.steps - args.warmup) // 10)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-train-") as scratch:
         shards = cfg.data.shards or make_synthetic_shards(Path(scratch) / "shards", cfg)
         for index, name in enumerate(args.variants):
-            run_dir = Path(scratch) / f"run-{index}"
-            overrides = [*args.overrides, f"data.shards={shards}", *VARIANTS[name], f"train.max_steps={args.steps}",
-                         "train.pretrain_steps=0", f"train.log_every={log_every}", "train.trackers=[tensorboard]",
-                         *(f"train.{key}={10**9}" for key in ("validate_every", "sample_every", "checkpoint_every"))]
             print(f"bench train: {name} ...", file=sys.stderr, flush=True)
-            process = subprocess.run([sys.executable, str(TRAIN_SCRIPT), "--run-dir", str(run_dir), "--resume",
-                                      "none", *config_args, *overrides], capture_output=True, text=True)
-            if process.returncode != 0:
-                raise SystemExit(f"bench train: the {name} run failed:\n{process.stderr[-3000:]}")
-            images_per_s, data_wait = logged_rates(run_dir, args.warmup)
-            rows.append([name, images_per_s / cfg.train.batch_size, images_per_s, data_wait,
-                         mfu(cfg, images_per_s, "fp32" not in name)])
+            try:
+                result = run_variant(name, Path(scratch) / f"run-{index}", config=args.config, shards=shards,
+                                     overrides=args.overrides, steps=args.steps, warmup=args.warmup)
+            except VariantError as exc:
+                raise SystemExit(f"bench train: {exc}") from None
+            rows.append([name, result.steps_per_s, result.images_per_s, result.data_wait,
+                         mfu(cfg, result.images_per_s, "fp32" not in name)])
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"batch {cfg.train.batch_size}, {cfg.data.resolution}², {args.steps} steps ({args.warmup} warm-up), "
           f"one process on {device}")
     print(format_table(["variant", "steps/s", "images/s", "data wait", "MFU"], rows))
     return 0
+
+
+class VariantError(RuntimeError):
+    """A variant's training run failed or ran out of time; the message holds the end of its stderr."""
+
+
+@dataclass(frozen=True)
+class VariantResult:
+    name: str
+    batch_size: int
+    steps_per_s: float  # medians of the loop's logged intervals after the warm-up steps
+    images_per_s: float
+    data_wait: float  # share of the time spent waiting for the loader
+    peak_memory_mib: float | None  # the run's summary.json (CUDA: max_memory_allocated), None if not written
+    memory: str | None  # what peak_memory_mib measures
+
+
+def run_variant(name: str, run_dir: Path, *, config: str | Path | None = None, shards: str | Path,
+                overrides: Sequence[str] = (), steps: int = 40, warmup: int = 10,
+                timeout: float | None = None) -> VariantResult:
+    """One training run of `config` (a preset name or YAML file; default the tiny preset) with the variant's
+    settings (a VARIANTS key) on `shards`, in its own process; rates from its TensorBoard log.
+
+    Raises VariantError when the run fails or takes longer than `timeout` seconds.
+    """
+    log_every = max(1, (steps - warmup) // 10)
+    run_overrides = [*overrides, f"data.shards={shards}", *VARIANTS[name], f"train.max_steps={steps}",
+                     "train.pretrain_steps=0", f"train.log_every={log_every}", "train.trackers=[tensorboard]",
+                     *(f"train.{key}={10**9}" for key in ("validate_every", "sample_every", "checkpoint_every"))]
+    config_args = ["--config", str(config)] if config is not None else []
+    try:
+        process = subprocess.run([sys.executable, str(TRAIN_SCRIPT), "--run-dir", str(run_dir), "--resume", "none",
+                                  *config_args, *run_overrides], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise VariantError(f"the {name} run took longer than {timeout:.0f} s") from None
+    if process.returncode != 0:
+        raise VariantError(f"the {name} run failed (exit status {process.returncode}):\n{process.stderr[-3000:]}")
+    images_per_s, data_wait = logged_rates(run_dir, warmup)
+    cfg = load_training_config(run_dir / "config.yaml")
+    summary = read_summary(run_dir) or {}
+    return VariantResult(name=name, batch_size=cfg.train.batch_size, steps_per_s=images_per_s / cfg.train.batch_size,
+                         images_per_s=images_per_s, data_wait=data_wait,
+                         peak_memory_mib=summary.get("peak_memory_mib"), memory=summary.get("memory"))
 
 
 def make_synthetic_shards(out: Path, cfg: Config) -> Path:
@@ -102,18 +143,23 @@ def logged_rates(run_dir: Path, warmup: int) -> tuple[float, float]:
     return statistics.median(e.value for e in rates), statistics.median(e.value for e in waits)
 
 
-def mfu(cfg: Config, images_per_s: float, half_precision: bool) -> str:
-    """Model FLOPs utilisation, or "n/a" off a GPU we know the peak of.
+def model_flops_per_image(cfg: Config) -> float:
+    """Model FLOPs of one training step per image.
 
-    Per image and step: G forward + backward (3 × G), D on real and fake with backward (6 × D), and D again on
-    the prediction for G's adversarial term, back-propagated to its input (about 3 × D).
+    G forward + backward (3 × G), D on real and fake with backward (6 × D), and D again on the prediction for G's
+    adversarial term, back-propagated to its input (about 3 × D).
     """
-    peaks = next((peak for name, peak in PEAK_FLOPS.items()
-                  if torch.cuda.is_available() and name in torch.cuda.get_device_name()), None)
-    if peaks is None:
-        return "n/a"
     resolution = cfg.data.resolution
     flops = 3 * generator_cost(cfg.model.generator, resolution).flops
     if cfg.adversarial:
         flops += 9 * discriminator_cost(cfg.model.discriminator, cfg.model.generator.out_channels, resolution).flops
-    return f"{flops * images_per_s / peaks[0 if half_precision else 1]:.1%}"
+    return float(flops)
+
+
+def mfu(cfg: Config, images_per_s: float, half_precision: bool) -> str:
+    """Model FLOPs utilisation against the GPU's data-sheet peak, or "n/a" off a GPU we know the peak of."""
+    peaks = next((peak for name, peak in PEAK_FLOPS.items()
+                  if torch.cuda.is_available() and name in torch.cuda.get_device_name()), None)
+    if peaks is None:
+        return "n/a"
+    return f"{model_flops_per_image(cfg) * images_per_s / peaks[0 if half_precision else 1]:.1%}"

@@ -13,12 +13,15 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "color"): ("colorize_dist.bench.color", "RGB→Lab throughput: our kernels vs skimage, kornia, OpenCV"),
     ("bench", "data"): ("colorize_dist.bench.data", "images/s of the DALI pipeline vs the reference loader"),
     ("bench", "train"): ("colorize_dist.bench.train", "training throughput: fp32 vs bf16 vs channels_last vs compile"),
+    ("bench", "gpu"): ("colorize_dist.bench.gpu", "every GPU check and figure, as BENCHMARKS.md tables"),
     ("shards", "make"): ("colorize_dist.data.make", "make WebDataset shards from a folder, .zip or .tar of images"),
     ("shards", "synth"): ("colorize_dist.data.synth", "write the built-in synthetic dataset as a shard set"),
     ("shards", "verify"): ("colorize_dist.data.verify", "check every shard, image, count and index of a shard set"),
     ("shards", "index"): ("colorize_dist.data.index", "index shards written by other tools so the loaders read them"),
     ("model-info",): ("colorize_dist.models.info", "parameters, FLOPs and activation memory of G and D"),
     ("submit",): ("colorize_dist.launch.submit", "submit training to Slurm (checkpoint and requeue at time limits)"),
+    ("study", "run"): ("colorize_dist.study.run", "run a scaling study's points, here or as Slurm job arrays"),
+    ("study", "report"): ("colorize_dist.study.report", "a study's results.csv, report.md and plots"),
     ("train",): ("colorize_dist.training.command", "train the colorization GAN (one process; see accelerate launch)"),
     ("eval",): ("colorize_dist.eval.evaluate", "evaluate an exported generator on a shard set"),
     ("colorize",): ("colorize_dist.eval.colorize", "colorize images of any size with an exported generator"),
@@ -48,7 +51,11 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+        args.overrides = [*args.overrides, *extra]  # key=value overrides may also come between or after options
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not hasattr(args, "run"):
         parser.print_help()
         return 2

@@ -10,6 +10,7 @@ one-line errors that name the file or key at fault, so a typo never starts a mul
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -75,9 +76,21 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"config error: {first_line(exc)}") from None
+    check_finite(config)
     if hasattr(config, "validate"):
         config.validate()
     return config
+
+
+def check_finite(config: Any, prefix: str = "") -> None:
+    """NaN and ±inf pass YAML and OmegaConf as floats (`optim.lr=inf`) and would poison a run; refuse them."""
+    for item in dataclasses.fields(config):
+        value, name = getattr(config, item.name), f"{prefix}{item.name}"
+        if dataclasses.is_dataclass(value):
+            check_finite(value, f"{name}.")
+        for number in value if isinstance(value, list) else [value]:
+            if isinstance(number, float) and not math.isfinite(number):
+                raise ConfigError(f"{name}={value} must be a finite number")
 
 
 def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:

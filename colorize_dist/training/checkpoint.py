@@ -10,6 +10,7 @@ leaves a half-written "latest", and `latest_valid` skips a corrupted one with a 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -21,7 +22,8 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from colorize_dist.files import first_line
+from colorize_dist.files import atomic_write, first_line
+from colorize_dist.training.stop import any_rank
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +37,9 @@ STEP_NAME = re.compile(r"step-(\d{7,})")
 class Progress:
     """The loop's counters, saved in every checkpoint (registered with `accelerator.register_for_checkpointing`)."""
 
-    step: int = 0  # optimizer steps taken
+    step: int = 0  # optimizer steps taken: steps whose generator update was applied
     batches: int = 0  # micro-batches consumed per rank: the data loader's position
-    nonfinite: int = 0  # micro-batches skipped for a NaN/inf loss, in total
+    nonfinite: int = 0  # steps in which an update was skipped for NaN/inf (or an fp16 overflow), in total
     nonfinite_in_a_row: int = 0
     best: float | None = None  # best validation value of train.best_metric so far
 
@@ -53,26 +55,78 @@ def step_name(step: int) -> str:
     return f"step-{step:07d}"
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk); the message names the folder, the space and what survived."""
+
+
 def save_checkpoint(accelerator: Accelerator, folder: Path, **info: Any) -> None:
-    """Save the full training state to `folder` atomically; call on every rank. `info` goes to the manifest."""
+    """Save the full training state to `folder` atomically; call on every rank. `info` goes to the manifest.
+
+    A failed write (a full disk ends torch's zip writer with "unexpected pos") leaves no folder behind and raises
+    on every rank alike, so no rank waits for the others forever.
+    """
     temporary = folder.with_name(f".tmp-{folder.name}")
     if accelerator.is_main_process:
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        files = {path.relative_to(temporary).as_posix(): {"size": path.stat().st_size, "sha256": _sha256(path)}
-                 for path in sorted(temporary.rglob("*")) if path.is_file()}
-        (temporary / MANIFEST).write_text(json.dumps({**info, "files": files}, indent=1))
-        _replace(temporary, folder)
-    accelerator.wait_for_everyone()
+    error = None
+    try:
+        accelerator.save_state(str(temporary))
+    except (OSError, RuntimeError) as exc:
+        error = exc
+    (failed,) = any_rank(error is not None, device=accelerator.device)
+    if not failed and accelerator.is_main_process:
+        try:
+            files = {path.relative_to(temporary).as_posix(): {"size": path.stat().st_size, "sha256": _sha256(path)}
+                     for path in sorted(temporary.rglob("*")) if path.is_file()}
+            atomic_write(temporary / MANIFEST, json.dumps({**info, "files": files}, indent=1))
+            _replace(temporary, folder)
+        except OSError as exc:
+            error = exc
+    (failed,) = any_rank(error is not None, device=accelerator.device)
+    if failed:
+        problem = _write_problem(folder, error)  # before cleaning up: the partial folder shows a full disk
+        if accelerator.is_main_process:
+            shutil.rmtree(temporary, ignore_errors=True)
+        if problem is None and error is not None:
+            raise error
+        raise CheckpointWriteError(problem or f"saving checkpoint {folder} failed on another rank; see its log")
+
+
+def _write_problem(folder: Path, error: BaseException | None) -> str | None:
+    """The one-line message when the disk is full; None for other failures."""
+    root = folder.parent
+    previous = latest_valid(root, verify_hashes=False)
+    needed = sum(path.stat().st_size for path in previous.rglob("*")) if previous else 64 * 2**20
+    free = shutil.disk_usage(root).free
+    if error is None or not ((isinstance(error, OSError) and error.errno == errno.ENOSPC) or free < needed):
+        return None
+    kept = f"{previous} is intact" if previous else "no earlier checkpoint exists"
+    return (f"no space left on {root} to save checkpoint {folder.name} ({_size(free)} free, about {_size(needed)} "
+            f"needed); free space or move the run dir, then rerun to resume; {kept}")
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if count < 1024:
+            return f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} GiB"
 
 
 def prune(root: Path, keep: int) -> list[Path]:
-    """Delete all but the `keep` newest step checkpoints (and leftovers of interrupted saves); rank 0 only."""
-    removed = [*sorted(root.glob(".tmp-*")), *step_checkpoints(root)[:-keep]]
+    """Keep the `keep` newest complete step checkpoints: delete older ones and leftovers of interrupted saves.
+
+    Broken folders newer than those are left alone (a resumed run replaces them when it reaches their step), so a
+    restart after a crash never deletes the checkpoints it just wrote. Sizes are checked, not hashes: pruning
+    must not cost more than the save. Rank 0 only.
+    """
+    folders = step_checkpoints(root)
+    kept = [folder for folder in folders if check(folder, verify_hashes=False) is None][-keep:]
+    removed = sorted(root.glob(".tmp-*"))
+    if kept:
+        removed += [folder for folder in folders if folder not in kept and _step(folder) < _step(kept[0])]
     for folder in removed:
         shutil.rmtree(folder)
     return removed
@@ -81,21 +135,26 @@ def prune(root: Path, keep: int) -> list[Path]:
 def step_checkpoints(root: Path) -> list[Path]:
     """`step-*` folders under `root`, oldest first (valid or not)."""
     folders = [path for path in root.glob("step-*") if path.is_dir() and STEP_NAME.fullmatch(path.name)]
-    return sorted(folders, key=lambda path: int(STEP_NAME.fullmatch(path.name).group(1)))
+    return sorted(folders, key=_step)
 
 
-def latest_valid(root: Path) -> Path | None:
+def _step(folder: Path) -> int:
+    return int(STEP_NAME.fullmatch(folder.name).group(1))
+
+
+def latest_valid(root: Path, verify_hashes: bool = True) -> Path | None:
     """The newest step checkpoint whose files match its manifest; warns about each newer one skipped."""
     for folder in reversed(step_checkpoints(root)):
-        problem = check(folder)
+        problem = check(folder, verify_hashes)
         if problem is None:
             return folder
         log.warning("skipping checkpoint %s: %s", folder, problem)
     return None
 
 
-def check(folder: Path) -> str | None:
-    """None if `folder` is a complete checkpoint, else what is wrong with it."""
+def check(folder: Path, verify_hashes: bool = True) -> str | None:
+    """None if `folder` is a complete checkpoint (every file of its manifest there, with its size and, unless
+    told not to, its checksum), else what is wrong with it."""
     try:
         manifest = read_manifest(folder)
     except FileNotFoundError:
@@ -106,7 +165,7 @@ def check(folder: Path) -> str | None:
         path = folder / name
         if not path.is_file():
             return f"{name} is missing"
-        if path.stat().st_size != expected["size"] or _sha256(path) != expected["sha256"]:
+        if path.stat().st_size != expected["size"] or (verify_hashes and _sha256(path) != expected["sha256"]):
             return f"{name} does not match its checksum (corrupted or partly written)"
     return None
 

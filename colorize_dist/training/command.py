@@ -15,9 +15,13 @@ else train.run_dir, else runs/<config name>) holds config.yaml (the resolved con
 (TensorBoard) and export/generator_{final,best}.safetensors (EMA weights). --resume auto (the default)
 continues from the newest valid checkpoint of the run directory, if any.
 
-Exit status: 0 finished; 75 stopped early by SIGTERM/SIGUSR1 or `training.stop.request_stop()` after a
-checkpoint (resumable with --resume auto); 1 stopped after train.max_nonfinite_steps NaN/inf losses in a row;
-2 bad configuration or missing inputs.
+Exit status: 0 finished; 75 stopped early by SIGTERM/SIGUSR1 or `training.stop.request_stop()` after a checkpoint
+(resumable with --resume auto; `accelerate launch` and torchrun report it as 1, and RUN/summary.json's "finished":
+false is how a wrapper tells); 1 stopped after train.max_nonfinite_steps steps in a row skipped for a NaN/inf loss
+or gradient, or weights gone NaN/inf (never checkpointed); 2 bad configuration, missing or broken inputs, a run
+directory in use by another run, or a full disk (the last good checkpoint stays); 3 other ranks stopped answering
+(a node died, froze or lost its network; train.collective_timeout_s bounds the wait): one line per surviving node
+names them, and rerunning every node resumes from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from colorize_dist.training.stop import EXIT_RESUMABLE
 
 EXIT_DIVERGED = 1
 EXIT_USAGE = 2
+EXIT_PEER_LOST = 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,17 +52,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Parsed arguments → exit status; errors a user can fix are one line on stderr, not a traceback."""
     from colorize_dist.data.shards import ManifestError
+    from colorize_dist.training.checkpoint import CHECKPOINTS, CheckpointWriteError, latest_valid
     from colorize_dist.training.loop import NonFiniteLossError, train
+    from colorize_dist.training.peers import PeerLostError
 
     try:
         cfg = load_training_config(args.config, args.overrides)
-        result = train(cfg, args.run_dir or default_run_dir(cfg, args.config), args.resume)
-    except (ConfigError, FileNotFoundError, ManifestError) as exc:
+        run_dir = args.run_dir or default_run_dir(cfg, args.config)
+        result = train(cfg, run_dir, args.resume)
+    except (ConfigError, FileNotFoundError, ManifestError, CheckpointWriteError) as exc:
         print(f"train: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except NonFiniteLossError as exc:
         print(f"train: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
+    except PeerLostError as exc:
+        if exc.report:
+            last = latest_valid(run_dir / CHECKPOINTS, verify_hashes=False)
+            print(f"train: {exc}; rerun every node to resume from {last or 'the start (no checkpoint yet)'}",
+                  file=sys.stderr, flush=True)
+        return EXIT_PEER_LOST
     return 0 if result.finished else EXIT_RESUMABLE
 
 
@@ -66,4 +80,4 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # key=value overrides before, between or after the options

@@ -1,0 +1,188 @@
+"""Faults a careful user hits, each ending in one clear line, the documented exit status and no lost work:
+poisoned weights, broken checkpoint folders, a full disk, inputs checked before the first step, two runs on one
+run directory."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from colorize_dist.training import checkpoint, command, loop
+from colorize_dist.training.checkpoint import Progress
+from colorize_dist.training.config import load_training_config
+from tests.training.helpers import tiny_overrides, train_once, train_process
+
+BOUND_S = 120  # every faulty run below must be over well within this
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """stderr's lines from the trainer itself (libraries may warn above them); exactly one is expected."""
+    lines = [line for line in result.stderr.splitlines() if line.startswith("train: ")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def timed_run(run_dir: Path, overrides: list[str], *extra: str) -> tuple[subprocess.CompletedProcess, float]:
+    started = time.perf_counter()
+    result = train_once(run_dir, overrides, *extra, timeout=BOUND_S)
+    return result, time.perf_counter() - started
+
+
+# ---------------------------------------------------------------- checkpoint folders (no training needed)
+
+def fake_checkpoint(root: Path, step: int, manifest: dict | None = None) -> Path:
+    """A step folder with one file and, unless told otherwise, a correct manifest."""
+    folder = root / checkpoint.step_name(step)
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(bytes(range(step % 200)) * 3)
+    if manifest is None:
+        data = (folder / "model.safetensors").read_bytes()
+        manifest = {"step": step, "files": {"model.safetensors": {"size": len(data),
+                                                                  "sha256": hashlib.sha256(data).hexdigest()}}}
+    (folder / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    return folder
+
+
+@pytest.mark.parametrize("manifest", [{"step": 20}, {"step": 20, "files": {}}, [1, 2],
+                                      {"step": "20", "files": {"a": {"size": 1, "sha256": "x"}}},
+                                      {"step": 20, "files": {"a": {"size": "1"}}}])
+def test_a_manifest_of_the_wrong_shape_is_skipped_with_a_warning(tmp_path: Path, manifest, caplog) -> None:
+    good = fake_checkpoint(tmp_path, 10)
+    fake_checkpoint(tmp_path, 20, manifest)
+    assert "not a checkpoint manifest" in checkpoint.check(tmp_path / "step-0000020")
+    assert checkpoint.latest_valid(tmp_path) == good
+    assert "skipping checkpoint" in caplog.text and "step-0000020" in caplog.text
+
+
+def test_pruning_keeps_the_newest_valid_checkpoints_whatever_newer_broken_ones_exist(tmp_path: Path) -> None:
+    for step in (10, 20, 30):
+        fake_checkpoint(tmp_path, step)
+    for step in (40, 50):  # the newest two are broken (a crash, a bad disk)
+        (fake_checkpoint(tmp_path, step) / "model.safetensors").write_bytes(b"truncated")
+    (tmp_path / ".tmp-step-0000060").mkdir()  # an interrupted save
+    removed = checkpoint.prune(tmp_path, keep=2)
+    assert sorted(path.name for path in removed) == [".tmp-step-0000060", "step-0000010"]
+    assert [path.name for path in checkpoint.step_checkpoints(tmp_path)] == [
+        "step-0000020", "step-0000030", "step-0000040", "step-0000050"]
+    assert checkpoint.prune(tmp_path, keep=2) == []  # the valid ones written after a restart are never deleted
+    assert checkpoint.latest_valid(tmp_path).name == "step-0000030"
+
+
+# ---------------------------------------------------------------- checked before the first step
+
+@pytest.mark.parametrize("override", ["optim.lr=inf", "optim.lr=nan", "loss.alpha=-inf", "optim.betas=[0.5,nan]"])
+def test_non_finite_numbers_in_the_config_are_refused(override: str, tmp_path: Path, capsys) -> None:
+    assert command.main(command.parse(["--run-dir", str(tmp_path), override])) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("train: ") and "must be a finite number" in error and error.count("\n") == 1
+    assert not (tmp_path / "config.yaml").exists()
+
+
+@pytest.mark.slow
+def test_inputs_that_would_fail_late_are_refused_before_the_first_step(shards: Path, tmp_path: Path) -> None:
+    cases = {
+        "train.fid_weights": (f"{tmp_path}/nowhere/inception.pth", "FID Inception weights not found at"),
+        "train.batch_size": (4096, "train.batch_size=4096 is larger than the training split"),
+    }
+    for key, (value, message) in cases.items():
+        run_dir = tmp_path / key
+        result, seconds = timed_run(run_dir, tiny_overrides(shards, **{key: value}))
+        assert result.returncode == 2 and message in error_line(result) and seconds < BOUND_S
+        assert not (run_dir / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_resuming_with_another_model_shape_is_one_line(shards: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert train_once(run_dir, tiny_overrides(shards, **{"train.max_steps": 5})).returncode == 0
+    result, _ = timed_run(run_dir, tiny_overrides(shards, **{"train.max_steps": 10, "model.generator.ndims": 8}))
+    assert result.returncode == 2
+    line = error_line(result)
+    assert "step-0000005 does not fit this config" in line and "--resume none or another --run-dir" in line
+    assert checkpoint.check(run_dir / "checkpoints" / "step-0000005") is None
+
+
+# ---------------------------------------------------------------- during the run
+
+def test_weights_gone_non_finite_are_never_checkpointed(tmp_path: Path) -> None:
+    """The guard itself (optim.lr=inf, the way a user got there, is refused by the config now)."""
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(torch.nn.Linear(2, 2))
+    cfg = load_training_config("tiny")
+    root = tmp_path / "checkpoints"
+    loop.save_step_checkpoint(accelerator, cfg, root, Progress(step=5), model)
+    with torch.no_grad():
+        model.weight[0, 1] = math.inf
+    with pytest.raises(loop.NonFiniteLossError, match=re.escape(
+            f"the weights became NaN/inf by step 10 and were not checkpointed; the last good checkpoint is "
+            f"{root / 'step-0000005'}")):
+        loop.save_step_checkpoint(accelerator, cfg, root, Progress(step=10), model)
+    assert [path.name for path in root.iterdir()] == ["step-0000005"]
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_run_dir_is_refused(shards: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(shards, **{"train.max_steps": 100000, "train.checkpoint_every": 10000,
+                                          "train.validate_every": 10000, "train.sample_every": 10000})
+    first = train_process(run_dir, overrides)
+    try:
+        deadline = time.monotonic() + BOUND_S
+        while not (run_dir / "config.yaml").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        config_before = (run_dir / "config.yaml").read_text()
+        second, seconds = timed_run(run_dir, tiny_overrides(shards, **{"train.max_steps": 3}))
+        assert second.returncode == 2 and seconds < BOUND_S
+        line = error_line(second)
+        assert f"run dir {run_dir} is in use by another training run (pid {first.pid} on " in line
+        assert (run_dir / "config.yaml").read_text() == config_before  # the running job's files are untouched
+        assert first.poll() is None
+    finally:
+        first.kill()
+        first.communicate()
+    after_kill, _ = timed_run(run_dir, tiny_overrides(shards, **{"train.max_steps": 3}), "--resume", "none")
+    assert after_kill.returncode == 0, after_kill.stderr  # a killed run leaves no stale lock
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(shards: Path, tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        run_dir = disk / "run"
+        overrides = tiny_overrides(shards, **{"train.max_steps": 100000, "train.checkpoint_every": 20,
+                                              "train.validate_every": 100000, "train.sample_every": 100000,
+                                              "train.log_every": 100000, "train.keep_checkpoints": 5})
+        process = train_process(run_dir, overrides)
+        first = run_dir / "checkpoints" / "step-0000020"
+        deadline = time.monotonic() + BOUND_S
+        while checkpoint.check(first) is not None and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.1)
+        size = sum(path.stat().st_size for path in first.rglob("*"))
+        free = shutil.disk_usage(disk).free
+        with (disk / "filler").open("wb") as filler:  # leave room for half a checkpoint
+            filler.write(bytes(free - size // 2))
+        started = time.perf_counter()
+        _, stderr = process.communicate(timeout=BOUND_S)
+        assert time.perf_counter() - started < BOUND_S
+        result = subprocess.CompletedProcess(process.args, process.returncode, "", stderr)
+        assert result.returncode == 2
+        line = error_line(result)
+        assert f"no space left on {run_dir / 'checkpoints'} to save checkpoint step-0000040" in line
+        assert f"{first} is intact" in line
+        assert checkpoint.check(first) is None
+        assert [path.name for path in (run_dir / "checkpoints").iterdir()] == ["step-0000020"]  # nothing partial
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

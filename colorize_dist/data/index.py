@@ -1,7 +1,13 @@
 """Index WebDataset shards written by other tools (webdataset.ShardWriter, GNU tar) so the loaders read them.
 
 Expects DIR/train/*.tar and optionally DIR/val/*.tar; writes a DALI index beside each tar and
-DIR/manifest.json with the image count of each shard. Images are used at whatever size they are stored.
+DIR/manifest.json with each shard's sample count, size, SHA-256 and per-image CRC-32 (from the bytes as
+they are now: index only shards you trust). Images are used at whatever size they are stored; the loaders
+shuffle within a window of data.shuffle_buffer samples, so shards should be pre-shuffled.
+
+--repair rewrites missing or stale `.idx` files of a set that has a manifest, only for shards whose bytes
+still match it, and changes nothing else. --force replaces the manifest, keeping what it said about the
+set's origin (source, resolution, format).
 """
 
 from __future__ import annotations
@@ -14,19 +20,41 @@ from typing import Any
 
 from tqdm import tqdm
 
-from colorize_dist.data.shards import MANIFEST, SPLITS, Shard, ShardError, count_images, write_index, write_manifest
-from colorize_dist.files import first_line
+from colorize_dist.data.shards import (
+    MANIFEST,
+    SPLITS,
+    ManifestError,
+    MissingShardsError,
+    ShardError,
+    dali_index,
+    manifest_shards,
+    read_manifest,
+    shard_record,
+    write_index,
+    write_manifest,
+)
+from colorize_dist.files import atomic_write, first_line
+
+KEPT_INFO = ("source", "resolution", "image_format", "val_fraction", "split_rule", "sample_order", "jpeg_quality",
+             "skipped")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", type=Path, help="directory holding train/*.tar and val/*.tar")
-    parser.add_argument("--force", action="store_true", help=f"replace an existing {MANIFEST}")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--force", action="store_true", help=f"replace an existing {MANIFEST}")
+    action.add_argument("--repair", action="store_true",
+                        help=f"rewrite missing or stale .idx files of the shards {MANIFEST} lists (bytes checked)")
 
 
 def main(args: argparse.Namespace) -> int:
     try:
+        if args.repair:
+            repaired = repair_indexes(args.directory)
+            print(f"rewrote {len(repaired)} index file(s)" + "".join(f"\n  {path}" for path in repaired))
+            return 0
         manifest = index_shards(args.directory, force=args.force)
-    except ShardError as exc:
+    except (ShardError, ManifestError, MissingShardsError) as exc:
         print(f"shards index: {first_line(exc)}", file=sys.stderr)
         return 2
     for split, summary in manifest["splits"].items():
@@ -36,8 +64,15 @@ def main(args: argparse.Namespace) -> int:
 
 def index_shards(directory: Path, *, force: bool = False) -> dict[str, Any]:
     """Write a DALI index beside every tar of `directory`/{train,val} and the manifest; returns the manifest."""
-    if (directory / MANIFEST).exists() and not force:
-        raise ShardError(f"{directory / MANIFEST} exists; pass --force to replace it")
+    previous: dict[str, Any] = {}
+    if (directory / MANIFEST).exists():
+        if not force:
+            raise ShardError(f"{directory / MANIFEST} exists; pass --force to replace it, or --repair to rewrite "
+                             "missing or stale .idx files")
+        try:
+            previous = read_manifest(directory)
+        except (ManifestError, MissingShardsError):
+            previous = {}
     tars = {split: sorted((directory / split).glob("*.tar")) for split in SPLITS}
     if not tars["train"]:
         raise ShardError(f"no tar shards in {directory / 'train'}")
@@ -46,8 +81,37 @@ def index_shards(directory: Path, *, force: bool = False) -> dict[str, Any]:
         shards[split] = []
         for path in tqdm(paths, desc=f"index {split}", unit="shard"):
             try:
-                shards[split].append(Shard(path, count_images(write_index(path))))
+                shards[split].append(shard_record(path, write_index(path)))
             except (tarfile.TarError, OSError) as exc:
                 raise ShardError(f"{path} is not a readable tar ({exc})") from None
-    return write_manifest(directory, shards, source="indexed by `colorize-dist shards index`",
-                          resolution=None, image_format="as stored", split_rule="train/ and val/ folders")
+    info = {key: previous[key] for key in KEPT_INFO if key in previous}
+    info = info or {"source": "indexed by `colorize-dist shards index`", "resolution": None,
+                    "image_format": "as stored", "split_rule": "train/ and val/ folders"}
+    return write_manifest(directory, shards, **info)
+
+
+def repair_indexes(directory: Path) -> list[Path]:
+    """Rewrite the `.idx` of each listed shard whose index is missing or stale and whose bytes match the manifest
+    (size, and SHA-256 where recorded); returns the files rewritten. Raises ShardError for a shard that changed."""
+    manifest = read_manifest(directory)
+    repaired = []
+    for split in manifest["splits"]:
+        for shard in manifest_shards(directory, manifest, split):
+            if not shard.path.is_file():
+                raise ShardError(f"shard {shard.path} is missing; restore it or remake the set")
+            if shard.size is not None and shard.path.stat().st_size != shard.size:
+                raise ShardError(f"shard {shard.path} is not the size {MANIFEST} records; its index is not "
+                                 "rewritten: remake the set or restore the shard")
+            try:
+                text = dali_index(shard.path)
+            except (tarfile.TarError, OSError) as exc:
+                raise ShardError(f"{shard.path} is not a readable tar ({exc}); remake the set") from None
+            if shard.index_path.is_file() and shard.index_path.read_text() == text:
+                continue
+            record = shard_record(shard.path, text)
+            if shard.sha256 is not None and record.sha256 != shard.sha256:
+                raise ShardError(f"shard {shard.path} no longer matches its SHA-256 in {MANIFEST}; its index is not "
+                                 "rewritten: remake the set or restore the shard")
+            atomic_write(shard.index_path, text)
+            repaired.append(shard.index_path)
+    return repaired

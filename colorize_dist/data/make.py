@@ -1,15 +1,23 @@
 """Make WebDataset shards from a folder, .zip or .tar of images: square crops, train/val split, DALI indexes.
 
 Each image is center-cropped to the largest centered square and resized to RESOLUTION² (Lanczos; EXIF
-rotation applied), then stored as JPEG (default) or PNG; --keep-original stores the file's bytes as
-they are. Images go to val/ when a hash of their relative path falls below --val-fraction, so adding
-images never moves old ones between splits. Unreadable or truncated files are skipped and listed.
+rotation applied; 16-bit images scaled to 8 bits), then stored as baseline JPEG (default) or PNG;
+--keep-original stores the file's bytes as they are. Baseline JPEG is what GPUs decode fastest: DALI's
+`mixed` decoder sends baseline JPEGs to the hardware JPEG decoder, progressive JPEGs to CUDA, and PNG
+(FFHQ ships PNG) to the CPU, so PNG sources are best re-encoded, as the default does.
+
+Images go to val/ when a hash of their relative path falls below --val-fraction, so adding images never
+moves old ones between splits; within a split they are written in the order of that hash, so every shard
+is pre-shuffled (the loaders shuffle only within a window of data.shuffle_buffer samples). Unreadable or
+truncated files are skipped and listed. A full disk stops the run with one line naming the folder and the
+space needed; complete shards stay, the one being written is removed, and no manifest is written.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import functools
 import io
 import multiprocessing
@@ -27,11 +35,14 @@ from typing import Any
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from colorize_dist.data.images import to_rgb8
 from colorize_dist.data.shards import (
     IMAGE_EXTENSIONS,
     MANIFEST,
+    SAMPLE_ORDER,
     SPLIT_RULE,
     SPLITS,
+    Shard,
     ShardError,
     SplitWriter,
     image_extension,
@@ -76,7 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def add_writer_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by `shards make` and `shards synth`; `writer_options` turns them into ShardOptions."""
     defaults = ShardOptions()
-    parser.add_argument("--format", choices=IMAGE_FORMATS, default=defaults.image_format, help="stored image format")
+    parser.add_argument("--format", choices=IMAGE_FORMATS, default=defaults.image_format,
+                        help="stored image format: jpg (baseline JPEG, decoded on a GPU's hardware decoder by "
+                             "DALI) or png (lossless, but DALI decodes PNG on the CPU even on a GPU)")
     parser.add_argument("--quality", type=int, default=defaults.quality, help="JPEG quality (1-100)")
     parser.add_argument("--shard-size", type=int, default=defaults.shard_size, help="samples per shard")
     parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction, help="share of images in val/")
@@ -148,7 +161,7 @@ def encode_image(relative_path: str, data: bytes, *, resolution: int | None, ima
             image.load()
             if resolution is None:
                 return relative_path.rsplit(".", 1)[1].lower(), data
-            square = ImageOps.fit(ImageOps.exif_transpose(image).convert("RGB"), (resolution, resolution),
+            square = ImageOps.fit(to_rgb8(ImageOps.exif_transpose(image)), (resolution, resolution),
                                   method=Image.Resampling.LANCZOS)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         return None, f"{type(exc).__name__}: {exc}"
@@ -158,7 +171,7 @@ def encode_image(relative_path: str, data: bytes, *, resolution: int | None, ima
 def encode_array(image: Image.Image, image_format: str, quality: int) -> Encoded:
     buffer = io.BytesIO()
     if image_format == "jpg":
-        image.save(buffer, format="JPEG", quality=quality)
+        image.save(buffer, format="JPEG", quality=quality, progressive=False)  # baseline: the GPU's hardware decoder
     else:
         image.save(buffer, format="PNG")
     return image_format, buffer.getvalue()
@@ -181,32 +194,84 @@ def write_shard_set(out: Path, relative_paths: Sequence[str], load: Callable[[st
             raise ShardError(f"{keys[sample_key(path)]} and {path} map to the same key; rename one")
     prepare_output(out, options.force)
 
-    ordered = sorted(relative_paths, key=path_hash)
+    ordered = sorted(relative_paths, key=path_hash)  # pre-shuffled shards: neighbours are unrelated images
     writers = {split: SplitWriter(out, split, options.shard_size) for split in SPLITS}
     skipped: list[tuple[str, str]] = []
     workers = max(1, options.workers or os.cpu_count() or 1)
-    with multiprocessing.Pool(workers) as pool, tqdm(total=len(ordered), unit="img") as progress:
-        for path, (extension, result) in zip(ordered, _encode_all(pool, workers, ordered, load, encode), strict=True):
-            if extension is None:
-                skipped.append((path, result))
-            else:
-                writers[split_of(path, options.val_fraction)].write(sample_key(path), extension, result)
-            progress.update()
-    shards = {split: writer.close() for split, writer in writers.items()}
-    if not any(shards.values()):
-        raise ShardError(f"none of the {len(ordered)} inputs could be read; nothing written to {out}")
-    manifest = write_manifest(
-        out, shards, **manifest_info, val_fraction=options.val_fraction, split_rule=SPLIT_RULE,
-        jpeg_quality=options.quality, skipped=[{"file": path, "reason": reason} for path, reason in skipped],
-    )
+    done = 0
+    try:
+        with multiprocessing.Pool(workers) as pool, tqdm(total=len(ordered), unit="img") as progress:
+            for path, (extension, result) in zip(ordered, _encode_all(pool, workers, ordered, load, encode),
+                                                 strict=True):
+                if extension is None:
+                    skipped.append((path, result))
+                else:
+                    writers[split_of(path, options.val_fraction)].write(sample_key(path), extension, result)
+                done += 1
+                progress.update()
+        shards = {split: writer.close() for split, writer in writers.items()}
+        if not any(shards.values()):
+            raise ShardError(f"none of the {len(ordered)} inputs could be read; nothing written to {out}")
+        manifest = write_manifest(
+            out, shards, **manifest_info, val_fraction=options.val_fraction, split_rule=SPLIT_RULE,
+            sample_order=SAMPLE_ORDER, jpeg_quality=options.quality,
+            skipped=[{"file": path, "reason": reason} for path, reason in skipped],
+        )
+    except OSError as exc:
+        for writer in writers.values():
+            writer.abort()
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ShardError(_no_space(out, writers, done, len(ordered))) from None
+        raise ShardError(f"writing {out} failed ({first_line(exc)}); no manifest was written") from None
     for split in SPLITS:
         summary = manifest["splits"][split]
         print(f"{split}: {summary['samples']} images in {len(summary['shards'])} shards under {out / split}")
+    for note in decoder_notes(shards):
+        print(f"note: {note}", file=sys.stderr)
     if skipped:
         print(f"skipped {len(skipped)} unreadable image(s):", file=sys.stderr)
         for path, reason in skipped:
             print(f"  {path}: {reason}", file=sys.stderr)
     return skipped
+
+
+def _no_space(out: Path, writers: dict[str, SplitWriter], done: int, total: int) -> str:
+    """The one line for a full disk: where, how much was written, about how much the whole set needs."""
+    written = sum(writer.bytes_written + writer.partial_bytes for writer in writers.values())
+    needed = written / max(done, 1) * total
+    free = shutil.disk_usage(out).free
+    return (f"no space left on the device holding {out}: the shards of {done} of {total} images took "
+            f"{_size(written)}, the set needs about {_size(needed)} and {_size(free)} is free; free space or "
+            "choose another OUT, then rerun with --force (no manifest was written: the partial set is never used)")
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024:
+            return f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+def decoder_notes(shards: dict[str, list[Shard]]) -> list[str]:
+    """What the stored formats mean for GPU decoding with DALI (PNG on the CPU, progressive JPEG off the
+    hardware decoder); empty for baseline JPEGs."""
+    samples = [shard for split_shards in shards.values() for shard in split_shards]
+    png = sum(map(_png_samples, samples))
+    progressive = sum(shard.progressive for shard in samples)
+    notes = []
+    if png:
+        notes.append(f"{png} images are stored as PNG, which DALI decodes on the CPU even on a GPU (`mixed`); "
+                     "the default --format jpg stores baseline JPEGs, which the GPU's hardware decoder takes")
+    if progressive:
+        notes.append(f"{progressive} images are progressive JPEGs (kept as they were): the GPU's hardware JPEG "
+                     "decoder skips them (CUDA decodes them, slower); drop --keep-original to store baseline JPEGs")
+    return notes
+
+
+def _png_samples(shard: Shard) -> int:
+    index = shard.index_path.read_text() if shard.index_path.is_file() else ""
+    return sum(line.split(" ", 1)[0].lower() == "png" for line in index.splitlines()[1:])
 
 
 def _encode_all(pool: multiprocessing.pool.Pool, workers: int, ordered: Sequence[str],

@@ -2,56 +2,73 @@
 
 A shard set is a directory:
 
-    manifest.json            written last, atomically: it lists every complete shard and its sample count
+    manifest.json            written last, atomically: every complete shard with its sample count, size in
+                             bytes, SHA-256, and the CRC-32 of each sample's image (in index order)
     train/train-000000.tar   WebDataset tar shards, one image per sample (`<key>.jpg`, `.png`, ...)
-    train/train-000000.idx   DALI's index of the tar beside it, so `fn.readers.webdataset` need not scan
+    train/train-000000.idx   DALI's index of the tar beside it: where each sample's bytes are
     val/val-000000.tar ...
 
-Shards are written under a `.partial` name and renamed once closed and indexed, so an interrupted run
-leaves no tar that looks complete, and no manifest.
+Shards are written under a `.partial` name, hashed as they are written, and renamed once closed and
+indexed, so an interrupted run (or a full disk) leaves no tar that looks complete, and no manifest.
+The loaders trust nothing else: `list_shards` refuses a shard whose size differs from the manifest, and
+every sample read is checked against its tar header and CRC-32 (see `reading`).
 """
 
 from __future__ import annotations
 
 import datetime
 import hashlib
+import io
 import json
+import mmap
 import os
 import re
 import tarfile
-from dataclasses import dataclass
+import time
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-import webdataset as wds
-
+from colorize_dist.data.images import is_progressive_jpeg
 from colorize_dist.files import atomic_write
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SPLIT_RULE = "val if int(sha1(relative path).hexdigest()[:16], 16) / 2**64 < val_fraction, else train"
+SAMPLE_ORDER = "sha1 of the relative path (pre-shuffled: neighbours in a shard are unrelated images)"
 DALI_INDEX_VERSION = "v1.2"
+PEEK_BYTES = 1 << 16  # enough of a JPEG to reach its frame header past EXIF and ICC segments
 MAKE_HINT = "make one with `colorize-dist shards make SRC DIR` or `colorize-dist shards synth DIR`"
 
 
 class MissingShardsError(FileNotFoundError):
-    """A shard directory, its manifest or a shard is missing; the message names it and says what to do."""
+    """A shard directory, its manifest, a shard or its index is missing; the message names it and says what to do."""
 
 
 class ManifestError(ValueError):
     """A manifest that cannot be read or does not describe the requested split."""
 
 
+class ShardDataError(ManifestError):
+    """A shard's bytes do not match its manifest or index (truncated, corrupted, replaced); the message is one
+    line naming the shard and the fix."""
+
+
 class ShardError(ValueError):
-    """A shard set cannot be written as asked (bad options, no readable images, an existing output);
-    the message is one line saying what to change."""
+    """A shard set cannot be written as asked (bad options, no readable images, an existing output, a full
+    disk); the message is one line saying what to change."""
 
 
 @dataclass(frozen=True)
 class Shard:
     path: Path
     samples: int
+    size: int | None = None  # bytes; None in manifests written before sizes were recorded
+    sha256: str | None = None
+    crc32: tuple[int, ...] | None = field(default=None, repr=False)  # per sample with an image, in index order
+    progressive: int = 0  # progressive JPEGs in the shard (the GPU's hardware decoder skips them)
 
     @property
     def index_path(self) -> Path:
@@ -107,13 +124,22 @@ def dali_index(tar_path: Path) -> str:
     return f"{DALI_INDEX_VERSION} {len(samples)}\n" + "".join(" ".join(s) + "\n" for s in samples)
 
 
-def count_images(index_text: str) -> int:
-    """Samples with an image component, i.e. the samples the loaders yield."""
-    count = 0
+def index_images(index_text: str) -> list[tuple[str, int, int, str]]:
+    """(extension, data offset, size, member name) of the first image component of each sample that has one,
+    in index order: the samples the loaders yield."""
+    images = []
     for line in index_text.splitlines()[1:]:
         fields = line.split(" ")
-        count += any(image_extension(ext) for ext in fields[0::4])
-    return count
+        for start in range(0, len(fields) - 3, 4):
+            if image_extension(fields[start]):
+                images.append((fields[start], int(fields[start + 1]), int(fields[start + 2]), fields[start + 3]))
+                break
+    return images
+
+
+def count_images(index_text: str) -> int:
+    """Samples with an image component, i.e. the samples the loaders yield."""
+    return len(index_images(index_text))
 
 
 def write_index(tar_path: Path) -> str:
@@ -122,34 +148,117 @@ def write_index(tar_path: Path) -> str:
     return text
 
 
+def shard_record(path: Path, index_text: str) -> Shard:
+    """A complete shard's manifest entry, from its bytes: size, SHA-256, each image's CRC-32, progressive JPEGs."""
+    images = index_images(index_text)
+    with path.open("rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        data = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        view = memoryview(data)
+        try:
+            if any(offset + length > size for _, offset, length, _ in images):
+                raise tarfile.ReadError("its index points past the end of the file")
+            crc32 = tuple(zlib.crc32(view[offset:offset + length]) for _, offset, length, _ in images)
+            progressive = sum(is_progressive_jpeg(bytes(view[offset:offset + min(length, PEEK_BYTES)]))
+                              for extension, offset, length, _ in images if extension.lower() in ("jpg", "jpeg"))
+            sha256 = hashlib.sha256(view).hexdigest()
+        finally:
+            view.release()
+            if size:
+                data.close()
+    return Shard(path, len(images), size, sha256, crc32, progressive)
+
+
+class _HashingWriter(io.RawIOBase):
+    """A write-only file that hashes and counts what goes through it (the shard's SHA-256 and size)."""
+
+    def __init__(self, file: BinaryIO):
+        self.file, self.sha256, self.size = file, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        written = self.file.write(data)
+        self.sha256.update(data)
+        self.size += len(data)
+        return written
+
+    def tell(self) -> int:
+        return self.size
+
+
 class SplitWriter:
-    """Writes one split's samples into shards of at most `shard_size` samples, each renamed when complete."""
+    """Writes one split's samples into tar shards of at most `shard_size` samples; each is renamed into place
+    (with its DALI index) only once complete. `abort()` removes the one being written."""
 
     def __init__(self, directory: Path, split: str, shard_size: int):
-        self.directory = directory / split
+        self.directory, self.split, self.shard_size = directory / split, split, shard_size
         self.directory.mkdir(parents=True, exist_ok=True)
         self.shards: list[Shard] = []
-        self._writer = wds.ShardWriter(
-            str(self.directory / f"{split}-%06d.tar.partial"), maxcount=shard_size, post=self._finish, verbose=0,
-        )
+        self.bytes_written = 0  # of complete shards
+        self._partial: Path | None = None
+        self._file: BinaryIO | None = None
+        self._hashing: _HashingWriter | None = None
+        self._tar: tarfile.TarFile | None = None
+        self._crc32: list[int] = []
+        self._progressive = 0
+        self._mtime = time.time()
 
     def write(self, key: str, extension: str, data: bytes) -> None:
-        self._writer.write({"__key__": key, extension: data})
+        if self._tar is None:
+            self._open()
+        info = tarfile.TarInfo(f"{key}.{extension}")
+        info.size, info.mtime, info.mode, info.uname, info.gname = len(data), self._mtime, 0o444, "bigdata", "bigdata"
+        self._tar.addfile(info, io.BytesIO(data))
+        self._crc32.append(zlib.crc32(data))
+        self._progressive += extension in ("jpg", "jpeg") and is_progressive_jpeg(data)
+        if len(self._crc32) == self.shard_size:
+            self._finish()
 
     def close(self) -> list[Shard]:
-        self._writer.close()
+        if self._tar is not None:
+            self._finish()
         return self.shards
 
-    def _finish(self, partial_name: str) -> None:
-        partial = Path(partial_name)
+    def abort(self) -> None:
+        """Drop the shard being written (after a failure); complete shards stay."""
+        for closer in (self._tar, self._file):
+            try:
+                if closer is not None:
+                    closer.close()
+            except (OSError, ValueError):
+                pass
+        if self._partial is not None:
+            self._partial.unlink(missing_ok=True)
+        self._tar = self._file = self._hashing = self._partial = None
+
+    @property
+    def partial_bytes(self) -> int:
+        return self._hashing.size if self._hashing is not None else 0
+
+    def _open(self) -> None:
+        self._partial = self.directory / f"{self.split}-{len(self.shards):06d}.tar.partial"
+        self._file = self._partial.open("wb")
+        self._hashing = _HashingWriter(self._file)
+        self._tar = tarfile.open(fileobj=self._hashing, mode="w")  # noqa: SIM115 (closed in _finish or abort)
+        self._crc32, self._progressive = [], 0
+
+    def _finish(self) -> None:
+        self._tar.close()  # end-of-archive blocks, through the hashing writer
+        self._file.flush()
+        os.fsync(self._file.fileno())  # the bytes are on disk before the name says "complete"
+        self._file.close()
+        partial, size, sha256 = self._partial, self._hashing.size, self._hashing.sha256.hexdigest()
+        crc32, progressive = tuple(self._crc32), self._progressive
+        self._tar = self._file = self._hashing = None
         index_text = dali_index(partial)
-        if count_images(index_text) == 0:  # the writer opens a first shard even if nothing comes
-            partial.unlink()
-            return
         final = partial.with_suffix("")  # drop ".partial"
-        os.replace(partial, final)
         atomic_write(final.with_suffix(".idx"), index_text)
-        self.shards.append(Shard(final, count_images(index_text)))
+        os.replace(partial, final)
+        self._partial = None
+        self.bytes_written += size
+        self.shards.append(Shard(final, count_images(index_text), size, sha256, crc32, progressive))
 
 
 def write_manifest(directory: Path, shards: dict[str, list[Shard]], **info: Any) -> dict[str, Any]:
@@ -157,16 +266,22 @@ def write_manifest(directory: Path, shards: dict[str, list[Shard]], **info: Any)
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **info,
         "splits": {
-            split: {
-                "samples": sum(shard.samples for shard in split_shards),
-                "shards": [{"file": shard.path.relative_to(directory).as_posix(), "samples": shard.samples}
-                           for shard in split_shards],
-            }
+            split: {"samples": sum(shard.samples for shard in split_shards),
+                    "shards": [_manifest_entry(directory, shard) for shard in split_shards]}
             for split, split_shards in shards.items()
         },
     }
     atomic_write(directory / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest
+
+
+def _manifest_entry(directory: Path, shard: Shard) -> dict[str, Any]:
+    entry: dict[str, Any] = {"file": shard.path.relative_to(directory).as_posix(), "samples": shard.samples}
+    if shard.size is not None:
+        entry.update(bytes=shard.size, sha256=shard.sha256, progressive_jpegs=shard.progressive)
+    if shard.crc32 is not None:
+        entry["crc32"] = " ".join(f"{value:08x}" for value in shard.crc32)
+    return entry
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
@@ -184,24 +299,47 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         for split in manifest["splits"].values():
             for entry in split["shards"]:
                 entry["file"], entry["samples"] = str(entry["file"]), int(entry["samples"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                if "bytes" in entry:
+                    entry["bytes"], entry["sha256"] = int(entry["bytes"]), str(entry["sha256"])
+                if "crc32" in entry:
+                    entry["crc32"] = tuple(int(value, 16) for value in str(entry["crc32"]).split())
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ManifestError(f"{path} is not a valid shard manifest ({exc!r}); rebuild the shard set") from None
     return manifest
 
 
+def manifest_shards(directory: Path, manifest: dict[str, Any], split: str) -> list[Shard]:
+    """The shards the manifest lists for `split`, with what it records about each."""
+    return [Shard(directory / entry["file"], entry["samples"], entry.get("bytes"), entry.get("sha256"),
+                  entry.get("crc32"), int(entry.get("progressive_jpegs", 0)))
+            for entry in manifest["splits"].get(split, {}).get("shards", [])]
+
+
+def verify_hint(directory: Path) -> str:
+    return (f"run `colorize-dist shards verify {directory}`, then remake the set (`colorize-dist shards make ... "
+            "--force`) or restore the shard")
+
+
 def list_shards(directory: str | Path, split: str) -> list[Shard]:
-    """The shards of one split, checked to exist (tar and index), in manifest order."""
+    """The shards of one split in manifest order, each checked to be there (tar and index) with the size the
+    manifest records: a truncated or replaced shard is refused here, before anything reads it."""
     directory = Path(directory)
-    manifest = read_manifest(directory)
-    entries = manifest["splits"].get(split, {}).get("shards", [])
-    shards = [Shard(directory / entry["file"], entry["samples"]) for entry in entries if entry["samples"] > 0]
+    shards = [shard for shard in manifest_shards(directory, read_manifest(directory), split) if shard.samples > 0]
     if not shards:
         raise ManifestError(f"{directory / MANIFEST} lists no {split} samples; rebuild with a different split")
     for shard in shards:
-        for path in (shard.path, shard.index_path):
-            if not path.is_file():
-                raise MissingShardsError(
-                    f"shard file {path} listed in {directory / MANIFEST} is missing; restore it, "
-                    "or rebuild the set with `colorize-dist shards make ... --force`"
-                )
+        if not shard.path.is_file():
+            raise MissingShardsError(
+                f"shard file {shard.path} listed in {directory / MANIFEST} is missing; restore it, "
+                "or rebuild the set with `colorize-dist shards make ... --force`"
+            )
+        if not shard.index_path.is_file():
+            raise MissingShardsError(
+                f"index {shard.index_path} of shard {shard.path.name} is missing; rewrite it with "
+                f"`colorize-dist shards index {directory} --repair`"
+            )
+        size = shard.path.stat().st_size
+        if shard.size is not None and size != shard.size:
+            raise ShardDataError(f"shard {shard.path} is {size:,} bytes but {MANIFEST} says {shard.size:,} "
+                                 f"(truncated or replaced); {verify_hint(directory)}")
     return shards

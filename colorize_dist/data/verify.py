@@ -1,36 +1,43 @@
-"""Check a shard set: every shard opens, every image decodes, counts match the manifest, indexes match the tars.
-
-Prints a summary; exits 1 naming each file at fault (2 if the set has no readable manifest).
+"""Check a shard set against its manifest, changing nothing: every shard is there with the size the manifest
+records, its tar reads (tar headers intact), its DALI index matches it, every image has the CRC-32 recorded
+when the shard was made and decodes at the manifest's resolution; `--deep` also re-hashes every shard
+(SHA-256). Prints a summary; exits 1 naming each file at fault and its fix (2 without a readable manifest).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import sys
 import tarfile
+import zlib
 from pathlib import Path
 
-import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from colorize_dist.data.images import to_rgb8
 from colorize_dist.data.shards import (
     MANIFEST,
     SPLITS,
     ManifestError,
     MissingShardsError,
     Shard,
-    count_images,
     dali_index,
-    image_extension,
+    index_images,
+    manifest_shards,
     read_manifest,
 )
 from colorize_dist.files import first_line
 
+REMAKE = "remake the set (`colorize-dist shards make ... --force`) or restore the shard"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", type=Path, help="shard set directory (holds manifest.json)")
+    parser.add_argument("--deep", action="store_true", help="also re-hash every shard (SHA-256; reads every byte "
+                                                            "twice)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -41,12 +48,13 @@ def main(args: argparse.Namespace) -> int:
         return 2
     problems = []
     listed = set()
+    checksums = all("crc32" in entry for split in manifest["splits"].values() for entry in split["shards"])
     print(f"{'split':<6} {'shards':>7} {'samples':>9}")
     for split, summary in manifest["splits"].items():
-        shards = [Shard(args.directory / entry["file"], entry["samples"]) for entry in summary["shards"]]
+        shards = manifest_shards(args.directory, manifest, split)
         listed.update(shard.path for shard in shards)
         for shard in tqdm(shards, desc=f"verify {split}", unit="shard", leave=False):
-            problems += check_shard(shard, manifest.get("resolution"))
+            problems += check_shard(shard, manifest.get("resolution"), args.directory, deep=args.deep)
         print(f"{split:<6} {len(shards):>7} {summary['samples']:>9}")
     for split in SPLITS:
         for path in sorted((args.directory / split).glob("*")):
@@ -54,36 +62,53 @@ def main(args: argparse.Namespace) -> int:
                 problems.append(f"{path}: not listed in {MANIFEST}")
             elif path.suffix == ".partial":
                 problems.append(f"{path}: left by an interrupted run; remake the set with --force")
+    if not checksums:
+        print(f"note: {MANIFEST} records no sizes or checksums (made by an older version), so changed bytes that "
+              f"still decode go unnoticed; `colorize-dist shards index {args.directory} --force` records them")
     for problem in problems:
         print(f"PROBLEM {problem}")
     print(f"{len(problems)} problem(s) in {args.directory}" if problems else f"{args.directory}: OK")
     return 1 if problems else 0
 
 
-def check_shard(shard: Shard, resolution: int | None) -> list[str]:
-    """Problems with one shard, each naming the file: tar, index, decoding, counts and sizes."""
+def check_shard(shard: Shard, resolution: int | None, directory: Path, *, deep: bool = False) -> list[str]:
+    """Problems with one shard, each naming the file and its fix: size, tar, index, counts, checksums, images."""
     if not shard.path.is_file():
-        return [f"{shard.path}: missing"]
+        return [f"{shard.path}: missing; {REMAKE}"]
+    problems = []
+    size = shard.path.stat().st_size
+    if shard.size is not None and size != shard.size:
+        problems.append(f"{shard.path}: {size:,} bytes, {MANIFEST} says {shard.size:,} (truncated or replaced); "
+                        f"{REMAKE}")
     try:
         expected_index = dali_index(shard.path)
     except (tarfile.TarError, OSError) as exc:
-        return [f"{shard.path}: not a readable tar ({exc})"]
-    problems = []
+        return [*problems, f"{shard.path}: not a readable tar ({exc}); {REMAKE}"]
     if not shard.index_path.is_file():
-        problems.append(f"{shard.index_path}: missing; run `colorize-dist shards index` to rewrite it")
+        problems.append(f"{shard.index_path}: missing; rewrite it with `colorize-dist shards index {directory} "
+                        "--repair`")
     elif shard.index_path.read_text() != expected_index:
-        problems.append(f"{shard.index_path}: does not match {shard.path.name}; rewrite it with `shards index`")
-    if count_images(expected_index) != shard.samples:
-        problems.append(f"{shard.path}: {count_images(expected_index)} images, manifest says {shard.samples}")
-    samples = wds.DataPipeline(wds.SimpleShardList([str(shard.path)]), wds.tarfile_to_samples())
-    try:
-        for sample in samples:
-            for extension in filter(image_extension, sample):
-                problem = check_image(sample[extension], resolution)
-                if problem:
-                    problems.append(f"{shard.path}: sample {sample['__key__']}.{extension} {problem}")
-    except (tarfile.TarError, OSError, ValueError) as exc:
-        problems.append(f"{shard.path}: unreadable after some samples ({exc})")
+        problems.append(f"{shard.index_path}: does not match {shard.path.name}; rewrite it with `colorize-dist "
+                        f"shards index {directory} --repair`")
+    images = index_images(expected_index)
+    if len(images) != shard.samples:
+        problems.append(f"{shard.path}: {len(images)} images, {MANIFEST} says {shard.samples}; {REMAKE}")
+    if shard.crc32 is not None and len(shard.crc32) != len(images):
+        problems.append(f"{shard.path}: {MANIFEST} records {len(shard.crc32)} CRC-32s for {len(images)} images; "
+                        f"{REMAKE}")
+    with shard.path.open("rb") as file:
+        for number, (_, offset, length, member) in enumerate(images):
+            file.seek(offset)
+            data = file.read(length)
+            if shard.crc32 is not None and number < len(shard.crc32) and zlib.crc32(data) != shard.crc32[number]:
+                problems.append(f"{shard.path}: sample {member} does not match its CRC-32 in {MANIFEST} (its bytes "
+                                f"changed); {REMAKE}")
+                continue
+            problem = check_image(data, resolution)
+            if problem:
+                problems.append(f"{shard.path}: sample {member} {problem}")
+    if deep and shard.sha256 is not None and _sha256(shard.path) != shard.sha256:
+        problems.append(f"{shard.path}: SHA-256 differs from {MANIFEST} (the file changed); {REMAKE}")
     return problems
 
 
@@ -92,8 +117,17 @@ def check_image(data: bytes, resolution: int | None) -> str | None:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
             size = image.size
-    except (OSError, ValueError, SyntaxError) as exc:
+            to_rgb8(image)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         return f"does not decode ({exc})"
     if resolution is not None and size != (resolution, resolution):
         return f"is {size[0]}x{size[1]}, manifest says {resolution}x{resolution}"
     return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
+import re
 import shutil
 import subprocess
 import tarfile
+import time
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +19,11 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from colorize_dist.data import DataConfig, MissingShardsError, build_loader
+from colorize_dist.data.images import is_progressive_jpeg
 from colorize_dist.data.make import ShardOptions, make_shards
 from colorize_dist.data.shards import ShardError, count_images, dali_index, sample_key, split_of
-from colorize_dist.data.synth import write_synthetic_shards
+from colorize_dist.data.synth import synth_image, write_synthetic_shards
 from tests.data.helpers import GOOD_IMAGES, run_cli
 
 
@@ -155,7 +161,7 @@ def test_verify_passes_then_names_a_corrupted_tar(made_shards, tmp_path, capsys)
     tar.write_bytes(bytes(data))
     assert run_cli("shards", "verify", out) == 1
     report = capsys.readouterr().out
-    assert f"{tar}: sample {name.split('.')[0]}.jpg does not decode" in report
+    assert f"{tar}: sample {name} does not match its CRC-32 in manifest.json" in report
 
     tar.write_bytes(bytes(data[: len(data) // 2]))  # truncated tar
     assert run_cli("shards", "verify", out) == 1
@@ -173,7 +179,7 @@ def test_verify_names_count_and_index_mismatches(made_shards, tmp_path, capsys):
     index.write_text(index.read_text().replace("jpg ", "png ", 1))
     assert run_cli("shards", "verify", out) == 1
     report = capsys.readouterr().out
-    assert f"{out / 'val' / 'val-000000.tar'}: " in report and "manifest says" in report
+    assert f"{out / 'val' / 'val-000000.tar'}: 3 images, manifest.json says 4" in report
     assert f"{index}: does not match" in report
 
 
@@ -199,6 +205,119 @@ def test_foreign_shards_are_indexed(tmp_path, capsys):
     assert manifest["splits"]["val"]["samples"] == 3
     assert run_cli("shards", "verify", tmp_path / "set") == 0
     capsys.readouterr()
+    for backend in ("dali", "reference") if importlib.util.find_spec("nvidia.dali") else ("reference",):
+        cfg = DataConfig(shards=str(tmp_path / "set"), resolution=8, backend=backend, num_threads=1)
+        for split, expected in (("train", 5), ("val", 3)):  # read through the index, tar headers checked
+            with build_loader(cfg, split, batch_size=2) as loader:
+                assert sum(int(batch.valid.sum()) for batch in loader.epoch(0)) == expected
     assert run_cli("shards", "index", tmp_path / "set") == 2
     manifest_path = tmp_path / "set" / "manifest.json"
-    assert capsys.readouterr().err == f"shards index: {manifest_path} exists; pass --force to replace it\n"
+    assert capsys.readouterr().err == (f"shards index: {manifest_path} exists; pass --force to replace it, or "
+                                       "--repair to rewrite missing or stale .idx files\n")
+
+
+# ---------------------------------------------------------------- formats for GPU decoding, bit depth
+
+def test_make_stores_baseline_jpegs_and_says_what_png_and_progressive_mean_on_a_gpu(image_folder, tmp_path,
+                                                                                    capsys):
+    out = tmp_path / "jpeg"
+    assert run_cli("shards", "make", image_folder, out, "--resolution", 16, "--workers", 1) == 0
+    assert "note:" not in capsys.readouterr().err
+    for tar in out.rglob("*.tar"):
+        for sample in wds.DataPipeline(wds.SimpleShardList([str(tar)]), wds.tarfile_to_samples()):
+            assert not is_progressive_jpeg(sample["jpg"])
+
+    assert run_cli("shards", "make", image_folder, tmp_path / "png", "--resolution", 16, "--format", "png",
+                   "--workers", 1) == 0
+    assert f"note: {GOOD_IMAGES} images are stored as PNG, which DALI decodes on the CPU even on a GPU" in \
+        capsys.readouterr().err
+
+    progressive = tmp_path / "progressive"
+    progressive.mkdir()
+    for index in range(3):
+        Image.fromarray(synth_image(index, 24)).save(progressive / f"p{index}.jpg", progressive=True)
+    assert run_cli("shards", "make", progressive, tmp_path / "kept", "--keep-original", "--workers", 1) == 0
+    assert "note: 3 images are progressive JPEGs (kept as they were): the GPU's hardware JPEG decoder skips them" in \
+        capsys.readouterr().err
+    manifest = json.loads((tmp_path / "kept" / "manifest.json").read_text())
+    assert sum(entry["progressive_jpegs"] for split in manifest["splits"].values() for entry in split["shards"]) == 3
+
+
+def write_png16(path: Path, pixels: np.ndarray) -> None:
+    """A 16-bit PNG (gray (H, W) or RGB (H, W, 3)), written by hand: Pillow writes 16-bit gray only."""
+    import struct
+
+    height, width = pixels.shape[:2]
+    color_type = 0 if pixels.ndim == 2 else 2
+    rows = pixels.astype(">u2").reshape(height, -1).tobytes()
+    stride = len(rows) // height
+    raw = b"".join(b"\0" + rows[row * stride:(row + 1) * stride] for row in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0,
+                                                                        0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_sixteen_bit_images_keep_their_values(tmp_path):
+    """16-bit gray used to become pure white (Pillow clips I;16 at 255 on convert("RGB")); RGB must stay RGB."""
+    source = tmp_path / "src"
+    source.mkdir()
+    ramp = np.tile(np.linspace(0, 65535, 16).astype(np.uint16), (16, 1))
+    write_png16(source / "gray.png", ramp)
+    rgb = np.zeros((16, 16, 3), np.uint16)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 50000, 25000, 1000
+    write_png16(source / "rgb.png", rgb)
+    out = tmp_path / "out"
+    assert run_cli("shards", "make", source, out, "--resolution", 16, "--format", "png", "--val-fraction", 0,
+                   "--workers", 1) == 0
+    stored = {sample["__key__"]: np.asarray(Image.open(io.BytesIO(sample["png"])))
+              for sample in wds.DataPipeline(wds.SimpleShardList([str(out / "train" / "train-000000.tar")]),
+                                             wds.tarfile_to_samples())}
+    gray = stored["gray_png"]
+    expected = np.rint(ramp / 257.0).astype(np.uint8)
+    assert np.array_equal(gray[..., 0], expected) and np.array_equal(gray[..., 1], expected)
+    assert gray.min() == 0 and gray.max() == 255
+    assert np.abs(stored["rgb_png"][0, 0].astype(int) - [194, 97, 4]).max() <= 1  # 50000/257, 25000/257, 1000/257
+
+
+# ---------------------------------------------------------------- a full disk
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):
+    """A 256 KiB tmpfs (we run as root here); skipped where mounting is not permitted, always unmounted."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip() or result.returncode}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_ends_make_in_one_line_and_leaves_no_set_that_looks_complete(small_tmpfs, tmp_path, capsys):
+    source = tmp_path / "noise"
+    source.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(64):  # incompressible: about 12 KiB each as JPEG, 3× the tmpfs in all
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(source / f"n{index:02d}.png")
+    out = small_tmpfs / "shards"
+    started = time.perf_counter()
+    assert run_cli("shards", "make", source, out, "--resolution", 64, "--shard-size", 8, "--workers", 1) == 2
+    assert time.perf_counter() - started < 60
+    error = capsys.readouterr().err.splitlines()
+    lines = [line for line in error if line.startswith("shards make: ")]
+    assert len(lines) == 1 and not any("Traceback" in line or "closed file" in line for line in error)
+    assert re.fullmatch(rf"shards make: no space left on the device holding {re.escape(str(out))}: the shards of "
+                        r"\d+ of 64 images took [\d.]+ KiB, the set needs about [\d.]+ KiB and [\d.]+ KiB is free; "
+                        r"free space or choose another OUT, then rerun with --force \(no manifest was written: the "
+                        r"partial set is never used\)", lines[0]), lines[0]
+    assert not (out / "manifest.json").exists() and not list(out.rglob("*.partial"))
+    assert all(tar.with_suffix(".idx").is_file() for tar in out.rglob("*.tar"))  # complete shards only
+    with pytest.raises(MissingShardsError, match=r"manifest.json is missing \(an interrupted `shards make`\?\)"):
+        build_loader(DataConfig(shards=str(out), resolution=64, backend="reference"), "train", batch_size=4)

@@ -1,0 +1,95 @@
+"""The crop and flip of each sample, fixed by (epoch seed, position in the rank's epoch), for both loaders.
+
+Training: a flip with probability 1/2, then a box covering a random share `crop_scale` of the image with
+an aspect ratio in ASPECT_RATIO_RANGE, resized to resolution². Validation: the largest centred square,
+resized. The random numbers of a batch come from one generator seeded by (epoch seed, batch index), and
+both loaders turn them into a flip (known before decoding) and a box (from the decoded size) the same
+way, so they cut the same boxes, and a resumed epoch the same boxes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from colorize_dist.data.config import ASPECT_RATIO_RANGE
+
+CROP_ATTEMPTS = 10  # then the whole image, as DALI's and torchvision's random crops do
+
+Box = tuple[int, int, int, int]  # left, top, right, bottom (pixels; right and bottom excluded)
+
+
+DRAWS = 1 + 4 * CROP_ATTEMPTS  # per sample: the flip, then (area, aspect ratio, x, y) for each crop attempt
+LOG_RATIOS = (math.log(ASPECT_RATIO_RANGE[0]), math.log(ASPECT_RATIO_RANGE[1]))
+
+
+@dataclass(frozen=True)
+class Augment:
+    resolution: int
+    seed: int | None  # the rank's epoch seed; None: validation (centre crop, no flip)
+    crop_scale: tuple[float, float] = (0.8, 1.0)
+    flip: bool = True
+
+    def draws(self, batch_index: int, batch_size: int) -> np.ndarray | None:
+        """The uniform numbers of one batch's samples, (batch_size, DRAWS), fixed by (epoch seed, batch index):
+        one generator per batch, so batch k is known without drawing for the batches before it."""
+        if self.seed is None:
+            return None
+        return np.random.default_rng([self.seed, batch_index]).random((batch_size, DRAWS))
+
+    def mirrored(self, draws: np.ndarray | None) -> bool:
+        """Whether the sample with these draws (a row of `draws`) is flipped horizontally."""
+        return draws is not None and self.flip and bool(draws[0] < 0.5)
+
+    def box(self, size: tuple[int, int], draws: np.ndarray | None) -> Box:
+        """The crop of an image of `size` (width, height) in the orientation it was decoded in."""
+        return center_box(size) if draws is None else random_crop_box(size, self.crop_scale, draws[1:])
+
+
+def random_crop_box(size: tuple[int, int], scale: tuple[float, float], uniforms: np.ndarray) -> Box:
+    """A box covering a random share `scale` of the image with an aspect ratio in ASPECT_RATIO_RANGE, from
+    4 × CROP_ATTEMPTS uniform numbers in [0, 1) (the first attempt that fits)."""
+    width, height = size
+    for area_u, ratio_u, x_u, y_u in np.asarray(uniforms).reshape(CROP_ATTEMPTS, 4).tolist():
+        area = width * height * (scale[0] + (scale[1] - scale[0]) * area_u)
+        ratio = math.exp(LOG_RATIOS[0] + (LOG_RATIOS[1] - LOG_RATIOS[0]) * ratio_u)
+        crop_width, crop_height = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+        if 0 < crop_width <= width and 0 < crop_height <= height:
+            left = min(int(x_u * (width - crop_width + 1)), width - crop_width)
+            top = min(int(y_u * (height - crop_height + 1)), height - crop_height)
+            return left, top, left + crop_width, top + crop_height
+    return 0, 0, width, height
+
+
+def center_box(size: tuple[int, int]) -> Box:
+    """The largest centred square."""
+    width, height = size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
+def mirror_box(box: Box, width: int) -> Box:
+    """The same box in the horizontally mirrored image."""
+    left, top, right, bottom = box
+    return width - right, top, width - left, bottom
+
+
+def resize_box(image: torch.Tensor, box: Box, resolution: int) -> torch.Tensor:
+    """uint8 (H, W, 3) → its `box` resized to (resolution, resolution, 3): bilinear with antialiasing, as
+    PIL's BILINEAR (torch's uint8 path on the CPU, float on a GPU)."""
+    left, top, right, bottom = box
+    crop = image[top:bottom, left:right]
+    if crop.shape[:2] == (resolution, resolution):
+        return crop
+    nchw = crop.permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)  # torch's fast uint8 path
+    if image.device.type == "cpu":
+        out = F.interpolate(nchw, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+    else:
+        out = F.interpolate(nchw.float(), size=(resolution, resolution), mode="bilinear", antialias=True,
+                            align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
+    return out[0].permute(1, 2, 0)

@@ -1,0 +1,153 @@
+"""Reading samples out of tar shards by their DALI index, checking each one; both loaders read this way.
+
+Every read is one `pread` of the sample's 512-byte tar header and its image bytes. Before the bytes go to a
+decoder they must be whole (not cut off by a truncated file), the header must be intact (its checksum, and its
+size and name agreeing with the index) and the bytes must have the CRC-32 the manifest recorded when the shard
+was made. Anything else is a ShardDataError naming the shard, the sample and the fix, raised at once: a
+damaged shard ends the run in one line, never in a decoder's traceback, and never trains silently.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from colorize_dist.data.shards import MANIFEST, Shard, ShardDataError, index_images, verify_hint
+
+BLOCK = 512  # tar header size
+MAX_OPEN_FILES = 64  # shards kept open per reader (a rank of a large set touches thousands)
+
+
+@dataclass(frozen=True)
+class ShardSamples:
+    """The samples with an image in one shard, from its index: tar key, image member, where its bytes are."""
+
+    shard: Shard
+    keys: tuple[str, ...]
+    extensions: tuple[str, ...]
+    members: tuple[str, ...]
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+
+def parse_index(shard: Shard, directory: Path) -> ShardSamples:
+    """`shard`'s index, checked against the manifest (count) and the tar (every sample inside the file)."""
+    try:
+        images = index_images(shard.index_path.read_text())
+    except (OSError, ValueError, IndexError) as exc:
+        raise ShardDataError(f"index {shard.index_path} is unreadable ({exc}); rewrite it with "
+                             f"`colorize-dist shards index {directory} --repair`") from None
+    if len(images) != shard.samples:
+        raise ShardDataError(f"index {shard.index_path} lists {len(images)} images but {MANIFEST} says "
+                             f"{shard.samples}; {verify_hint(directory)}")
+    if shard.crc32 is not None and len(shard.crc32) != shard.samples:
+        raise ShardDataError(f"{MANIFEST} records {len(shard.crc32)} CRC-32s for the {shard.samples} samples of "
+                             f"{shard.path}; {verify_hint(directory)}")
+    size = shard.size if shard.size is not None else shard.path.stat().st_size
+    if images and images[-1][1] + images[-1][2] > size:
+        raise ShardDataError(f"shard {shard.path} ends before the samples its index lists (truncated?); "
+                             f"{verify_hint(directory)}")
+    members = tuple(member for _, _, _, member in images)
+    keys = tuple(map(tar_key, members))
+    return ShardSamples(shard, keys, tuple(extension.lower() for extension, _, _, _ in images), members,
+                        tuple(offset for _, offset, _, _ in images),
+                        tuple(size for _, _, size, _ in images))
+
+
+def tar_key(member: str) -> str:
+    """The WebDataset key of a tar member: its path up to the first dot of the file name."""
+    directory, _, filename = member.rpartition("/")
+    stem = filename.partition(".")[0]
+    return f"{directory}/{stem}" if directory else stem
+
+
+class ShardReader:
+    """Checked reads of the samples of some shards; each index is parsed and each file opened on first use."""
+
+    def __init__(self, shards: tuple[Shard, ...], directory: Path):
+        self.shards, self.directory = shards, directory
+        self._tables: dict[int, ShardSamples] = {}
+        self._files: OrderedDict[int, int] = OrderedDict()  # shard → open descriptor, least recently used first
+
+    def table(self, shard_index: int) -> ShardSamples:
+        if shard_index not in self._tables:
+            self._tables[shard_index] = parse_index(self.shards[shard_index], self.directory)
+        return self._tables[shard_index]
+
+    def batch_key(self, shard_index: int, sample_index: int) -> str:
+        """`<shard name>/<key in the tar>`, the sample's identity across the set (see `shards.batch_key`)."""
+        table = self.table(shard_index)
+        return f"{table.shard.path.stem}/{table.keys[sample_index].removeprefix('./')}"
+
+    def check_indexes(self, shard_indices: range) -> None:
+        """Parse (and so check) the indexes of these shards now."""
+        for shard_index in shard_indices:
+            self.table(shard_index)
+
+    def read(self, shard_index: int, sample_index: int) -> bytes:
+        """The image bytes of one sample, checked (header, length, CRC-32)."""
+        table = self.table(shard_index)
+        shard = table.shard
+        offset, size, member = table.offsets[sample_index], table.sizes[sample_index], table.members[sample_index]
+        try:
+            block = os.pread(self._descriptor(shard_index), BLOCK + size, offset - BLOCK)
+        except OSError as exc:
+            raise ShardDataError(f"shard {shard.path}: reading sample {member} failed ({exc.strerror}); "
+                                 f"{verify_hint(self.directory)}") from None
+        problem = (f"is cut off ({len(block) - BLOCK} of {size} bytes; the file is truncated)"
+                   if len(block) < BLOCK + size else _header_problem(block[:BLOCK], member, size))
+        data = block[BLOCK:]
+        if problem is None and shard.crc32 is not None:
+            expected, actual = shard.crc32[sample_index], zlib.crc32(data)
+            if actual != expected:
+                problem = f"has CRC-32 {actual:08x}, {MANIFEST} says {expected:08x} (its bytes changed)"
+        if problem is not None:
+            raise ShardDataError(f"shard {shard.path} is damaged: sample {member} {problem}; "
+                                 f"{verify_hint(self.directory)}")
+        return data
+
+    def _descriptor(self, shard_index: int) -> int:
+        if shard_index in self._files:
+            self._files.move_to_end(shard_index)
+            return self._files[shard_index]
+        if len(self._files) >= MAX_OPEN_FILES:
+            os.close(self._files.popitem(last=False)[1])
+        shard = self.shards[shard_index]
+        try:
+            self._files[shard_index] = os.open(shard.path, os.O_RDONLY)
+        except OSError as exc:
+            raise ShardDataError(f"shard {shard.path} cannot be opened ({exc.strerror}); "
+                                 f"{verify_hint(self.directory)}") from None
+        return self._files[shard_index]
+
+    def close(self) -> None:
+        for descriptor in self._files.values():
+            os.close(descriptor)
+        self._files.clear()
+
+
+def _header_problem(header: bytes, member: str, size: int) -> str | None:
+    """What is wrong with the tar header in front of a sample's bytes, if anything."""
+    try:
+        stored = int(header[148:156].replace(b"\0", b" ").strip() or b"-1", 8)
+    except ValueError:
+        stored = -1
+    unsigned = sum(header) - sum(header[148:156]) + 8 * ord(" ")
+    if stored != unsigned:
+        return "has a damaged tar header (bad checksum)"
+    if header[124] & 0x80 == 0:  # octal size (base-256 sizes are for files over 8 GiB)
+        try:
+            header_size = int(header[124:136].replace(b"\0", b" ").strip() or b"0", 8)
+        except ValueError:
+            header_size = -1
+        if header_size != size:
+            return f"has a tar header saying {header_size} bytes where the index says {size}"
+    name = header[:100].split(b"\0", 1)[0]
+    prefix = header[345:500].split(b"\0", 1)[0] if header[257:263] == b"ustar\0" else b""  # POSIX, not GNU
+    full = (prefix + b"/" + name if prefix else name).decode("utf-8", "replace")
+    if len(member.encode()) < 100 and full != member:  # longer names live in a PAX/GNU header before this one
+        return f"is {full!r} in the tar, not what the index says (the index belongs to another tar)"
+    return None

@@ -2,7 +2,10 @@
 
 Every Slurm task runs a `TrainingJob`. It derives torch.distributed's `env://` variables from submitit's
 JobEnvironment and runs the trainer (`python -m colorize_dist.train`, the same command line as by hand) as a
-child process, so that this process's signal handler can wait for the trainer to save.
+child process, so that this process's signal handler can wait for the trainer to save. With an accelerate config
+(`submit --accelerate-config FILE`, copied to RUN/accelerate.yaml), each trainer also gets the ACCELERATE_*
+variables that `accelerate launch --config_file FILE` gives the processes it starts (DeepSpeed and its ZeRO stage,
+offload, mixed precision), computed by Accelerate's own launcher code; the process count and machines are Slurm's.
 
 Before a time limit (Slurm's `--signal=USR2@signal_delay_s`) or on preemption (`scancel --signal=USR2 JOB`):
   1. Slurm sends submitit's warning signal (USR2) to the job's processes; the trainers ignore it.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,13 +36,17 @@ from pathlib import Path
 
 import submitit
 
-from colorize_dist.config import save_config
+from colorize_dist.config import ConfigError, save_config
+from colorize_dist.files import first_line
 from colorize_dist.training.config import Config, check_launch
 from colorize_dist.training.stop import EXIT_RESUMABLE
 
 CONFIG_NAME = "config.yaml"  # the resolved config in the run dir; every start of the job trains with it
 SUBMITIT_FOLDER = "slurm"  # RUN/slurm: sbatch scripts, pickles and per-task logs of the run's jobs
-RENDEZVOUS_PORTS = range(20000, 40000)
+ACCELERATE_CONFIG_NAME = "accelerate.yaml"  # RUN/accelerate.yaml: the accelerate config every start of the job uses
+# Below Linux's ephemeral range (32768-60999 by default, /proc/sys/net/ipv4/ip_local_port_range), from which the
+# kernel picks the local ports of outgoing connections: a rendezvous port there can be taken by any socket.
+RENDEZVOUS_PORTS = range(20000, 32768)
 
 
 class TrainerFailedError(RuntimeError):
@@ -82,7 +90,10 @@ class TrainingJob:
 
     run_dir: Path  # absolute; holds CONFIG_NAME, checkpoints/ and SUBMITIT_FOLDER
     resume: str = "auto"  # the trainer's --resume for the first start; every restart uses auto
-    use_cpu: bool = False  # no GPUs: Accelerate's MULTI_CPU mode with gloo
+    use_cpu: bool = False  # no GPUs: Accelerate's MULTI_CPU mode with gloo (DeepSpeed: its CPU accelerator, gloo)
+    # The processes run as `accelerate launch --config_file` this starts them; submit() copies the file to
+    # RUN/accelerate.yaml and submits the job with that copy, so that every start uses the same.
+    accelerate_config: Path | None = None
     save_timeout_s: float = 100.0  # how long checkpoint() waits for the trainer to save before requeueing anyway
     _trainer: subprocess.Popen | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -94,12 +105,16 @@ class TrainingJob:
         job = submitit.JobEnvironment()
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         env = os.environ | distributed_env(job, restarts)
-        if self.use_cpu:
+        if self.accelerate_config is not None:
+            env |= accelerate_env(self.accelerate_config, job, env["MASTER_ADDR"], int(env["MASTER_PORT"]))
+        if self.use_cpu and env.get("ACCELERATE_USE_DEEPSPEED") != "true":
             env["ACCELERATE_USE_CPU"] = "true"
         if "SLURM_CPUS_PER_TASK" in os.environ:
             env.setdefault("OMP_NUM_THREADS", os.environ["SLURM_CPUS_PER_TASK"])
         command = self.trainer_command(self.resume if restarts == 0 else "auto")
-        print(f"launch: {job}, start {restarts}, rendezvous {env['MASTER_ADDR']}:{env['MASTER_PORT']}: "
+        accelerate = (f", {describe_accelerate_env(env)} from {self.accelerate_config}"
+                      if self.accelerate_config is not None else "")
+        print(f"launch: {job}, start {restarts}, rendezvous {env['MASTER_ADDR']}:{env['MASTER_PORT']}{accelerate}: "
               f"{shlex.join(command)}", flush=True)
         self._trainer = subprocess.Popen(command, env=env, preexec_fn=_ignore_warning_signal)
         try:
@@ -156,6 +171,43 @@ def rendezvous_port(job_id: str, restarts: int) -> int:
     return RENDEZVOUS_PORTS[zlib.crc32(f"{job_id}/{restarts}".encode()) % len(RENDEZVOUS_PORTS)]
 
 
+def accelerate_env(config_file: Path, job: submitit.JobEnvironment | None = None, master_addr: str = "127.0.0.1",
+                   master_port: int = RENDEZVOUS_PORTS[0]) -> dict[str, str]:
+    """The ACCELERATE_* variables `accelerate launch --config_file FILE` sets for the processes it starts, for this
+    task's place in the job (None: a one-task job, to check the file). Accelerate's own launcher code computes
+    them; only ACCELERATE_* are kept: devices, threads and the rendezvous are Slurm's (one task per GPU).
+    ConfigError for a file Accelerate cannot use."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import prepare_deepspeed_cmd_env, prepare_multi_gpu_env, prepare_simple_launcher_cmd_env
+
+    tasks, nodes, node = (job.num_tasks, job.num_nodes, job.node) if job is not None else (1, 1, 0)
+    try:
+        args = launch_command_parser().parse_args([
+            "--config_file", str(config_file), "--num_processes", str(tasks), "--num_machines", str(nodes),
+            "--machine_rank", str(node), "--main_process_ip", master_addr, "--main_process_port", str(master_port),
+            "colorize_dist/train.py"])
+        args, defaults, precision_from_config = _validate_launch_command(args)  # what `accelerate launch` runs
+        if args.use_deepspeed:  # as accelerate.commands.launch.launch_command
+            fields = [*(defaults.deepspeed_config if defaults else {})] + ["mixed_precision"] * precision_from_config
+            args.deepspeed_fields_from_accelerate_config = ",".join(fields)
+            _, env = prepare_deepspeed_cmd_env(args)
+        elif args.multi_gpu:
+            env = prepare_multi_gpu_env(args)
+        else:
+            _, env = prepare_simple_launcher_cmd_env(args)
+    except (OSError, ValueError, KeyError, TypeError, SystemExit) as exc:
+        raise ConfigError(f"accelerate config {config_file}: {first_line(exc) or type(exc).__name__}") from None
+    return {key: value for key, value in env.items() if key.startswith("ACCELERATE_")}
+
+
+def describe_accelerate_env(env: dict[str, str]) -> str:
+    """E.g. "DeepSpeed ZeRO-2, bf16" or "DDP, fp32", for the launch line."""
+    precision = {"no": "fp32"}.get(env.get("ACCELERATE_MIXED_PRECISION", "no"), env.get("ACCELERATE_MIXED_PRECISION"))
+    if env.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        return f"DeepSpeed ZeRO-{env.get('ACCELERATE_DEEPSPEED_ZERO_STAGE', '?')}, {precision}"
+    return f"DDP, {precision}"
+
+
 def _ignore_warning_signal() -> None:
     """Runs in the trainer's process before exec: Slurm signals every process of a step, and only submitit's handler
     in the parent should act on its warning signal (an ignored signal stays ignored across exec)."""
@@ -184,17 +236,23 @@ def make_executor(folder: Path, resources: SlurmResources) -> submitit.AutoExecu
     return executor
 
 
-def training_job(cfg: Config, run_dir: Path, resources: SlurmResources, resume: str = "auto") -> TrainingJob:
-    """The job that trains `cfg` in `run_dir`; ConfigError when the global batch does not split over its tasks."""
+def training_job(cfg: Config, run_dir: Path, resources: SlurmResources, resume: str = "auto",
+                 accelerate_config: Path | None = None) -> TrainingJob:
+    """The job that trains `cfg` in `run_dir`, its processes as `accelerate launch --config_file accelerate_config`
+    starts them; ConfigError when the global batch does not split over its tasks or the accelerate config is
+    unusable. The accelerate config is copied to RUN/accelerate.yaml on submission."""
     check_launch(cfg.train, resources.num_tasks)
+    if accelerate_config is not None:
+        accelerate_env(accelerate_config)  # a broken file fails here, in one line, not in the job
     return TrainingJob(run_dir.absolute(), resume, use_cpu=resources.gpus_per_node == 0,
-                       save_timeout_s=max(10, resources.signal_delay_s - 20))
+                       save_timeout_s=max(10, resources.signal_delay_s - 20),
+                       accelerate_config=accelerate_config.absolute() if accelerate_config is not None else None)
 
 
 def submit(cfg: Config, job: TrainingJob, resources: SlurmResources) -> submitit.Job:
     """Write `cfg` as RUN/config.yaml and submit one Slurm job for the run; its submitit files and logs go to
     RUN/slurm. submitit's FailedJobError carries sbatch's message when Slurm refuses the job."""
-    _write_config(cfg, job.run_dir)
+    job = _write_config(cfg, job)
     return make_executor(job.run_dir / SUBMITIT_FOLDER, resources).submit(job)
 
 
@@ -202,14 +260,20 @@ def submit_array(runs: Sequence[tuple[Config, TrainingJob]], resources: SlurmRes
                  folder: Path) -> list[submitit.Job]:
     """A sweep as one Slurm job array: the same resources for every run, submitit files and logs in `folder`.
     Each element checkpoints and requeues on its own."""
-    for cfg, job in runs:
-        _write_config(cfg, job.run_dir)
-    return make_executor(folder, resources).submit_array([job for _, job in runs])
+    jobs = [_write_config(cfg, job) for cfg, job in runs]
+    return make_executor(folder, resources).submit_array(jobs)
 
 
-def _write_config(cfg: Config, run_dir: Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / CONFIG_NAME)
+def _write_config(cfg: Config, job: TrainingJob) -> TrainingJob:
+    """RUN/config.yaml (and RUN/accelerate.yaml); the job as submitted, reading the copies."""
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, job.run_dir / CONFIG_NAME)
+    if job.accelerate_config is None:
+        return job
+    copy = job.run_dir / ACCELERATE_CONFIG_NAME
+    if job.accelerate_config != copy:
+        shutil.copyfile(job.accelerate_config, copy)
+    return replace(job, accelerate_config=copy)
 
 
 def sbatch_script(job: TrainingJob, resources: SlurmResources) -> str:

@@ -5,11 +5,15 @@
     colorize-dist submit ... --dry-run     # print the resolved config and the sbatch script, submit nothing
     colorize-dist submit --config tiny --run-dir runs/cpu --gpus-per-node 0 --tasks-per-node 2 \\
         --partition debug --time 00:30:00  # CPU processes (gloo), e.g. on slurm/local_cluster.sh
+    colorize-dist submit --config res1024 --accelerate-config configs/accelerate/deepspeed_zero2.yaml ...
 
 The config, its overrides, --run-dir and --resume are the trainer's (`colorize-dist train`); the config is
 checked here and written to RUN/config.yaml, which every start of the job trains with. Slurm runs one task per
 GPU (--tasks-per-node CPU processes without GPUs), each running `python -m colorize_dist.train` with RANK,
-WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT from Slurm. Logs and submitit's files go to RUN/slurm.
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT from Slurm. --accelerate-config FILE runs them as `accelerate
+launch --config_file FILE` would (DeepSpeed, its ZeRO stage and offload, mixed precision: the ACCELERATE_*
+variables Accelerate's launcher computes); the number of processes and machines is Slurm's, whatever the file
+says. Without it the processes run DDP (gloo on CPUs). Logs and submitit's files go to RUN/slurm.
 Before the time limit (--signal-delay seconds ahead) or on preemption the trainer saves a checkpoint and the job
 requeues itself with --resume auto, up to --max-timeouts times, so a run longer than one allocation needs no
 action. Exit status: 0 submitted; 1 Slurm refused the job or is not installed; 2 bad configuration.
@@ -41,6 +45,9 @@ EXIT_USAGE = 2
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_training_arguments(parser)
+    parser.add_argument("--accelerate-config", type=Path, metavar="FILE",
+                        help="run the processes as `accelerate launch --config_file FILE` does, e.g. "
+                             "configs/accelerate/deepspeed_zero2.yaml (default: DDP)")
     group = parser.add_argument_group("Slurm")
     group.add_argument("--partition", required=True, help="Slurm partition")
     group.add_argument("--time", required=True, type=time_limit_minutes, metavar="[D-]HH:MM:SS",
@@ -70,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
         cfg = load_training_config(args.config, args.overrides)
         run_dir = args.run_dir or default_run_dir(cfg, args.config)
         resources = slurm_resources(args, run_dir)
-        job = slurm.training_job(cfg, run_dir, resources, args.resume)
+        job = slurm.training_job(cfg, run_dir, resources, args.resume, args.accelerate_config)
     except ConfigError as exc:
         print(f"submit: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -113,6 +120,11 @@ def print_dry_run(cfg: Config, job: slurm.TrainingJob, resources: slurm.SlurmRes
     print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
     print(f"# each of the {resources.num_tasks} tasks runs, with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and "
           "MASTER_PORT from Slurm:")
+    if job.accelerate_config is not None:
+        env = slurm.accelerate_env(job.accelerate_config)
+        variables = " ".join(f"{key}={value}" for key, value in sorted(env.items()))
+        print(f"#   and, as `accelerate launch --config_file {job.accelerate_config}` "
+              f"({slurm.describe_accelerate_env(env)}): {variables}")
     print(f"#   {shlex.join(job.trainer_command(job.resume))}")
     print(f"# sbatch script (saved in {job.run_dir / slurm.SUBMITIT_FOLDER} on submission):")
     print(script, end="")

@@ -10,6 +10,7 @@ import copy
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -20,12 +21,21 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """ema ← decay·ema + (1 − decay)·model; buffers are copied."""
+        """ema ← decay·ema + (1 − decay)·model; buffers are copied, and floating-point ones (BatchNorm statistics,
+        which each rank updates from its own micro-batches) averaged over the ranks, so that every rank validates,
+        samples and exports the same model. Without such buffers (the default norms) nothing is communicated."""
         averaged = list(self.model.parameters())
         torch._foreach_lerp_(averaged, [p.detach().to(a.device, torch.float32) for a, p in
                                         zip(averaged, model.parameters(), strict=True)], 1.0 - self.decay)
         for mine, theirs in zip(self.model.buffers(), model.buffers(), strict=True):
             mine.copy_(theirs)
+        floating = [buffer for buffer in self.model.buffers() if buffer.is_floating_point()]
+        if floating and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flat = torch.cat([buffer.flatten() for buffer in floating])
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+            torch._foreach_copy_(floating, [part.view_as(buffer) for part, buffer in
+                                            zip(flat.split([b.numel() for b in floating]), floating, strict=True)])
 
     def state_dict(self) -> dict[str, Any]:
         return self.model.state_dict()

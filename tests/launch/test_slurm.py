@@ -21,10 +21,13 @@ import torch
 from safetensors.torch import load_file
 
 from colorize_dist import cli
+from colorize_dist.config import ConfigError
 from colorize_dist.launch.slurm import (
+    RENDEZVOUS_PORTS,
     SUBMITIT_FOLDER,
     SlurmResources,
     TrainingOutcome,
+    accelerate_env,
     rendezvous_port,
     submit_array,
     training_job,
@@ -202,6 +205,47 @@ def test_preempted_and_requeued_job_resumes_to_the_uninterrupted_weights(submit,
 
 
 @pytest.mark.slurm
+def test_deepspeed_job_is_preempted_requeues_and_finishes_with_the_same_step_count(submit, reference_run,
+                                                                                    tmp_path: Path) -> None:
+    """`submit --accelerate-config deepspeed_zero2.yaml`: each task runs as `accelerate launch` would start it
+    (DeepSpeed ZeRO-2, two engines; fp32 from the training config), checkpoints on the preemption signal, requeues,
+    resumes from DeepSpeed's checkpoint and ends at the same step as the uninterrupted DDP run, with its weights."""
+    run_dir = tmp_path / "run"
+    job_id = submit(run_dir, "--time", "00:10:00", "--accelerate-config",
+                    REPO / "configs" / "accelerate" / "deepspeed_zero2.yaml")
+    assert (run_dir / "accelerate.yaml").read_text() == (REPO / "configs/accelerate/deepspeed_zero2.yaml").read_text()
+    wait_for_first_checkpoint(run_dir)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    info = wait_until_ended(job_id, run_dir)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", logs(run_dir)
+    task0_log = (run_dir / SUBMITIT_FOLDER / f"{job_id}_0_log.out").read_text()
+    assert task0_log.count("DeepSpeed ZeRO-2, bf16 from") == 2, logs(run_dir)  # the file's precision: fp32 wins
+    assert stopped_at_step(task0_log) < MAX_STEPS and "resumed from" in task0_log
+    assert all(outcome.finished for outcome in task_outcomes(job_id, run_dir))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["finished"], summary["step"], summary["mixed_precision"]) == (True, MAX_STEPS, "no")
+    last = run_dir / "checkpoints" / f"step-{MAX_STEPS:07d}"
+    assert {path.name for path in last.iterdir()} >= {"pytorch_model", "pytorch_model_1"}  # DeepSpeed's engines
+    ema = load_file(run_dir / "export" / "generator_final.safetensors")
+    reference = load_file(reference_run[0] / "export" / "generator_final.safetensors")
+    for key, value in reference.items():
+        torch.testing.assert_close(ema[key], value, rtol=0, atol=1e-4, msg=lambda message, key=key: f"{key}: {message}")
+
+
+def test_an_accelerate_config_becomes_the_variables_accelerate_launch_sets(tmp_path: Path) -> None:
+    env = accelerate_env(REPO / "configs" / "accelerate" / "deepspeed_zero2.yaml")
+    expected = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
+                "ACCELERATE_MIXED_PRECISION": "bf16"}
+    assert {key: env[key] for key in expected} == expected
+    assert all(key.startswith("ACCELERATE_") for key in env)  # devices, threads, rendezvous: Slurm's
+    assert accelerate_env(REPO / "configs" / "accelerate" / "multi_gpu.yaml").get("ACCELERATE_USE_DEEPSPEED") is None
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("distributed_type: NO_SUCH_THING\n")
+    with pytest.raises(ConfigError, match=f"accelerate config {broken}: "):
+        accelerate_env(broken)
+
+
+@pytest.mark.slurm
 def test_time_limit_checkpoints_requeues_and_resumes_to_the_uninterrupted_weights(submit, reference_run,
                                                                                     tmp_path: Path) -> None:
     """Slurm's own warning before a time limit. Slurm checks limits every 30 s, so the test sets the limit with
@@ -301,6 +345,13 @@ def test_time_limits_become_whole_minutes() -> None:
         90, 1, 61, 2880, 2190]
 
 
-def test_every_restart_gets_a_new_rendezvous_port() -> None:
+def test_every_restart_gets_a_new_rendezvous_port_outside_the_ephemeral_range() -> None:
+    """Ports the kernel hands out to outgoing connections (ip_local_port_range) could be taken by any socket."""
     ports = {rendezvous_port("1234", restarts) for restarts in range(20)}
-    assert len(ports) == 20 and all(20000 <= port < 40000 for port in ports)
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    assert len(ports) == 20 and all(1024 < port < low or port > high for port in ports)
+    assert all(1024 < port < 32768 for port in RENDEZVOUS_PORTS)  # Linux's default range is 32768-60999
+    for template in sorted((REPO / "slurm").glob("*.sbatch")):  # the templates' formula, for its extremes
+        formula = re.search(r"PORT=\$\(\((\d+) \+ \(.*\) % (\d+)\)\)", template.read_text())
+        first, count = int(formula.group(1)), int(formula.group(2))
+        assert first > 1024 and first + count <= 32768, template.name

@@ -46,12 +46,21 @@ LAUNCH_ENV = {"cpu_2proc.yaml": {"ACCELERATE_USE_CPU": "1"}, "deepspeed_cpu_2pro
 def launch(accelerate_config: str, run_dir: Path, overrides: list[str], *, timeout: float = 600,
            ) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file configs/accelerate/<name> rank_probe.py RUN overrides...`."""
-    command = [sys.executable, "-m", "accelerate.commands.launch",
-               "--config_file", str(REPO / "configs" / "accelerate" / accelerate_config),
-               *LAUNCH_FLAGS[accelerate_config], "--main_process_port", str(free_port()),
-               str(RANK_PROBE), str(run_dir), *overrides]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          env=subprocess_env() | LAUNCH_ENV[accelerate_config])
+    return launch_script(accelerate_config, [str(RANK_PROBE), str(run_dir), *overrides], timeout=timeout)
+
+
+def launch_command(accelerate_config: str, script_args: list[str], *launch_flags: str) -> list[str]:
+    """`accelerate launch --config_file configs/accelerate/<name> [flags] script args...` as a command line."""
+    return [sys.executable, "-m", "accelerate.commands.launch",
+            "--config_file", str(REPO / "configs" / "accelerate" / accelerate_config),
+            *LAUNCH_FLAGS[accelerate_config], "--main_process_port", str(free_port()), *launch_flags, *script_args]
+
+
+def launch_script(accelerate_config: str, script_args: list[str], *launch_flags: str, timeout: float = 600,
+                  ) -> subprocess.CompletedProcess:
+    """Run `launch_command(...)` to the end; stdout and stderr are captured."""
+    return subprocess.run(launch_command(accelerate_config, script_args, *launch_flags), capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO, env=subprocess_env() | LAUNCH_ENV[accelerate_config])
 
 
 def train_process(run_dir: Path, overrides: list[str], *extra_args: str) -> subprocess.Popen:

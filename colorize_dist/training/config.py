@@ -14,7 +14,7 @@ from pathlib import Path
 
 from colorize_dist.config import ConfigError, check_choice, load_config
 from colorize_dist.data.config import DataConfig
-from colorize_dist.eval.metrics import PER_IMAGE_METRICS
+from colorize_dist.eval.names import DIRECTION, INCEPTION_METRICS
 from colorize_dist.models.config import LossConfig, ModelConfig, check_compatible
 
 DEFAULT_CONFIG = "tiny"  # the embedded default: a preset that trains on synthetic data in minutes on a CPU
@@ -65,29 +65,47 @@ class TrainConfig:
     keep_checkpoints: int = 3  # the last K step checkpoints are kept; the best one is kept apart
     validate_every: int = 1000  # optimizer steps between validations (which update the best checkpoint)
     best_metric: str = "psnr_lab"  # key of compute_metrics' result that picks the best checkpoint
-    fid_weights: str | None = None  # pytorch-fid Inception weights: adds "fid" to validation (and as best_metric)
-    best_mode: str = "max"  # max | min
+    fid_weights: str | None = None  # pytorch-fid Inception weights: adds fid, kid, inception_score to validation
+    best_mode: str | None = None  # max | min; None: the metric's own direction (eval/names.py DIRECTION)
+    init_generator: str | None = None  # RUN_OR_FILE: start G (and its EMA) from an exported generator (seed 002)
     sample_every: int = 500  # optimizer steps between sample grids
     num_samples: int = 8  # validation images in the sample grid
     max_nonfinite_steps: int = 20  # stop after this many consecutive steps with a NaN/inf loss
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb
     synth_images: int = 1200  # the embedded default: synthetic images made when data.shards is not set
+    # A collective (all-reduce, barrier, checkpoint) that waits longer than this for another rank ends the run with
+    # one line naming the ranks that no longer answer; rank 0 alone may hash a large checkpoint meanwhile.
+    collective_timeout_s: float = 600.0
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints",
                      "validate_every", "sample_every", "num_samples", "max_nonfinite_steps", "synth_images"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        if not self.collective_timeout_s > 0:
+            raise ConfigError(f"train.collective_timeout_s must be positive, got {self.collective_timeout_s}")
         if self.max_steps < 0 or self.pretrain_steps < 0:
             raise ConfigError("train.max_steps and train.pretrain_steps must be ≥ 0")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.mixed_precision is not None:
             check_choice("train.mixed_precision", self.mixed_precision, tuple(MIXED_PRECISION))
+        check_choice("train.best_metric", self.best_metric, tuple(DIRECTION))
+        if self.best_metric == "lpips":
+            raise ConfigError("train.best_metric=lpips: validation does not compute LPIPS; use `colorize-dist eval "
+                              "--lpips-weights` on the exports")
+        if self.best_metric in INCEPTION_METRICS and self.fid_weights is None:
+            raise ConfigError(f"train.best_metric={self.best_metric} needs train.fid_weights "
+                              "(pytorch-fid's Inception weights)")
+        if self.best_mode is None:
+            self.best_mode = DIRECTION[self.best_metric]
         check_choice("train.best_mode", self.best_mode, BEST_MODES)
-        check_choice("train.best_metric", self.best_metric, (*PER_IMAGE_METRICS, "fid"))
-        if self.best_metric == "fid" and self.fid_weights is None:
-            raise ConfigError("train.best_metric=fid needs train.fid_weights (pytorch-fid's Inception weights)")
+        if self.best_mode != DIRECTION[self.best_metric]:
+            raise ConfigError(f"train.best_mode={self.best_mode} contradicts train.best_metric={self.best_metric} "
+                              f"(better is {DIRECTION[self.best_metric]}); leave train.best_mode unset")
+        if self.init_generator is not None and not self.init_generator.strip():
+            raise ConfigError("train.init_generator must name a run directory or an exported generator file, or be "
+                              "null")
         for tracker in self.trackers:
             check_choice("train.trackers", tracker, TRACKERS)
 

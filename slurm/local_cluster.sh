@@ -19,10 +19,9 @@
 # State (daemon logs, spool, saved controller state, pid files) lives in $COLORIZE_DIST_SLURM_DIR (default
 # /tmp/colorize-dist-slurm). Outside it, `up` writes only $SLURM_CONF (default /etc/slurm/slurm.conf, which every
 # Slurm command reads), carrying a marker line (an existing file without it, a real cluster's, is never touched).
-# COLORIZE_DIST_SLURM_PORT (default 6817; slurmd uses the next
-# port) and SLURM_CONF run a second, private cluster beside another one; COLORIZE_DIST_SLURM_SUBNET (default
-# 10.232.0) moves the emulated nodes' /24 if that one is in use here. No GPUs, no accounting database (so `sacct`
-# does not work; `scontrol show job` does).
+# COLORIZE_DIST_SLURM_SUBNET (default 10.232.0) moves the emulated nodes' /24. COLORIZE_DIST_SLURM_PORT (default
+# 6817; slurmd uses the next port) and SLURM_CONF run a second, private cluster beside another one (with --nodes,
+# give it its own subnet too). No GPUs, no accounting database (so `sacct` does not work; `scontrol show job` does).
 set -euo pipefail
 
 STATE_DIR=${COLORIZE_DIST_SLURM_DIR:-/tmp/colorize-dist-slurm}
@@ -32,8 +31,13 @@ SUBNET=${COLORIZE_DIST_SLURM_SUBNET:-10.232.0}
 MARKER="# written by colorize_dist slurm/local_cluster.sh"
 PARTITION=debug
 MULTINODE_PARTITION=multinode
-NETNS_PREFIX=colorize-slurm  # namespaces colorize-slurm-n1 …; their interfaces on this host: cdslurm-n1 …
-BRIDGE=cdslurm0
+# What --nodes makes: namespaces colorize-slurm-n1 …, this host's ends of their links cdslurm-n1 …, bridge cdslurm0.
+# A second cluster (another port) gets names of its own, so that neither touches the other's nodes.
+if [ "$PORT" = 6817 ]; then
+    NETNS_PREFIX=colorize-slurm VETH=cdslurm BRIDGE=cdslurm0
+else
+    NETNS_PREFIX=colorize-slurm$PORT VETH=cds$PORT BRIDGE=cds${PORT}br
+fi
 MAX_NODES=50
 
 say() { echo "local_cluster: $*"; }
@@ -112,10 +116,10 @@ make_network() {  # make_network N: the bridge, N namespaces with their hosts fi
         } >"$STATE_DIR/hosts-$(node_name "$i")"
         ip netns list | grep -qw "^$ns" && continue
         ip netns add "$ns"
-        ip link add "cdslurm-n$i" type veth peer name "cdslurm-n$i-in"
-        ip link set "cdslurm-n$i" master "$BRIDGE" up
-        ip link set "cdslurm-n$i-in" netns "$ns"
-        ip -n "$ns" link set "cdslurm-n$i-in" name eth0
+        ip link add "$VETH-n$i" type veth peer name "$VETH-n$i-in"
+        ip link set "$VETH-n$i" master "$BRIDGE" up
+        ip link set "$VETH-n$i-in" netns "$ns"
+        ip -n "$ns" link set "$VETH-n$i-in" name eth0
         ip -n "$ns" addr add "$(node_address "$i")/24" dev eth0
         ip -n "$ns" link set eth0 up
         ip -n "$ns" link set lo up
@@ -130,7 +134,7 @@ remove_network() {  # remove_network FROM: the namespaces colorize-slurm-nFROM�
         [ "$i" -ge "$from" ] || continue
         ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
         ip netns delete "$ns"
-        ip link delete "cdslurm-n$i" 2>/dev/null || true  # gone with the namespace, except on some kernels
+        ip link delete "$VETH-n$i" 2>/dev/null || true  # gone with the namespace, except on some kernels
         say "removed node $(node_name "$i") (namespace $ns)"
     done
     if [ "$from" -le 1 ] && ip link show "$BRIDGE" >/dev/null 2>&1; then

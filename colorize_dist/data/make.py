@@ -23,6 +23,7 @@ import io
 import multiprocessing
 import multiprocessing.pool
 import os
+import re
 import shutil
 import sys
 import tarfile
@@ -164,7 +165,8 @@ def encode_image(relative_path: str, data: bytes, *, resolution: int | None, ima
             square = ImageOps.fit(to_rgb8(ImageOps.exif_transpose(image)), (resolution, resolution),
                                   method=Image.Resampling.LANCZOS)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        return None, f"{type(exc).__name__}: {exc}"
+        # PIL names the in-memory buffer it was given ("<_io.BytesIO object at 0x…>"): name the file instead.
+        return None, f"{type(exc).__name__}: {re.sub(r'<_io.BytesIO object at 0x[0-9a-f]+>', relative_path, str(exc))}"
     return encode_array(square, image_format, quality)
 
 

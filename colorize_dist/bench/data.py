@@ -41,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.epochs < 1:
-        raise SystemExit("bench data: --epochs must be at least 1")
+    if args.epochs < 1 or min(args.resolutions) < 1:
+        raise SystemExit("bench data: --epochs and --resolutions must be at least 1")
     if args.resume_at is not None and not 0.0 < args.resume_at < 1.0:
         raise SystemExit("bench data: --resume-at must be between 0 and 1")
     if not dali_available():

@@ -72,7 +72,18 @@ def main(args: argparse.Namespace) -> int:
             print(f"train: {exc}; rerun every node to resume from {last or 'the start (no checkpoint yet)'}",
                   file=sys.stderr, flush=True)
         return EXIT_PEER_LOST
+    leave_process_group()
     return 0 if result.finished else EXIT_RESUMABLE
+
+
+def leave_process_group() -> None:
+    """Every rank leaves together: a rank exiting while another still waits on the rendezvous store (which rank 0
+    hosts) aborts that one ("terminate called without an active exception") after a finished run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

@@ -20,7 +20,7 @@ class DataConfig:
     flip: bool = True  # random horizontal flips for training
     hw_decoder_load: float = 0.65  # GPU only: share of JPEGs sent to the hardware decoder, rest to CUDA
     prefetch: int = 2  # batches prepared ahead
-    shuffle_buffer: int = 1024  # samples held for shuffling (DALI's initial_fill); larger mixes more
+    shuffle_buffer: int = 1024  # shuffle window: each sample moves by less than this in an epoch; larger mixes more
 
     def validate(self) -> None:
         if self.resolution < 8:

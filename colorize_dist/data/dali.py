@@ -12,6 +12,13 @@ decoder state, threads and memory. Its prefetch queue runs ahead from the end of
 ((epoch + 1, 0); validation passes are all alike), so consecutive epochs flow without a pause. Asking for any
 other position drops the batches in flight (at most `prefetch`) and feeds from there: resuming at batch k
 decodes nothing before it. The order depends on (seed, epoch) only, whatever the pipeline did before.
+
+DALI 2.4's `fn.readers.webdataset` does support checkpointing (`enable_checkpointing=True`; a restored
+pipeline replays its reader in a dry run and yields the same samples). It is not used: a DALI checkpoint
+restores only at build time, from state saved by that rank's running pipeline, so every rank would have to
+write its own DALI state into each training checkpoint, and the reader's shuffle state runs on from epoch to
+epoch, so a reused pipeline could not start epoch e as a fresh one would. Feeding the pipeline from
+`epoch_order` gives both for nothing: batch k of epoch e is known from (seed, epoch, k) alone.
 """
 
 from __future__ import annotations
@@ -97,12 +104,13 @@ class DaliSource:
         if not self.on_gpu:
             return []
         tables = [self.reader.table(index) for index in self.ranks.shard_indices]
-        png = sum(extension == "png" for table in tables for extension in table.extensions)
+        png = sum(extension in ("png", "webp") for table in tables for extension in table.extensions)
         progressive = sum(table.shard.progressive for table in tables)
         notes = []
         if png:
-            notes.append(f"{png} of this rank's images are PNG: DALI decodes PNG on the CPU even with `mixed`; "
-                         "remake the shards as JPEG (`colorize-dist shards make --format jpg`) to decode on the GPU")
+            notes.append(f"{png} of this rank's images are PNG or WebP, which DALI decodes on the CPU even with "
+                         "`mixed`; remake the shards as JPEG (`colorize-dist shards make --format jpg`) to decode "
+                         "on the GPU")
         if progressive:
             notes.append(f"{progressive} of this rank's images are progressive JPEGs, which skip the hardware JPEG "
                          "decoder (CUDA decodes them); remake the shards without --keep-original for baseline JPEGs")

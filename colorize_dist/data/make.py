@@ -57,6 +57,7 @@ from colorize_dist.files import first_line
 # Encoded results: (extension, bytes), or (None, reason) for a skipped input.
 Encoded = tuple[str | None, bytes | str]
 IMAGE_FORMATS = ("jpg", "png")
+CPU_DECODED = ("png", "webp")  # DALI's `mixed` decoder decodes these on the CPU
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,8 @@ def write_shard_set(out: Path, relative_paths: Sequence[str], load: Callable[[st
             writer.abort()
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ShardError(_no_space(out, writers, done, len(ordered))) from None
-        raise ShardError(f"writing {out} failed ({first_line(exc)}); no manifest was written") from None
+        raise ShardError(f"{first_line(exc)}; no manifest was written to {out}, so the partial set is never used"
+                         ) from None
     for split in SPLITS:
         summary = manifest["splits"][split]
         print(f"{split}: {summary['samples']} images in {len(summary['shards'])} shards under {out / split}")
@@ -259,21 +261,23 @@ def decoder_notes(shards: dict[str, list[Shard]]) -> list[str]:
     """What the stored formats mean for GPU decoding with DALI (PNG on the CPU, progressive JPEG off the
     hardware decoder); empty for baseline JPEGs."""
     samples = [shard for split_shards in shards.values() for shard in split_shards]
-    png = sum(map(_png_samples, samples))
+    png = sum(map(_cpu_decoded_samples, samples))
     progressive = sum(shard.progressive for shard in samples)
     notes = []
     if png:
-        notes.append(f"{png} images are stored as PNG, which DALI decodes on the CPU even on a GPU (`mixed`); "
-                     "the default --format jpg stores baseline JPEGs, which the GPU's hardware decoder takes")
+        notes.append(f"{png} images are stored as PNG (or WebP), which DALI decodes on the CPU even on a GPU "
+                     "(`mixed`); the default --format jpg stores baseline JPEGs, which the GPU's hardware decoder "
+                     "takes")
     if progressive:
         notes.append(f"{progressive} images are progressive JPEGs (kept as they were): the GPU's hardware JPEG "
                      "decoder skips them (CUDA decodes them, slower); drop --keep-original to store baseline JPEGs")
     return notes
 
 
-def _png_samples(shard: Shard) -> int:
+def _cpu_decoded_samples(shard: Shard) -> int:
+    """Samples stored in a format DALI's `mixed` decoder leaves to the CPU (PNG, WebP)."""
     index = shard.index_path.read_text() if shard.index_path.is_file() else ""
-    return sum(line.split(" ", 1)[0].lower() == "png" for line in index.splitlines()[1:])
+    return sum(line.split(" ", 1)[0].lower() in CPU_DECODED for line in index.splitlines()[1:])
 
 
 def _encode_all(pool: multiprocessing.pool.Pool, workers: int, ordered: Sequence[str],

@@ -23,19 +23,29 @@ from colorize_dist.models.config import GeneratorConfig
 from colorize_dist.models.export import save_generator
 from colorize_dist.models.generator import build_generator
 from colorize_dist.training import checkpoint
-from tests.data.helpers import damaged_copy, flip_header, flip_payload, needs_dali, truncate
+from tests.data.helpers import (
+    damaged_copy,
+    flip_header,
+    flip_payload,
+    misstate_size,
+    needs_dali,
+    remove_index,
+    truncate,
+)
 from tests.training.helpers import REPO, TRAIN_SCRIPT, free_port, subprocess_env, tiny_overrides, train_once
 
 BOUND_S = 120  # a faulty run, start to exit (a tiny run takes 10-20 s here; the hang this replaces never ended)
 BACKENDS = [pytest.param("dali", marks=needs_dali), "reference"]
 
 # (fault, shard): read-time faults in a train shard (caught by the checksum and tar header checks on the sample
-# read), and truncated shards (caught by the size check before the first step).
+# read), and truncated shards, a missing index, a manifest that misstates a size (caught before the first step).
 FAULTS = {
     "flipped payload": (flip_payload, "train/train-000001.tar"),
     "flipped tar header": (flip_header, "train/train-000001.tar"),
     "truncated train shard": (truncate, "train/train-000001.tar"),
     "truncated val shard": (truncate, "val/val-000000.tar"),
+    "missing index": (remove_index, "train/train-000000.tar"),
+    "manifest mismatch": (misstate_size, "val/val-000000.tar"),
 }
 
 
@@ -86,7 +96,8 @@ def test_a_damaged_shard_ends_training_in_one_line(trained, fault: str, tmp_path
     seconds = time.perf_counter() - started
     assert result.returncode == 2 and seconds < BOUND_S, result.stderr
     line = one_line(result.stderr, "train")
-    assert str(damaged) in line and "colorize-dist shards verify" in line and "remake the set" in line
+    fix = "shards index" if fault == "missing index" else "colorize-dist shards verify"
+    assert str(damaged) in line and fix in line
     assert checkpoint.latest_valid(run_dir / checkpoint.CHECKPOINTS) == last  # intact, and still the newest
     assert not list((run_dir / checkpoint.CHECKPOINTS).glob(".tmp-*"))
 

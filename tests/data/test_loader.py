@@ -265,6 +265,6 @@ def test_gpu_decoding_says_which_images_cannot_use_the_hardware_decoder(synth_sh
     on_gpu = DaliSource(ranks, cfg, train=False, seed=0, device=torch.device("cuda", 0), directory=synth_shards)
     assert "mixed: baseline JPEGs on the hardware decoder" in on_gpu.describe()
     (note,) = on_gpu.gpu_notes()
-    assert note.startswith(f"{ranks.total} of this rank's images are PNG: DALI decodes PNG on the CPU")
+    assert note.startswith(f"{ranks.total} of this rank's images are PNG or WebP, which DALI decodes on the CPU")
     on_cpu = DaliSource(ranks, cfg, train=False, seed=0, device=torch.device("cpu"), directory=synth_shards)
     assert on_cpu.gpu_notes() == []

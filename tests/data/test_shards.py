@@ -229,7 +229,7 @@ def test_make_stores_baseline_jpegs_and_says_what_png_and_progressive_mean_on_a_
 
     assert run_cli("shards", "make", image_folder, tmp_path / "png", "--resolution", 16, "--format", "png",
                    "--workers", 1) == 0
-    assert f"note: {GOOD_IMAGES} images are stored as PNG, which DALI decodes on the CPU even on a GPU" in \
+    assert f"note: {GOOD_IMAGES} images are stored as PNG (or WebP), which DALI decodes on the CPU even on a GPU" in \
         capsys.readouterr().err
 
     progressive = tmp_path / "progressive"

@@ -173,4 +173,8 @@ def _kill(workers) -> None:
 
 @atexit.register  # registered after multiprocessing's own exit hook, so it runs before it
 def _kill_workers_at_exit() -> None:
-    _kill(list(_workers))
+    workers = [worker for worker in _workers if worker.is_alive()]
+    if workers:
+        # torch's SIGCHLD handler would report these deaths as a worker failure (a traceback after the run's line).
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        _kill(workers)

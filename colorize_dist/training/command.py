@@ -77,8 +77,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def leave_process_group() -> None:
-    """Every rank leaves together: a rank exiting while another still waits on the rendezvous store (which rank 0
-    hosts) aborts that one ("terminate called without an active exception") after a finished run."""
+    """Every rank leaves together, once every collective of the run is done, and releases its process group (NCCL
+    warns of a leak otherwise)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

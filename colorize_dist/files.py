@@ -8,6 +8,7 @@ disk never leaves a truncated file under the final name.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,3 +43,9 @@ def first_line(exc: BaseException) -> str:
     """An exception's message folded to one line (its type's name if it has none), for one-line errors."""
     text = " ".join(str(exc).strip().split("\n")[0].split())
     return text or type(exc).__name__
+
+
+def sha256_of(path: Path) -> str:
+    """The file's SHA-256 (hex), read in blocks."""
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()

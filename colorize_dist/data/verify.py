@@ -7,7 +7,6 @@ when the shard was made and decodes at the manifest's resolution; `--deep` also 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import sys
 import tarfile
@@ -29,7 +28,7 @@ from colorize_dist.data.shards import (
     manifest_shards,
     read_manifest,
 )
-from colorize_dist.files import first_line
+from colorize_dist.files import first_line, sha256_of
 
 REMAKE = "remake the set (`colorize-dist shards make ... --force`) or restore the shard"
 
@@ -107,7 +106,7 @@ def check_shard(shard: Shard, resolution: int | None, directory: Path, *, deep: 
             problem = check_image(data, resolution)
             if problem:
                 problems.append(f"{shard.path}: sample {member} {problem}")
-    if deep and shard.sha256 is not None and _sha256(shard.path) != shard.sha256:
+    if deep and shard.sha256 is not None and sha256_of(shard.path) != shard.sha256:
         problems.append(f"{shard.path}: SHA-256 differs from {MANIFEST} (the file changed); {REMAKE}")
     return problems
 
@@ -124,10 +123,3 @@ def check_image(data: bytes, resolution: int | None) -> str | None:
         return f"is {size[0]}x{size[1]}, manifest says {resolution}x{resolution}"
     return None
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

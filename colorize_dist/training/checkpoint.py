@@ -11,7 +11,6 @@ leaves a half-written "latest", and `latest_valid` skips a corrupted one with a 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import re
@@ -22,7 +21,7 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from colorize_dist.files import atomic_write, first_line
+from colorize_dist.files import atomic_write, first_line, sha256_of
 from colorize_dist.training.stop import any_rank
 
 log = logging.getLogger(__name__)
@@ -78,7 +77,7 @@ def save_checkpoint(accelerator: Accelerator, folder: Path, **info: Any) -> None
     (failed,) = any_rank(error is not None, device=accelerator.device)
     if not failed and accelerator.is_main_process:
         try:
-            files = {path.relative_to(temporary).as_posix(): {"size": path.stat().st_size, "sha256": _sha256(path)}
+            files = {path.relative_to(temporary).as_posix(): {"size": path.stat().st_size, "sha256": sha256_of(path)}
                      for path in sorted(temporary.rglob("*")) if path.is_file()}
             atomic_write(temporary / MANIFEST, json.dumps({**info, "files": files}, indent=1))
             _replace(temporary, folder)
@@ -165,7 +164,7 @@ def check(folder: Path, verify_hashes: bool = True) -> str | None:
         path = folder / name
         if not path.is_file():
             return f"{name} is missing"
-        if path.stat().st_size != expected["size"] or (verify_hashes and _sha256(path) != expected["sha256"]):
+        if path.stat().st_size != expected["size"] or (verify_hashes and sha256_of(path) != expected["sha256"]):
             return f"{name} does not match its checksum (corrupted or partly written)"
     return None
 
@@ -195,10 +194,3 @@ def _replace(source: Path, target: Path) -> None:
     source.rename(target)
     shutil.rmtree(aside, ignore_errors=True)
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

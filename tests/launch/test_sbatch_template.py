@@ -1,0 +1,87 @@
+"""slurm/single_node.sbatch run as a user would submit it, on the local cluster's CPU node (slurm/local_cluster.sh).
+
+The template's own stop path, not submitit's: Slurm warns the batch script (B:USR1), the script passes SIGUSR1 to
+the trainers and requeues the job only after they saved; the requeued job resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from colorize_dist.launch.slurm import SUBMITIT_FOLDER
+from tests.launch.test_slurm import (
+    MAX_STEPS,
+    REPO,
+    job_info,
+    stopped_at_step,
+    tiny_overrides,
+    wait_for,
+    wait_for_first_checkpoint,
+    wait_until_ended,
+)
+from tests.training.helpers import subprocess_env
+
+TEMPLATE = REPO / "slurm" / "single_node.sbatch"
+CONFIG = "configs/tiny.yaml"
+
+
+def submit_template(partition: str, run_dir: Path, overrides: list[str]) -> str:
+    """The template unchanged, with the command-line options and environment a CPU node needs: no GPUs, so
+    PROCESSES=2 trainers with gloo (ACCELERATE_USE_CPU=1); a 10-minute limit; the repository as working directory.
+    The overrides are the script's arguments, which Slurm passes again to the requeued start. Its log goes to
+    RUN/slurm/<job id>_log.out, where the shared helpers look for logs to show on a failure."""
+    (run_dir / SUBMITIT_FOLDER).mkdir(parents=True)
+    env = subprocess_env() | {"CONFIG": CONFIG, "RUN_DIR": str(run_dir), "PROCESSES": "2", "ACCELERATE_USE_CPU": "1"}
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", f"--partition={partition}", "--gpus-per-node=0", "--cpus-per-task=2", "--time=10",
+         f"--output={run_dir / SUBMITIT_FOLDER}/%j_log.out", f"--chdir={REPO}", str(TEMPLATE), *overrides],
+        env=env, capture_output=True, text=True, check=True)
+    return submitted.stdout.strip()
+
+
+@pytest.mark.slurm
+def test_single_node_template_checkpoints_before_the_time_limit_requeues_and_resumes(partition: str, shards: Path,
+                                                                                      tmp_path: Path) -> None:
+    """As in test_slurm's time-limit test: Slurm checks limits every 30 s, so the limit is set with `scontrol
+    update` once training runs, and the trainers are held (SIGSTOP) until the script has the warning."""
+    run_dir = tmp_path / "run"
+    job_id = submit_template(partition, run_dir, tiny_overrides(shards))
+    log = run_dir / SUBMITIT_FOLDER / f"{job_id}_log.out"
+    try:
+        wait_for_first_checkpoint(run_dir)
+        # The ranks and their data loader workers; not the launcher, whose command line names train.py too.
+        trainer_command = f"-u colorize_dist/train.py --config {CONFIG} --run-dir {run_dir} "
+        trainers = subprocess.run(["pgrep", "-f", "--", trainer_command], capture_output=True, text=True,
+                                  check=True).stdout.split()
+        assert len(trainers) >= 2
+        subprocess.run(["kill", "-STOP", *trainers], check=True)
+        try:
+            # The limit ends 60 to 120 s from now: within the 120 s warning, with time left to save and requeue.
+            elapsed_min = int(job_info(job_id)["RunTime"].split(":")[-2])
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", f"TimeLimit={elapsed_min + 2}"], check=True)
+            wait_for(lambda: "time limit near" in log.read_text(), 60, "time-limit warning", run_dir)
+        finally:
+            subprocess.run(["kill", "-CONT", *trainers], check=False)
+        wait_for(lambda: job_info(job_id)["Restarts"] == "1", 120, "requeue", run_dir)
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10"], check=True)
+        info = wait_until_ended(job_id, run_dir)
+    finally:
+        subprocess.run(["scancel", job_id], check=False)
+
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text
+    warning = text.index(f"time limit near: the trainers checkpoint, then job {job_id} requeues")
+    stopped_at = stopped_at_step(text)
+    assert stopped_at < MAX_STEPS
+    saved = text.index(f"stop requested: checkpoint at step {stopped_at} saved")
+    restarted = text.index(f"job {job_id} start 1 ")
+    assert warning < saved < restarted, text  # the requeue waited for the save
+    assert re.search(rf"resumed from \S+ at step {stopped_at}\b", text[restarted:]), text
+    assert len(set(re.findall(rf"job {job_id} start \d .*, port (\d+)", text))) == 2, text  # a new rendezvous
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["finished"], summary["step"]) == (True, MAX_STEPS), summary

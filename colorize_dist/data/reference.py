@@ -44,6 +44,7 @@ PR_SET_PDEATHSIG = 1
 # bytes or None, the read error if the bytes could not be read).
 EncodedSample = tuple[np.ndarray | None, str, str, bytes | None, str | None]
 
+WORKER_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # the job's stop signals, which the trainer handles
 _workers: weakref.WeakSet = weakref.WeakSet()  # every worker process started here, to kill at exit
 
 
@@ -74,9 +75,13 @@ class ReferenceSource:
         # cycles a loader left behind) would otherwise be finalised in the child, waiting forever for DALI threads
         # that only exist in this process.
         gc.freeze()
+        # Stop signals wait while the workers are forked: a worker takes its parent's blocked set, and one signalled
+        # before `_worker_init` ignores them would die of it. This process takes them once the workers run.
+        previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORED_SIGNALS)
         try:
             iterator = iter(loader)
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
             gc.unfreeze()
         _workers.update(getattr(iterator, "_workers", ()))
         try:
@@ -145,8 +150,9 @@ def collate(samples: list[tuple[str, np.ndarray | None, str | None]]) -> tuple[t
 def _worker_init(worker_id: int) -> None:
     """Slurm's SIGTERM/SIGUSR1 reach the workers too: the trainer checkpoints on them, which needs the workers
     alive until then (they exit with the trainer, and die with it if it is killed)."""
-    for stop_signal in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(stop_signal, signal.SIG_IGN)
+    for stop_signal in WORKER_IGNORED_SIGNALS:
+        signal.signal(stop_signal, signal.SIG_IGN)  # discards one that arrived while blocked
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_IGNORED_SIGNALS)
     with contextlib.suppress(OSError, AttributeError):  # not Linux: the exit hook below still kills them
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() == 1:  # the parent died before prctl took effect

@@ -6,6 +6,8 @@ import io
 import json
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -268,3 +270,38 @@ def test_gpu_decoding_says_which_images_cannot_use_the_hardware_decoder(synth_sh
     assert note.startswith(f"{ranks.total} of this rank's images are PNG or WebP, which DALI decodes on the CPU")
     on_cpu = DaliSource(ranks, cfg, train=False, seed=0, device=torch.device("cpu"), directory=synth_shards)
     assert on_cpu.gpu_notes() == []
+
+
+# Reads epoch after epoch (each starts new DataLoader workers) while stop signals hit the whole process group, as
+# Slurm sends them; this process takes them as stop requests, as the trainer does.
+SIGNALLED_EPOCHS_SCRIPT = """
+import os, signal, sys, threading, time
+from colorize_dist.data.config import DataConfig
+from colorize_dist.data.loader import build_loader
+
+stops = []
+for sig in (signal.SIGTERM, signal.SIGUSR1):
+    signal.signal(sig, lambda signum, frame: stops.append(signum))
+done = threading.Event()
+
+def signal_the_job():
+    while not done.is_set():
+        os.killpg(0, signal.SIGTERM)
+        time.sleep(0.002)
+
+threading.Thread(target=signal_the_job, daemon=True).start()
+cfg = DataConfig(shards=sys.argv[1], resolution=24, backend="reference", num_threads=2)
+with build_loader(cfg, "train", batch_size=4) as loader:
+    for epoch in range(int(sys.argv[2])):
+        assert sum(1 for _ in loader.epoch(epoch)) == loader.batches_per_epoch
+done.set()
+print(f"{len(stops)} stop signals", flush=True)
+"""
+
+
+def test_stop_signals_while_workers_start_never_kill_a_worker(synth_shards: Path) -> None:
+    """A worker ignores the job's stop signals from its first instruction on, not only after it has started."""
+    result = subprocess.run([sys.executable, "-c", SIGNALLED_EPOCHS_SCRIPT, str(synth_shards), "20"],
+                            capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert int(result.stdout.split()[0]) > 0

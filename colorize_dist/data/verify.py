@@ -122,4 +122,3 @@ def check_image(data: bytes, resolution: int | None) -> str | None:
     if resolution is not None and size != (resolution, resolution):
         return f"is {size[0]}x{size[1]}, manifest says {resolution}x{resolution}"
     return None
-

@@ -193,4 +193,3 @@ def _replace(source: Path, target: Path) -> None:
         target.rename(aside)
     source.rename(target)
     shutil.rmtree(aside, ignore_errors=True)
-

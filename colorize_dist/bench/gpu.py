@@ -964,6 +964,7 @@ def train_overrides(batch: int) -> list[str]:
 
 def stage_train(stage: Stage) -> None:
     from colorize_dist.bench import train as bench_train
+    from colorize_dist.study.costs import point_cost
     from colorize_dist.training.config import load_training_config
 
     config, batch, resolution = TRAIN_GROUPS[stage.name]
@@ -971,7 +972,7 @@ def stage_train(stage: Stage) -> None:
     overrides = train_overrides(batch)
     cfg = load_training_config(config, overrides)
     matmul = stage.earlier("env").get("matmul_bf16_tflops")
-    flops = bench_train.model_flops_per_image(cfg)
+    flops = point_cost(cfg).flops_per_image
     stage.result = {"config": config, "resolution": resolution, "batch_size": batch, "steps": steps,
                     "warmup": warmup, "overrides": overrides, "flops_per_image": flops,
                     "matmul_bf16_tflops": matmul, "rows": []}

@@ -27,7 +27,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from colorize_dist import cli
 from colorize_dist.bench.timing import format_table
 from colorize_dist.config import ConfigError
-from colorize_dist.models.info import discriminator_cost, generator_cost
+from colorize_dist.study import costs
 from colorize_dist.training.config import Config, load_training_config
 from colorize_dist.training.summary import read_summary
 
@@ -38,13 +38,6 @@ VARIANTS: dict[str, list[str]] = {
     "bf16 + channels_last": ["train.mixed_precision=bf16", "train.channels_last=true", "train.compile=false"],
     "bf16 + channels_last + compile": ["train.mixed_precision=bf16", "train.channels_last=true",
                                        "train.compile=true"],
-}
-# Dense peak FLOP/s by GPU name fragment: (bf16 tensor cores, fp32 without tensor cores).
-PEAK_FLOPS: dict[str, tuple[float, float]] = {
-    "H200": (989e12, 67e12),
-    "H100": (989e12, 67e12),
-    "A100": (312e12, 19.5e12),
-    "L40S": (362e12, 91.6e12),
 }
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
 DEFAULT_CONFIG = TRAIN_SCRIPT.parents[1] / "configs" / "tiny.yaml"
@@ -143,23 +136,10 @@ def logged_rates(run_dir: Path, warmup: int) -> tuple[float, float]:
     return statistics.median(e.value for e in rates), statistics.median(e.value for e in waits)
 
 
-def model_flops_per_image(cfg: Config) -> float:
-    """Model FLOPs of one training step per image.
-
-    G forward + backward (3 × G), D on real and fake with backward (6 × D), and D again on the prediction for G's
-    adversarial term, back-propagated to its input (about 3 × D).
-    """
-    resolution = cfg.data.resolution
-    flops = 3 * generator_cost(cfg.model.generator, resolution).flops
-    if cfg.adversarial:
-        flops += 9 * discriminator_cost(cfg.model.discriminator, cfg.model.generator.out_channels, resolution).flops
-    return float(flops)
-
-
 def mfu(cfg: Config, images_per_s: float, half_precision: bool) -> str:
-    """Model FLOPs utilisation against the GPU's data-sheet peak, or "n/a" off a GPU we know the peak of."""
-    peaks = next((peak for name, peak in PEAK_FLOPS.items()
-                  if torch.cuda.is_available() and name in torch.cuda.get_device_name()), None)
-    if peaks is None:
-        return "n/a"
-    return f"{model_flops_per_image(cfg) * images_per_s / peaks[0 if half_precision else 1]:.1%}"
+    """Model FLOPs utilisation of one process (study/costs.py: FLOPs per image and the GPU's data-sheet peak), or
+    "n/a" off a GPU we know the peak of."""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    value = costs.mfu(images_per_s, costs.point_cost(cfg).flops_per_image, 1, device,
+                      "bf16" if half_precision else "no")
+    return "n/a" if value is None else f"{value:.1%}"

@@ -389,7 +389,9 @@ def live_members(group: int) -> list[int]:
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads /proc")
 def test_stop_group_ends_the_stage_and_its_children():
     process = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60 & wait"], start_new_session=True)
-    time.sleep(0.5)
+    deadline = time.monotonic() + 10  # the shell and both sleeps (a loaded machine forks slowly)
+    while len(live_members(process.pid)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert len(live_members(process.pid)) == 3
     started = time.monotonic()
     gpu.stop_group(process)

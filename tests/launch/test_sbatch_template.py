@@ -17,12 +17,10 @@ from colorize_dist.launch.slurm import SUBMITIT_FOLDER
 from tests.launch.test_slurm import (
     MAX_STEPS,
     REPO,
-    job_info,
+    run_through_time_limit,
     stopped_at_step,
     tiny_overrides,
-    wait_for,
     wait_for_first_checkpoint,
-    wait_until_ended,
 )
 from tests.training.helpers import subprocess_env
 
@@ -47,29 +45,15 @@ def submit_template(partition: str, run_dir: Path, overrides: list[str]) -> str:
 @pytest.mark.slurm
 def test_single_node_template_checkpoints_before_the_time_limit_requeues_and_resumes(partition: str, shards: Path,
                                                                                       tmp_path: Path) -> None:
-    """As in test_slurm's time-limit test: Slurm checks limits every 30 s, so the limit is set with `scontrol
-    update` once training runs, and the trainers are held (SIGSTOP) until the script has the warning."""
+    """As in test_slurm's time-limit test (`run_through_time_limit`), the warning the script gets this time."""
     run_dir = tmp_path / "run"
     job_id = submit_template(partition, run_dir, tiny_overrides(shards))
     log = run_dir / SUBMITIT_FOLDER / f"{job_id}_log.out"
     try:
         wait_for_first_checkpoint(run_dir)
         # The ranks and their data loader workers; not the launcher, whose command line names train.py too.
-        trainer_command = f"-u colorize_dist/train.py --config {CONFIG} --run-dir {run_dir} "
-        trainers = subprocess.run(["pgrep", "-f", "--", trainer_command], capture_output=True, text=True,
-                                  check=True).stdout.split()
-        assert len(trainers) >= 2
-        subprocess.run(["kill", "-STOP", *trainers], check=True)
-        try:
-            # The limit ends 60 to 120 s from now: within the 120 s warning, with time left to save and requeue.
-            elapsed_min = int(job_info(job_id)["RunTime"].split(":")[-2])
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", f"TimeLimit={elapsed_min + 2}"], check=True)
-            wait_for(lambda: "time limit near" in log.read_text(), 60, "time-limit warning", run_dir)
-        finally:
-            subprocess.run(["kill", "-CONT", *trainers], check=False)
-        wait_for(lambda: job_info(job_id)["Restarts"] == "1", 120, "requeue", run_dir)
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10"], check=True)
-        info = wait_until_ended(job_id, run_dir)
+        trainers = f"-u colorize_dist/train.py --config {CONFIG} --run-dir {run_dir} "
+        info = run_through_time_limit(job_id, run_dir, trainers, lambda: "time limit near" in log.read_text())
     finally:
         subprocess.run(["scancel", job_id], check=False)
 

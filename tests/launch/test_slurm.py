@@ -245,6 +245,27 @@ def test_an_accelerate_config_becomes_the_variables_accelerate_launch_sets(tmp_p
         accelerate_env(broken)
 
 
+def run_through_time_limit(job_id: str, run_dir: Path, trainer_pattern: str, warned: Callable[[], bool]
+                           ) -> dict[str, str]:
+    """Bring a running 10-minute job to its time-limit warning, then let it requeue and run to its end; returns its
+    final job info. The trainers (processes matching `trainer_pattern`: the ranks and their data loader workers) are
+    held with SIGSTOP until `warned()`, and the limit is set to end 60 to 120 s from now: within a 120 s warning,
+    with time left to save and requeue."""
+    trainers = subprocess.run(["pgrep", "-f", "--", trainer_pattern], capture_output=True, text=True,
+                              check=True).stdout.split()
+    assert len(trainers) >= 2
+    subprocess.run(["kill", "-STOP", *trainers], check=True)
+    try:
+        elapsed_min = int(job_info(job_id)["RunTime"].split(":")[-2])
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", f"TimeLimit={elapsed_min + 2}"], check=True)
+        wait_for(warned, 60, "time-limit warning", run_dir)
+    finally:
+        subprocess.run(["kill", "-CONT", *trainers], check=False)
+    wait_for(lambda: job_info(job_id)["Restarts"] == "1", 120, "requeue", run_dir)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10"], check=True)
+    return wait_until_ended(job_id, run_dir)
+
+
 @pytest.mark.slurm
 def test_time_limit_checkpoints_requeues_and_resumes_to_the_uninterrupted_weights(submit, reference_run,
                                                                                     tmp_path: Path) -> None:
@@ -254,21 +275,9 @@ def test_time_limit_checkpoints_requeues_and_resumes_to_the_uninterrupted_weight
     run_dir = tmp_path / "run"
     job_id = submit(run_dir, "--time", "00:10:00", "--signal-delay", 120)
     wait_for_first_checkpoint(run_dir)
-    trainers = subprocess.run(["pgrep", "-f", f"colorize_dist.train --config {run_dir}/config.yaml"],
-                              capture_output=True, text=True, check=True).stdout.split()
-    assert len(trainers) >= 2  # the two ranks and their data loader workers
-    subprocess.run(["kill", "-STOP", *trainers], check=True)
-    try:
-        # The limit ends 60 to 120 s from now: within the 120 s warning, with time left to save and requeue.
-        elapsed_min = int(job_info(job_id)["RunTime"].split(":")[-2])
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", f"TimeLimit={elapsed_min + 2}"], check=True)
-        task0_log = run_dir / SUBMITIT_FOLDER / f"{job_id}_0_log.out"
-        wait_for(lambda: "Caught signal SIGUSR2" in task0_log.read_text(), 60, "time-limit warning", run_dir)
-    finally:
-        subprocess.run(["kill", "-CONT", *trainers], check=False)
-    wait_for(lambda: job_info(job_id)["Restarts"] == "1", 120, "requeue", run_dir)
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10"], check=True)
-    info = wait_until_ended(job_id, run_dir)
+    task0_log = run_dir / SUBMITIT_FOLDER / f"{job_id}_0_log.out"
+    info = run_through_time_limit(job_id, run_dir, f"colorize_dist.train --config {run_dir}/config.yaml",
+                                  lambda: "Caught signal SIGUSR2" in task0_log.read_text())
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", logs(run_dir)
     assert stopped_at_step(task0_log.read_text()) < MAX_STEPS
     assert all(outcome.finished for outcome in task_outcomes(job_id, run_dir))

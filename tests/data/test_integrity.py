@@ -121,16 +121,22 @@ def test_loaders_refuse_each_fault_in_one_line(jpeg_shards, tmp_path, backend, f
         assert f"run `colorize-dist shards verify {shards}`, then remake the set" in message
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_an_image_that_does_not_decode_is_one_line_without_checksums(jpeg_shards, tmp_path, backend):
-    """Sets indexed before checksums were recorded: a broken image reaches the decoder, which names it."""
-    shards, damaged = damaged_copy(jpeg_shards, tmp_path / "set", lambda root, shard: root / shard, SHARD)
+def strip_checksums(shards: Path) -> dict:
+    """Make `shards`' manifest one written before checksums were recorded; returns it."""
     manifest = json.loads((shards / "manifest.json").read_text())
     for split in manifest["splits"].values():
         for entry in split["shards"]:
             for key in ("bytes", "sha256", "crc32", "progressive_jpegs"):
                 entry.pop(key)
     (shards / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_image_that_does_not_decode_is_one_line_without_checksums(jpeg_shards, tmp_path, backend):
+    """Sets indexed before checksums were recorded: a broken image reaches the decoder, which names it."""
+    shards, damaged = damaged_copy(jpeg_shards, tmp_path / "set", lambda root, shard: root / shard, SHARD)
+    strip_checksums(shards)
     data = bytearray(damaged.read_bytes())
     _, offset, size, _ = index_entries(damaged)[0]
     data[offset + 2: offset + size] = bytes(size - 2)  # a JPEG start marker, then zeros
@@ -174,12 +180,7 @@ def test_index_force_keeps_what_the_manifest_said_about_the_set(jpeg_shards, tmp
 
 def test_old_manifests_without_checksums_still_load(jpeg_shards, tmp_path, capsys):
     shards, _ = damaged_copy(jpeg_shards, tmp_path / "set", lambda root, shard: root / shard, SHARD)
-    manifest = json.loads((shards / "manifest.json").read_text())
-    for split in manifest["splits"].values():
-        for entry in split["shards"]:
-            for key in ("bytes", "sha256", "crc32", "progressive_jpegs"):
-                entry.pop(key)
-    (shards / "manifest.json").write_text(json.dumps(manifest))
+    manifest = strip_checksums(shards)
     cfg = DataConfig(shards=str(shards), resolution=32, backend="reference", num_threads=1)
     with build_loader(cfg, "val", batch_size=4) as loader:
         assert sum(int(batch.valid.sum()) for batch in loader.epoch(0)) == manifest["splits"]["val"]["samples"]

@@ -1,14 +1,16 @@
-"""The crop and flip of each sample, fixed by (epoch seed, position in the rank's epoch), for both loaders.
+"""The crop and flip of each sample, fixed by (epoch seed, slot in the epoch's order), for both loaders.
 
 Training: a flip with probability 1/2, then a box covering a random share `crop_scale` of the image with
 an aspect ratio in ASPECT_RATIO_RANGE, resized to resolution². Validation: the largest centred square,
-resized. The random numbers of a batch come from one generator seeded by (epoch seed, batch index), and
-both loaders turn them into a flip (known before decoding) and a box (from the decoded size) the same
-way, so they cut the same boxes, and a resumed epoch the same boxes as an uninterrupted one.
+resized. The random numbers of a slot come from one generator per block of DRAW_BLOCK slots, seeded by
+(epoch seed, block), so they depend neither on the rank that reads the slot nor on the batch it falls in:
+any number of ranks, micro-batch size or resumed position cuts the same boxes. Both loaders turn them into a
+flip and a box (from the image's size) the same way.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -24,6 +26,7 @@ Box = tuple[int, int, int, int]  # left, top, right, bottom (pixels; right and b
 
 
 DRAWS = 1 + 4 * CROP_ATTEMPTS  # per sample: the flip, then (area, aspect ratio, x, y) for each crop attempt
+DRAW_BLOCK = 256  # slots per random generator
 LOG_RATIOS = (math.log(ASPECT_RATIO_RANGE[0]), math.log(ASPECT_RATIO_RANGE[1]))
 
 
@@ -34,12 +37,17 @@ class Augment:
     crop_scale: tuple[float, float] = (0.8, 1.0)
     flip: bool = True
 
-    def draws(self, batch_index: int, batch_size: int) -> np.ndarray | None:
-        """The uniform numbers of one batch's samples, (batch_size, DRAWS), fixed by (epoch seed, batch index):
-        one generator per batch, so batch k is known without drawing for the batches before it."""
+    def draws(self, slots: np.ndarray) -> np.ndarray | None:
+        """The uniform numbers of some epoch slots, (len(slots), DRAWS): those of slot s are row s % DRAW_BLOCK of
+        the block s // DRAW_BLOCK, so any slot is known without drawing for the others."""
         if self.seed is None:
             return None
-        return np.random.default_rng([self.seed, batch_index]).random((batch_size, DRAWS))
+        blocks = slots // DRAW_BLOCK
+        rows = np.empty((len(slots), DRAWS))
+        for block in np.unique(blocks):
+            chosen = blocks == block
+            rows[chosen] = _draw_block(self.seed, int(block))[slots[chosen] % DRAW_BLOCK]
+        return rows
 
     def mirrored(self, draws: np.ndarray | None) -> bool:
         """Whether the sample with these draws (a row of `draws`) is flipped horizontally."""
@@ -48,6 +56,11 @@ class Augment:
     def box(self, size: tuple[int, int], draws: np.ndarray | None) -> Box:
         """The crop of an image of `size` (width, height) in the orientation it was decoded in."""
         return center_box(size) if draws is None else random_crop_box(size, self.crop_scale, draws[1:])
+
+
+@functools.lru_cache(maxsize=4)  # consecutive micro-batches share blocks
+def _draw_block(seed: int, block: int) -> np.ndarray:
+    return np.random.default_rng([seed, block]).random((DRAW_BLOCK, DRAWS))
 
 
 def random_crop_box(size: tuple[int, int], scale: tuple[float, float], uniforms: np.ndarray) -> Box:
@@ -73,23 +86,11 @@ def center_box(size: tuple[int, int]) -> Box:
     return left, top, left + side, top + side
 
 
-def mirror_box(box: Box, width: int) -> Box:
-    """The same box in the horizontally mirrored image."""
-    left, top, right, bottom = box
-    return width - right, top, width - left, bottom
-
-
-def resize_box(image: torch.Tensor, box: Box, resolution: int) -> torch.Tensor:
-    """uint8 (H, W, 3) → its `box` resized to (resolution, resolution, 3): bilinear with antialiasing, as
-    PIL's BILINEAR (torch's uint8 path on the CPU, float on a GPU)."""
-    left, top, right, bottom = box
-    crop = image[top:bottom, left:right]
+def resize_crop(crop: torch.Tensor, resolution: int) -> torch.Tensor:
+    """A uint8 (h, w, 3) crop on the CPU → (resolution, resolution, 3): bilinear with antialiasing, as PIL's BILINEAR
+    (torch's uint8 path)."""
     if crop.shape[:2] == (resolution, resolution):
         return crop
     nchw = crop.permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)  # torch's fast uint8 path
-    if image.device.type == "cpu":
-        out = F.interpolate(nchw, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
-    else:
-        out = F.interpolate(nchw.float(), size=(resolution, resolution), mode="bilinear", antialias=True,
-                            align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
+    out = F.interpolate(nchw, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
     return out[0].permute(1, 2, 0)

@@ -1,24 +1,34 @@
-"""The DALI pipeline: one per loader, built once, fed batch by batch; decodes on the CPU or the GPU.
+"""The DALI pipeline: one graph per loader, built once, fed micro-batch by micro-batch; decodes on the CPU or the GPU.
 
-An external source feeds each batch's encoded images (read and checked by `ShardReader`, in the order of
-`epoch_order`) and flip flags; DALI decodes and mirrors them, and torch cuts each sample's box (drawn from
-the decoded size, see `augment`) and resizes it on the same device. On a GPU the decoder is `mixed` (nvJPEG:
-baseline JPEGs on the hardware decoder, a share `hw_decoder_load`, the rest with CUDA; PNG and other formats
-decode on the CPU, progressive JPEGs with CUDA). On the CPU, torch's uint8 bilinear resize is several times
-faster than DALI's (see BENCHMARKS.md), which is why the resize is not a DALI operator.
+The graph (`crop_pipeline`) takes each sample's encoded bytes, its crop window and its flip as inputs, so the
+augmentations stay ours — drawn from (seed, epoch, slot), the same in both loaders and for any number of ranks
+(see `augment`, `sharding`) — while the work is DALI's:
 
-The pipeline is built on first use and lives as long as the loader: epochs and validation passes reuse its
-decoder state, threads and memory. Its prefetch queue runs ahead from the end of an epoch into the next one
-((epoch + 1, 0); validation passes are all alike), so consecutive epochs flow without a pause. Asking for any
-other position drops the batches in flight (at most `prefetch`) and feeds from there: resuming at batch k
-decodes nothing before it. The order depends on (seed, epoch) only, whatever the pipeline did before.
+    encoded bytes, window, flip ──► decoders.image_slice ──► resize to resolution² ──► flip ──► uint8 (B, H, W, 3)
 
-DALI 2.4's `fn.readers.webdataset` does support checkpointing (`enable_checkpointing=True`; a restored
-pipeline replays its reader in a dry run and yields the same samples). It is not used: a DALI checkpoint
-restores only at build time, from state saved by that rank's running pipeline, so every rank would have to
-write its own DALI state into each training checkpoint, and the reader's shuffle state runs on from epoch to
-epoch, so a reused pipeline could not start epoch e as a fresh one would. Feeding the pipeline from
-`epoch_order` gives both for nothing: batch k of epoch e is known from (seed, epoch, k) alone.
+On a GPU every operator runs on the device (`mixed` decoding: nvJPEG, baseline JPEGs on the hardware decoder, a
+share `hw_decoder_load`, the rest with CUDA; PNG and WebP decode on the CPU, then go to the device). The output
+is one dense batch, handed to torch through DLPack without a copy — as DALI's own PyTorch iterator does with its
+default (dynamic) executor, which orders the hand-over on torch's current stream and keeps the memory alive as long
+as the tensor — so our RGB→Lab kernel reads it where DALI wrote it, on the current stream, with no synchronisation
+of the device. On the CPU the same graph stops before the resize: torch's uint8 bilinear resize of the crops is
+faster than DALI's CPU resize (BENCHMARKS.md), so `resize_in_dali` defaults to the device.
+
+Region-of-interest decoding: DALI 2.4's `decoders.image_slice` (nvImageCodec) "uses the ROI decoding when
+possible"; its CPU JPEG path (libjpeg-turbo) decodes only the window's rows, which `bench data` measures against
+a full decode. Whether the hardware JPEG engine skips the rest of an image is up to nvImageCodec and the GPU; the
+result is the same window either way. Windows are in the image's displayed orientation (DALI applies EXIF
+rotation, as the reference loader does), computed from its header before decoding.
+
+The encoded bytes are read and checked by `BatchReading` in a read-ahead thread (`ReadAhead`), which also reads
+each image's size from its header to place the window; the pipeline's external source only takes finished
+batches from it. The pipeline lives as long as the loader: epochs and validation passes reuse its decoder state,
+threads and memory, and its prefetch queue runs on from the end of an epoch into the next one. Asking for any other
+position drops the batches in flight (at most `prefetch`) and feeds from there: resuming at sample s decodes
+nothing before it.
+
+DALI's own readers and their checkpointing are not used: batch k of epoch e is known from (seed, e, k) alone, for
+any number of ranks, which a DALI reader's state (saved per rank, restored only at build time) cannot give.
 """
 
 from __future__ import annotations
@@ -31,205 +41,214 @@ import logging
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from nvidia.dali import __version__ as dali_version
 from nvidia.dali import fn, pipeline_def, types
-from nvidia.dali.plugin.pytorch import feed_ndarray
 from PIL import Image
 
-from colorize_dist.data.augment import Augment, mirror_box, resize_box
+from colorize_dist.data.augment import resize_crop
 from colorize_dist.data.config import DataConfig
-from colorize_dist.data.reading import ShardReader
-from colorize_dist.data.sharding import RankSlice, epoch_order, epoch_seed, locate
+from colorize_dist.data.reading import BatchReading, EncodedBatch, ReadAhead
+from colorize_dist.data.sharding import Layout, MicroSlots, micro_batches
 from colorize_dist.data.shards import ShardDataError, verify_hint
 from colorize_dist.files import first_line
 
 log = logging.getLogger(__name__)
 
+EXIF_ORIENTATION = 0x0112
+TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
 
 @pipeline_def(enable_conditionals=False)
-def decode_pipeline(feed, *, decode_device: str, hw_decoder_load: float):
-    encoded, mirrored = fn.external_source(source=feed, num_outputs=2, batch=True)
+def crop_pipeline(feed, *, decode_device: str, hw_decoder_load: float, resize_to: int | None):
+    """Decode each sample's window, resize it to `resize_to`² (None: leave it), flip it where asked."""
+    encoded, anchors, shapes, mirrored = fn.external_source(source=feed, num_outputs=4, batch=True)
     options = {"device": decode_device, "output_type": types.RGB}
     if decode_device == "mixed":
         options["hw_decoder_load"] = hw_decoder_load
-    return fn.flip(fn.decoders.image(encoded, **options), horizontal=mirrored)
+    images = fn.decoders.image_slice(encoded, anchors, shapes, axis_names="WH", normalized_anchor=False,
+                                     normalized_shape=False, **options)
+    if resize_to is not None:
+        images = fn.resize(images, size=[resize_to, resize_to], interp_type=types.INTERP_LINEAR, antialias=True)
+    return fn.flip(images, horizontal=mirrored)
 
 
 @dataclass
-class Fed:
-    """One batch handed to the pipeline: where it is in which epoch, and what the output needs to finish it."""
+class Prepared:
+    """One micro-batch as the graph takes it: the read batch plus each sample's bytes, window and flip."""
 
-    epoch: int
-    batch: int
-    augment: Augment
-    keys: list[str]
-    shards: list[str]
-    mirrored: list[bool]
-    draws: list  # per sample: its random numbers (see `augment`), None for validation
-    error: str | None  # a sample could not be read: raised when this batch is due
+    batch: EncodedBatch
+    encoded: list[np.ndarray]
+    anchors: np.ndarray  # (B, 2) int32: left, top
+    shapes: np.ndarray  # (B, 2) int32: width, height
+    mirrored: np.ndarray  # (B,) int32
 
 
 class DaliSource:
-    """One rank's batches, `batches(epoch, start_batch)`, from one long-lived pipeline."""
+    """One rank's micro-batches, `batches(epoch, start)`, from one long-lived pipeline."""
 
-    def __init__(self, ranks: RankSlice, cfg: DataConfig, *, train: bool, seed: int, device: torch.device,
-                 directory: Path):
-        self.ranks, self.cfg, self.train, self.seed, self.device = ranks, cfg, train, seed, device
-        self.directory = directory
-        self.reader = ShardReader(ranks.shards, directory)
-        self.reader.check_indexes(ranks.shard_indices)  # a bad index is refused now, not mid-epoch
+    def __init__(self, reading: BatchReading, layout: Layout, cfg: DataConfig, *, device: torch.device,
+                 resize_in_dali: bool | None = None):
+        self.reading, self.layout, self.cfg, self.device = reading, layout, cfg, device
+        self.resize_in_dali = self.on_gpu if resize_in_dali is None else resize_in_dali
+        self.train = reading.seed is not None
         self.pipe = None
-        self.builds = self.dropped = 0  # pipelines built (one), batches fed and then dropped (repositioning)
-        self.next_feed = (0, 0)  # (epoch, batch) the next call of the external source feeds
-        self.in_flight: deque[Fed] = deque()  # fed, not yet returned by the pipeline, in order
-        self._orders: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.builds = self.dropped = 0  # pipelines built (one), micro-batches fed and then dropped (repositioning)
+        self.stream: ReadAhead[Prepared] | None = None  # prepared micro-batches, in the order they are fed
+        self.in_flight: deque[Prepared] = deque()  # fed, not yet returned by the pipeline, in order
 
     @property
     def on_gpu(self) -> bool:
         return self.device.type == "cuda"
 
     def describe(self) -> str:
+        resize = "DALI" if self.resize_in_dali else "torch"
         if not self.on_gpu:
-            return (f"DALI {dali_version}: decoding on the CPU ({self.cfg.num_threads} threads); crop and resize "
-                    "in torch")
-        return (f"DALI {dali_version}: decoding on {self.device} (mixed: baseline JPEGs on the hardware decoder, "
-                f"hw_decoder_load={self.cfg.hw_decoder_load}, the rest with CUDA; PNG on the CPU)")
+            return (f"DALI {dali_version}: decoding crop windows on the CPU ({self.cfg.num_threads} threads), "
+                    f"resize in {resize}")
+        return (f"DALI {dali_version}: decoding crop windows on {self.device} (mixed: baseline JPEGs on the hardware "
+                f"decoder, hw_decoder_load={self.cfg.hw_decoder_load}, the rest with CUDA; PNG on the CPU), resize "
+                f"and flip on the device")
 
     def gpu_notes(self) -> list[str]:
-        """What keeps this rank's images off the GPU's hardware JPEG decoder (nothing on the CPU)."""
+        """What keeps this split's images off the GPU's hardware JPEG decoder (nothing on the CPU)."""
         if not self.on_gpu:
             return []
-        tables = [self.reader.table(index) for index in self.ranks.shard_indices]
+        tables = [self.reading.reader.table(index) for index in range(len(self.reading.split.shards))]
         png = sum(extension in ("png", "webp") for table in tables for extension in table.extensions)
         progressive = sum(table.shard.progressive for table in tables)
         notes = []
         if png:
-            notes.append(f"{png} of this rank's images are PNG or WebP, which DALI decodes on the CPU even with "
+            notes.append(f"{png} of this split's images are PNG or WebP, which DALI decodes on the CPU even with "
                          "`mixed`; remake the shards as JPEG (`colorize-dist shards make --format jpg`) to decode "
                          "on the GPU")
         if progressive:
-            notes.append(f"{progressive} of this rank's images are progressive JPEGs, which skip the hardware JPEG "
+            notes.append(f"{progressive} of this split's images are progressive JPEGs, which skip the hardware JPEG "
                          "decoder (CUDA decodes them); remake the shards without --keep-original for baseline JPEGs")
         return notes
 
-    def batches(self, epoch: int, start_batch: int) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    def batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, EncodedBatch]]:
         epoch = epoch if self.train else 0  # validation passes are all alike
-        if start_batch >= self.ranks.batches_per_epoch:
+        expected = micro_batches(self.layout, self.reading.split.total, epoch, start)
+        first = next(expected, None)
+        if first is None:
             return
         pipe = self._pipeline()
-        if not self.in_flight or (self.in_flight[0].epoch, self.in_flight[0].batch) != (epoch, start_batch):
-            self.next_feed = (epoch, start_batch)
-            for _ in range(len(self.in_flight)):  # drop what was fed for another position
-                self._run(pipe, due=False)
-                self.dropped += 1
-        for batch_index in range(start_batch, self.ranks.batches_per_epoch):
-            images, fed = self._run(pipe)
-            if (fed.epoch, fed.batch) != (epoch, batch_index):
-                raise AssertionError(f"DALI returned batch {fed.batch} of epoch {fed.epoch}, expected "
-                                     f"{batch_index} of {epoch}")
-            yield self._finish(images, fed), fed.keys
+        if self.stream is None or not (self.in_flight and _same(self.in_flight[0].batch.slots, first)):
+            self._reposition(pipe, epoch, start)
+        for slots in (first, *expected):
+            images, prepared = self._run(pipe)
+            if not _same(prepared.batch.slots, slots):
+                raise AssertionError(f"DALI returned micro-batch {prepared.batch.slots.step_start}+"
+                                     f"{prepared.batch.slots.index} of epoch {prepared.batch.slots.epoch}, expected "
+                                     f"{slots.step_start}+{slots.index} of {slots.epoch}")
+            yield self._finish(images), prepared.batch
 
     def close(self) -> None:
-        """Release the pipeline (threads, decoder state, memory) and the shard files."""
-        self.pipe = None
+        """Release the pipeline (threads, decoder state, memory), the read-ahead thread and the shard files."""
+        if self.stream is not None:
+            self.stream.close()
+        self.pipe, self.stream = None, None
         self.in_flight.clear()
-        self.reader.close()
+        self.reading.close()
         gc.collect()  # DALI's pipeline objects hold reference cycles
 
     # -- feeding
 
     def _pipeline(self):
         if self.pipe is None:
-            self.pipe = decode_pipeline(
+            self.pipe = crop_pipeline(
                 _Feed(self), decode_device="mixed" if self.on_gpu else "cpu",
-                hw_decoder_load=self.cfg.hw_decoder_load, batch_size=self.ranks.batch_size,
-                num_threads=self.cfg.num_threads, device_id=_cuda_index(self.device) if self.on_gpu else None,
+                hw_decoder_load=self.cfg.hw_decoder_load,
+                resize_to=self.cfg.resolution if self.resize_in_dali else None,
+                batch_size=self.layout.micro_batch, num_threads=self.cfg.num_threads,
+                device_id=_cuda_index(self.device) if self.on_gpu else None,
                 prefetch_queue_depth=self.cfg.prefetch, seed=0,
             )
-            self.pipe.build()
             self.builds += 1
+            self.pipe.build()
             log.info("%s", self.describe())
             for note in self.gpu_notes():
                 log.warning("%s", note)
         return self.pipe
 
-    def _order(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(positions, shard of each, sample in its shard) of this rank's epoch; the last two epochs are kept."""
-        if epoch not in self._orders:
-            seed = epoch_seed(self.seed, epoch, self.ranks.rank) if self.train else None
-            order = epoch_order(self.ranks, seed, self.cfg.shuffle_buffer)
-            self._orders = {key: value for key, value in self._orders.items() if key == epoch - 1}
-            self._orders[epoch] = (order, *locate(self.ranks, order))
-        return self._orders[epoch]
+    def _reposition(self, pipe, epoch: int, start: int) -> None:
+        """Feed from (epoch, start) on; the batches in flight are run through the pipeline and dropped."""
+        if self.stream is not None:
+            self.stream.close()
+        self.stream = ReadAhead(self._prepare, self._plan(epoch, start), depth=self.cfg.prefetch + 1)
+        for _ in range(len(self.in_flight)):
+            self._run(pipe, due=False)
+            self.dropped += 1
 
-    def feed(self) -> tuple[list[np.ndarray], np.ndarray]:
-        """The external source: the next batch's encoded images and flip flags."""
-        epoch, batch_index = self.next_feed
-        seed = epoch_seed(self.seed, epoch, self.ranks.rank) if self.train else None
-        augment = Augment(self.cfg.resolution, seed, tuple(self.cfg.crop_scale), self.cfg.flip)
-        _, shard_of, sample_of = self._order(epoch)
-        size = self.ranks.batch_size
-        draws = augment.draws(batch_index, size)
-        fed = Fed(epoch, batch_index, augment, [], [], [], [], None)
-        encoded = []
-        for i, position in enumerate(range(batch_index * size, (batch_index + 1) * size)):
-            shard_index, sample_index = int(shard_of[position]), int(sample_of[position])
-            shard = self.ranks.shards[shard_index]
-            try:
-                data = self.reader.read(shard_index, sample_index)
-            except ShardDataError as exc:  # fed as a placeholder; raised when the batch is due
-                data, fed.error = _placeholder(), fed.error or str(exc)
-            row = None if draws is None else draws[i]
-            fed.keys.append(self.reader.batch_key(shard_index, sample_index))
-            fed.shards.append(str(shard.path))
-            fed.mirrored.append(augment.mirrored(row))
-            fed.draws.append(row)
+    def _plan(self, epoch: int, start: int) -> Iterator[MicroSlots]:
+        """Micro-batches from (epoch, start) on, epoch after epoch (validation: pass after pass)."""
+        while True:
+            yield from micro_batches(self.layout, self.reading.split.total, epoch, start)
+            epoch, start = (epoch + 1 if self.train else epoch), 0
+
+    def _prepare(self, slots: MicroSlots) -> Prepared:
+        """Runs in the read-ahead thread: the micro-batch's checked bytes, and each sample's window and flip."""
+        batch = self.reading.read(slots)
+        encoded, anchors, shapes, mirrored = [], [], [], []
+        for i, (data, key, shard) in enumerate(zip(batch.data, batch.keys, batch.shards, strict=True)):
+            draws = None if batch.draws is None else batch.draws[i]
+            size = None
+            if data is not None:
+                try:
+                    size = _oriented_size(data)
+                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                    batch.error = batch.error or (f"shard {shard} is damaged: sample {key} does not decode "
+                                                  f"({first_line(exc)}); {verify_hint(self.reading.directory)}")
+            if size is None:  # fed as a placeholder; its error is raised when the batch is due
+                data, size = _placeholder(), (8, 8)
+            left, top, right, bottom = batch.augment.box(size, draws)
             encoded.append(np.frombuffer(data, dtype=np.uint8))
-        self.in_flight.append(fed)
-        last = batch_index + 1 == self.ranks.batches_per_epoch
-        self.next_feed = ((epoch + 1 if self.train else 0), 0) if last else (epoch, batch_index + 1)
-        return encoded, np.array(fed.mirrored, dtype=np.int32)
+            anchors.append((left, top))
+            shapes.append((right - left, bottom - top))
+            mirrored.append(batch.augment.mirrored(draws))
+        return Prepared(batch, encoded, np.array(anchors, dtype=np.int32), np.array(shapes, dtype=np.int32),
+                        np.array(mirrored, dtype=np.int32))
+
+    def feed(self) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+        """The external source: the next prepared micro-batch (already read, on the read-ahead thread)."""
+        prepared = next(self.stream)
+        self.in_flight.append(prepared)
+        return prepared.encoded, prepared.anchors, prepared.shapes, prepared.mirrored
 
     # -- outputs
 
-    def _run(self, pipe, due: bool = True) -> tuple[object, Fed]:
+    def _run(self, pipe, due: bool = True) -> tuple[object, Prepared]:
         """The pipeline's next output and the batch it belongs to; decoding errors become one line. A batch
         that is not `due` (dropped) does not raise the read error it carries."""
         try:
             (images,) = pipe.run()
         except RuntimeError as exc:  # a decoder's C++ error: name the shards of the batch that was due
-            fed = self.in_flight.popleft() if self.in_flight else None
-            shards = ", ".join(sorted(set(fed.shards))) if fed else "this split"
+            prepared = self.in_flight.popleft() if self.in_flight else None
+            shards = ", ".join(sorted(set(prepared.batch.shards))) if prepared else "this split"
             raise ShardDataError(f"DALI could not decode an image of shard(s) {shards} "
-                                 f"({_dali_reason(exc)}); {verify_hint(self.directory)}") from None
-        fed = self.in_flight.popleft()
-        if due and fed.error is not None:
-            raise ShardDataError(fed.error)
-        return images, fed
+                                 f"({_dali_reason(exc)}); {verify_hint(self.reading.directory)}") from None
+        prepared = self.in_flight.popleft()
+        if due and prepared.batch.error is not None:
+            raise ShardDataError(prepared.batch.error)
+        return images, prepared
 
-    def _finish(self, images, fed: Fed) -> torch.Tensor:
-        """Decoded (and mirrored) images → each sample's box, resized: uint8 (B, res, res, 3) on the device.
+    def _finish(self, images) -> torch.Tensor:
+        """The pipeline's output → uint8 (B, res, res, 3) on the device.
 
-        One torch thread: per-sample ops this small gain nothing from OpenMP, whose idle workers would spin
-        between them, burning the cores DALI decodes on (6× the CPU time per image, measured)."""
+        Resized in DALI: the dense batch itself, through DLPack. Otherwise each crop is resized by torch, with one
+        torch thread: per-sample ops this small gain nothing from OpenMP, whose idle workers would spin between
+        them, burning the cores DALI decodes on (6× the CPU time per image, measured)."""
+        if self.resize_in_dali:
+            return torch.from_dlpack(images.as_tensor())
         resolution = self.cfg.resolution
-        rgb = torch.empty((len(fed.keys), resolution, resolution, 3), dtype=torch.uint8, device=self.device)
-        stream = torch.cuda.current_stream(self.device) if self.on_gpu else None
+        rgb = torch.empty((len(images), resolution, resolution, 3), dtype=torch.uint8)
         with _torch_threads(1):
-            for i, (mirrored, draws) in enumerate(zip(fed.mirrored, fed.draws, strict=True)):
-                if self.on_gpu:
-                    image = torch.empty(images[i].shape(), dtype=torch.uint8, device=self.device)
-                    feed_ndarray(images[i], image, stream)
-                else:
-                    image = torch.from_numpy(np.asarray(images[i]))  # a view, valid until the next run
-                height, width = image.shape[:2]
-                box = fed.augment.box((width, height), draws)
-                rgb[i] = resize_box(image, mirror_box(box, width) if mirrored else box, resolution)
-        return rgb
+            for i in range(len(images)):
+                rgb[i] = resize_crop(torch.from_numpy(np.asarray(images[i])), resolution)
+        return rgb.to(self.device, non_blocking=True)
 
 
 class _Feed:
@@ -240,6 +259,19 @@ class _Feed:
 
     def __call__(self):
         return self.source.feed()
+
+
+def _same(a: MicroSlots, b: MicroSlots) -> bool:
+    return (a.epoch, a.step_start, a.index) == (b.epoch, b.step_start, b.index)
+
+
+def _oriented_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of an encoded image as displayed (EXIF rotation applied), from its header alone."""
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        if image.getexif().get(EXIF_ORIENTATION, 1) in TRANSPOSED_ORIENTATIONS:
+            return height, width
+    return width, height
 
 
 @functools.cache

@@ -1,14 +1,16 @@
 """Batches of (l, ab) for training and evaluation, from DALI or the reference loader, on every rank.
 
-    loader = build_loader(cfg, "train", batch_size=32, rank=rank, world_size=world, device=device, seed=0)
+    loader = build_loader(cfg, "train", batch_size=8, global_batch=64, rank=rank, world_size=world, device=device)
     for epoch in range(start_epoch, epochs):
-        for batch in loader.epoch(epoch, start_batch=resumed_batches if epoch == start_epoch else 0):
-            ...  # batch.l, batch.ab, batch.keys, batch.valid
+        for batch in loader.epoch(epoch, start=resumed_sample if epoch == start_epoch else 0):
+            ...  # batch.l, batch.ab, batch.keys, batch.valid, batch.slots
 
-Each sample of the split is read exactly once per epoch by exactly one rank; every rank yields
-`batches_per_epoch` batches, the last ones padded with copies marked `valid == False` (see `sharding`).
-The order and the augmentations depend on (seed, epoch) only, so `epoch(e, start_batch=k)` yields exactly
-what an uninterrupted epoch e yields after its first k batches, without reading or decoding those k.
+The epoch's samples are cut into global batches of `global_batch` samples, each split into micro-batches of
+`batch_size` per rank (see `sharding`): every sample is read exactly once per epoch by exactly one rank, every
+rank yields the same number of micro-batches, the padding copies that fill the last global batch are marked
+`valid == False`, and a global batch holds the same samples, with the same crops, whatever the number of ranks.
+The order and the augmentations depend on (seed, epoch) only, so `epoch(e, start=s)` yields exactly what an
+uninterrupted epoch e yields from sample s on, without reading or decoding anything before it.
 
 A loader keeps its DALI pipeline (or nothing, for the reference loader) from one epoch to the next; `close()`
 (or `with`) releases it. A damaged shard raises ShardDataError (one line naming the shard and the fix) on the
@@ -24,12 +26,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from colorize_dist.color import rgb_to_l_ab
 from colorize_dist.data import failure
 from colorize_dist.data.config import DataConfig
-from colorize_dist.data.sharding import RankSlice
+from colorize_dist.data.reading import BatchReading
+from colorize_dist.data.sharding import Layout, MicroSlots, SplitSamples
 from colorize_dist.data.shards import SPLITS, ManifestError, MissingShardsError, list_shards
 
 log = logging.getLogger(__name__)
@@ -40,32 +44,46 @@ class Batch:
     l: torch.Tensor  # (B, 1, H, W), L/50 - 1
     ab: torch.Tensor  # (B, 2, H, W), ab/110
     keys: list[str]  # "<shard>/<key>", unique per sample of the set
-    valid: torch.Tensor  # (B,) bool; False for the padding copies that even out the ranks
+    valid: torch.Tensor  # (B,) bool on the device; False for the padding copies that fill the last global batch
+    positions: np.ndarray  # (B,) each sample's position in its split (shard order), on the host
+    slots: MicroSlots  # where the micro-batch is in its epoch (host-side `valid` included)
 
 
 class ColorLoader:
-    def __init__(self, source, ranks: RankSlice, *, device: torch.device, dtype: torch.dtype):
-        self.source, self.ranks, self.device, self.dtype = source, ranks, device, dtype
+    def __init__(self, source, layout: Layout, split: SplitSamples, *, device: torch.device, dtype: torch.dtype):
+        self.source, self.layout, self.split, self.device, self.dtype = source, layout, split, device, dtype
+
+    @property
+    def samples(self) -> int:
+        """Samples in the split: an epoch's length."""
+        return self.split.total
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Global batches (optimizer steps) in a whole epoch."""
+        return self.layout.steps(self.samples)
 
     @property
     def batches_per_epoch(self) -> int:
-        return self.ranks.batches_per_epoch
+        """Micro-batches this rank yields in a whole epoch."""
+        return self.steps_per_epoch * self.layout.accumulation
 
     def describe(self) -> str:
         """Which loader and decoder path this is, in one line (for the log)."""
         return self.source.describe()
 
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
-        """Batches start_batch, start_batch + 1, ... of `epoch` on this rank."""
-        if not 0 <= start_batch <= self.batches_per_epoch:
-            raise ValueError(f"start_batch must be in [0, {self.batches_per_epoch}], got {start_batch}")
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """This rank's micro-batches of `epoch` from sample `start` of the epoch on."""
+        if not 0 <= start <= self.samples:
+            raise ValueError(f"start must be in [0, {self.samples}] (samples of the epoch), got {start}")
         try:
-            for batch_index, (rgb, keys) in enumerate(self.source.batches(epoch, start_batch), start=start_batch):
+            for rgb, encoded in self.source.batches(epoch, start):
                 # One thread: the loader's parallelism is its workers (DALI threads, DataLoader processes), which
                 # an OpenMP team here would contend with (and wait on) for the same cores.
                 l, ab = rgb_to_l_ab(rgb, dtype=self.dtype, num_threads=1 if rgb.device.type == "cpu" else None)
-                valid = torch.from_numpy(self.ranks.valid(batch_index)).to(self.device)
-                yield Batch(l=l, ab=ab, keys=keys, valid=valid)
+                valid = torch.from_numpy(encoded.slots.valid).to(self.device)
+                yield Batch(l=l, ab=ab, keys=encoded.keys, valid=valid, positions=encoded.positions,
+                            slots=encoded.slots)
         except ManifestError as exc:
             failure.publish(str(exc))
             raise
@@ -80,28 +98,37 @@ class ColorLoader:
         self.close()
 
 
-def build_loader(cfg: DataConfig, split: str, *, batch_size: int, rank: int = 0, world_size: int = 1,
-                 device: torch.device | str = "cpu", seed: int = 0, dtype: torch.dtype = torch.float32) -> ColorLoader:
-    """The loader of one split on one rank: "train" shuffles and augments, "val" is deterministic.
+def build_loader(cfg: DataConfig, split: str, *, batch_size: int, global_batch: int | None = None, rank: int = 0,
+                 world_size: int = 1, device: torch.device | str = "cpu", seed: int = 0, augment: bool | None = None,
+                 dtype: torch.dtype = torch.float32) -> ColorLoader:
+    """The loader of one split on one rank: `batch_size` samples per micro-batch, `global_batch` per optimizer
+    step (default: one micro-batch per rank). `augment` (default: for "train" only) shuffles, crops and flips;
+    without it the order is the shard order and each image is centre-cropped, as evaluation wants.
 
-    Every shard of the split is checked to be there with the size its manifest records, and this rank's shard
-    indexes to agree with the manifest, before anything is read."""
+    Every shard of the split is checked to be there with the size its manifest records, and every shard index to
+    agree with the manifest, before anything is read."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if cfg.shards is None:
         raise ValueError("data.shards is not set; make a shard set with `colorize-dist shards synth DIR` "
                          "or `colorize-dist shards make SRC DIR` and set data.shards=DIR")
     device = torch.device(device)
+    augment = split == "train" if augment is None else augment
     failure.watch()
     try:
-        ranks = RankSlice(tuple(list_shards(cfg.shards, split)), batch_size, rank, world_size)
-        source_class = _source_class(cfg.backend)
-        source = source_class(ranks, cfg, train=split == "train", seed=seed, device=device,
-                              directory=Path(cfg.shards))
+        layout = Layout(global_batch or batch_size * world_size, batch_size, rank, world_size)
+        samples = SplitSamples(tuple(list_shards(cfg.shards, split)))
+        if samples.total == 0:
+            raise ManifestError(f"the {split} split of {cfg.shards} holds no images; make the set with some in it "
+                                f"(`colorize-dist shards make --val-fraction`), or point data.shards at another")
+        reading = BatchReading(samples, Path(cfg.shards), resolution=cfg.resolution,
+                               seed=seed if augment else None, window=cfg.shuffle_buffer,
+                               crop_scale=tuple(cfg.crop_scale), flip=cfg.flip)
+        source = _source_class(cfg.backend)(reading, layout, cfg, device=device)
     except (ManifestError, MissingShardsError) as exc:
         failure.publish(str(exc))
         raise
-    return ColorLoader(source, ranks, device=device, dtype=dtype)
+    return ColorLoader(source, layout, samples, device=device, dtype=dtype)
 
 
 def first_batch(cfg: DataConfig, split: str, *, batch_size: int, device: torch.device | str = "cpu") -> Batch:

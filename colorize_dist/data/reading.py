@@ -1,20 +1,33 @@
-"""Reading samples out of tar shards by their DALI index, checking each one; both loaders read this way.
+"""Reading the encoded, checked samples of each micro-batch out of tar shards; both loaders consume this.
 
 Every read is one `pread` of the sample's 512-byte tar header and its image bytes. Before the bytes go to a
 decoder they must be whole (not cut off by a truncated file), the header must be intact (its checksum, and its
 size and name agreeing with the index) and the bytes must have the CRC-32 the manifest recorded when the shard
-was made. Anything else is a ShardDataError naming the shard, the sample and the fix, raised at once: a
-damaged shard ends the run in one line, never in a decoder's traceback, and never trains silently.
+was made. Anything else is a ShardDataError naming the shard, the sample and the fix: a damaged shard ends the
+run in one line, never in a decoder's traceback, and never trains silently.
+
+`BatchReading` turns a micro-batch's slots (see `sharding`) into an `EncodedBatch`: keys, checked bytes and the
+random numbers of its augmentations. A sample that cannot be read travels as its error, raised when its batch is
+due (loaders read ahead). `ReadAhead` does that reading in a thread of its own, a few batches ahead, so that the
+training thread never waits on the file system or the checksums (`pread` and `zlib.crc32` release the GIL).
 """
 
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import zlib
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
+import numpy as np
+
+from colorize_dist.data.augment import Augment
+from colorize_dist.data.sharding import MicroSlots, SplitSamples, epoch_order, epoch_seed, slot_positions
 from colorize_dist.data.shards import MANIFEST, Shard, ShardDataError, index_images, verify_hint
 
 BLOCK = 512  # tar header size
@@ -71,6 +84,7 @@ class ShardReader:
         self.shards, self.directory = shards, directory
         self._tables: dict[int, ShardSamples] = {}
         self._files: OrderedDict[int, int] = OrderedDict()  # shard → open descriptor, least recently used first
+        self._files_lock = threading.Lock()  # a repositioned loader's old read-ahead thread may still be reading
 
     def table(self, shard_index: int) -> ShardSamples:
         if shard_index not in self._tables:
@@ -82,9 +96,9 @@ class ShardReader:
         table = self.table(shard_index)
         return f"{table.shard.path.stem}/{table.keys[sample_index].removeprefix('./')}"
 
-    def check_indexes(self, shard_indices: range) -> None:
-        """Parse (and so check) the indexes of these shards now."""
-        for shard_index in shard_indices:
+    def check_indexes(self) -> None:
+        """Parse (and so check) every shard's index now: a bad index is refused before the first step."""
+        for shard_index in range(len(self.shards)):
             self.table(shard_index)
 
     def read(self, shard_index: int, sample_index: int) -> bytes:
@@ -110,23 +124,25 @@ class ShardReader:
         return data
 
     def _descriptor(self, shard_index: int) -> int:
-        if shard_index in self._files:
-            self._files.move_to_end(shard_index)
+        with self._files_lock:
+            if shard_index in self._files:
+                self._files.move_to_end(shard_index)
+                return self._files[shard_index]
+            if len(self._files) >= MAX_OPEN_FILES:
+                os.close(self._files.popitem(last=False)[1])
+            shard = self.shards[shard_index]
+            try:
+                self._files[shard_index] = os.open(shard.path, os.O_RDONLY)
+            except OSError as exc:
+                raise ShardDataError(f"shard {shard.path} cannot be opened ({exc.strerror}); "
+                                     f"{verify_hint(self.directory)}") from None
             return self._files[shard_index]
-        if len(self._files) >= MAX_OPEN_FILES:
-            os.close(self._files.popitem(last=False)[1])
-        shard = self.shards[shard_index]
-        try:
-            self._files[shard_index] = os.open(shard.path, os.O_RDONLY)
-        except OSError as exc:
-            raise ShardDataError(f"shard {shard.path} cannot be opened ({exc.strerror}); "
-                                 f"{verify_hint(self.directory)}") from None
-        return self._files[shard_index]
 
     def close(self) -> None:
-        for descriptor in self._files.values():
-            os.close(descriptor)
-        self._files.clear()
+        with self._files_lock:
+            for descriptor in self._files.values():
+                os.close(descriptor)
+            self._files.clear()
 
 
 def _header_problem(header: bytes, member: str, size: int) -> str | None:
@@ -151,3 +167,114 @@ def _header_problem(header: bytes, member: str, size: int) -> str | None:
     if len(member.encode()) < 100 and full != member:  # longer names live in a PAX/GNU header before this one
         return f"is {full!r} in the tar, not what the index says (the index belongs to another tar)"
     return None
+
+
+@dataclass
+class EncodedBatch:
+    """One micro-batch as read: what both loaders decode, and what identifies each of its samples."""
+
+    slots: MicroSlots
+    positions: np.ndarray  # split position of each sample
+    keys: list[str]  # "<shard>/<key>", unique per sample of the set
+    shards: list[str]  # the shard each sample is in (to name it when a decoder fails)
+    data: list[bytes | None]  # checked image bytes; None where a sample could not be read
+    augment: Augment  # the epoch's augmentations
+    draws: np.ndarray | None  # (B, DRAWS) random numbers of each sample (see `augment`); None for validation
+    error: str | None  # the first read error: raised when this batch is due
+
+
+class BatchReading:
+    """One rank's reads of one split: micro-batch slots → `EncodedBatch`es."""
+
+    def __init__(self, split: SplitSamples, directory: Path, *, resolution: int, seed: int | None, window: int,
+                 crop_scale: tuple[float, float], flip: bool):
+        self.split, self.directory = split, directory
+        self.resolution, self.seed, self.window, self.crop_scale, self.flip = resolution, seed, window, crop_scale, flip
+        self.reader = ShardReader(split.shards, directory)
+        self.reader.check_indexes()
+        self._orders: dict[int, np.ndarray] = {}  # the current and the previous epoch's
+
+    def augment(self, epoch: int) -> Augment:
+        seed = None if self.seed is None else epoch_seed(self.seed, epoch)
+        return Augment(self.resolution, seed, self.crop_scale, self.flip)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The split positions epoch `epoch` visits, in order (its slots → positions)."""
+        if epoch not in self._orders:
+            seed = None if self.seed is None else epoch_seed(self.seed, epoch)
+            self._orders = {epoch: epoch_order(self.split, seed, self.window),
+                            **{key: value for key, value in self._orders.items() if key == epoch - 1}}
+        return self._orders[epoch]
+
+    def read(self, slots: MicroSlots) -> EncodedBatch:
+        positions = slot_positions(self.order(slots.epoch), slots.slots)
+        augment = self.augment(slots.epoch)
+        batch = EncodedBatch(slots, positions, [], [], [], augment, augment.draws(slots.slots), None)
+        for shard_index, sample_index in zip(*map(np.ndarray.tolist, self.split.locate(positions)), strict=True):
+            batch.keys.append(self.reader.batch_key(shard_index, sample_index))
+            batch.shards.append(str(self.split.shards[shard_index].path))
+            try:
+                batch.data.append(self.reader.read(shard_index, sample_index))
+            except ShardDataError as exc:
+                batch.data.append(None)
+                batch.error = batch.error or str(exc)
+        return batch
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+Item = TypeVar("Item")
+_END = object()
+
+
+class ReadAhead(Generic[Item]):
+    """`load(slots)` for each of `plan`, in order, in a thread of its own, up to `depth` items ahead of `next()`.
+
+    The thread starts at the first `next()` (a DataLoader forks its workers before it asks for work, and a fork
+    should not copy a thread in the middle of a read). What `load` raises is raised by the `next()` that would have
+    returned its item; `close()` stops the thread within one `load`.
+    """
+
+    def __init__(self, load: Callable[[MicroSlots], Item], plan: Iterator[MicroSlots], depth: int):
+        self._items: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(load, plan), name="colorize-read-ahead", daemon=True)
+
+    def _run(self, load: Callable[[MicroSlots], Item], plan: Iterator[MicroSlots]) -> None:
+        try:
+            for slots in plan:
+                if self._stop.is_set() or not self._put(load(slots)):
+                    return
+        except BaseException as exc:  # re-raised in the consumer's thread
+            self._put(exc)
+        else:
+            self._put(_END)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> ReadAhead[Item]:
+        return self
+
+    def __next__(self) -> Item:
+        if self._thread.ident is None:
+            self._thread.start()
+        item = self._items.get()
+        if item is _END:
+            self._items.put(_END)  # every later next() ends too
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.ident is not None:
+            self._thread.join()

@@ -1,105 +1,126 @@
-"""Which samples each rank reads in an epoch, and how its last batches are padded.
+"""Which samples each rank reads, and in which order: one order per epoch for the whole job, cut into global batches.
 
-Both loaders follow the rule of DALI's readers, so that they split data identically: the split's
-samples, in shard order, are cut into `world_size` contiguous ranges (rank r gets
-[n·r // W, n·(r+1) // W)); every rank then reads ceil(ceil(n / W) / B) batches, the missing positions
-filled with copies of the last sample read, marked invalid. Every sample is thus read exactly once per
-epoch by exactly one rank, plus fewer than B padding copies per rank when ranges are equal (at most B
-when they differ by one sample).
+The split's n samples are visited in one order per epoch, a function of (seed, epoch) alone (`epoch_order`;
+validation: shard order). From sample s of an epoch on, that order is cut into global batches of `global_batch`
+samples (one optimizer step, train.batch_size); global batch k is split into accumulation × world_size
+micro-batches of `micro_batch` samples, micro-batch m of rank r holding the epoch's slots
 
-The order within a rank's epoch (`epoch_order`) is a function of (seed, epoch, rank) alone, so batch k of
-an epoch is known without reading batches 0..k-1: a resumed epoch starts reading at batch k.
+    s + k·G + (m·W + r)·b  ...  s + k·G + (m·W + r + 1)·b − 1          (G global, W ranks, b micro-batch)
+
+So a global batch is the same set of samples whatever the number of ranks or micro-batches (and the same crops:
+the augmentations are drawn per slot, see `augment`), every sample is read exactly once per epoch by exactly one
+rank, and a run resumed at sample s — on another number of ranks, or with another split of the global batch —
+reads exactly what an uninterrupted run reads from s on. The last global batch of an epoch may be short: its missing
+slots are padding, copies of the epoch's first samples marked invalid (they weigh nothing in the losses and metrics).
+Every rank reads from every shard; reads are by index (see `reading`), so no rank needs a shard range of its own.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from colorize_dist.data.shards import Shard
 
-ORDER_STREAM = 1  # spawn key of the order's random stream, apart from the augmentations' ([seed, position])
+ORDER_STREAM = 1  # spawn key of the order's random stream, apart from the augmentations' (see `augment`)
 
 
 @dataclass(frozen=True)
-class RankSlice:
+class SplitSamples:
+    """The samples of one split, in shard order: position p is sample p − start of the shard holding it."""
+
     shards: tuple[Shard, ...]
-    batch_size: int
-    rank: int
-    world_size: int
+    starts: np.ndarray = field(init=False, repr=False, compare=False)  # each shard's first position
 
     def __post_init__(self):
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.total < self.world_size:
-            raise ValueError(f"{self.total} samples cannot be split over {self.world_size} ranks")
+        counts = [shard.samples for shard in self.shards]
+        object.__setattr__(self, "starts", np.cumsum([0, *counts[:-1]], dtype=np.int64))
 
     @property
     def total(self) -> int:
         return sum(shard.samples for shard in self.shards)
 
-    @property
-    def start(self) -> int:
-        return self.total * self.rank // self.world_size
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard index, sample index in that shard) of each split position."""
+        shard = np.searchsorted(self.starts, positions, side="right") - 1
+        return shard, positions - self.starts[shard]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a global batch is divided between ranks and micro-batches."""
+
+    global_batch: int  # samples per optimizer step, all ranks and micro-batches together
+    micro_batch: int  # samples per rank and micro-batch
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self):
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
+        if self.micro_batch < 1 or self.global_batch % (self.micro_batch * self.world_size):
+            raise ValueError(f"the global batch ({self.global_batch}) must be a positive multiple of micro_batch × "
+                             f"world_size = {self.micro_batch} × {self.world_size}")
 
     @property
-    def stop(self) -> int:
-        return self.total * (self.rank + 1) // self.world_size
+    def accumulation(self) -> int:
+        """Micro-batches per rank and optimizer step."""
+        return self.global_batch // (self.micro_batch * self.world_size)
 
-    @property
-    def batches_per_epoch(self) -> int:
-        largest_range = -(-self.total // self.world_size)
-        return -(-largest_range // self.batch_size)
-
-    @property
-    def shard_indices(self) -> range:
-        """The shards holding this rank's samples (indices into `shards`)."""
-        ends = np.cumsum([shard.samples for shard in self.shards])
-        first = int(np.searchsorted(ends, self.start, side="right"))
-        last = int(np.searchsorted(ends, self.stop - 1, side="right"))
-        return range(first, last + 1)
-
-    def valid(self, batch_index: int) -> np.ndarray:
-        """Which positions of this rank's batch `batch_index` hold real samples (not padding)."""
-        positions = batch_index * self.batch_size + np.arange(self.batch_size)
-        return positions < self.stop - self.start
+    def steps(self, total: int, start: int = 0) -> int:
+        """Global batches in an epoch of `total` samples from sample `start` on."""
+        return -(-(total - start) // self.global_batch)
 
 
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """A 31-bit seed (DALI's range) for one rank's epoch, from (seed, epoch, rank) only."""
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0] & 0x7FFF_FFFF)
+@dataclass(frozen=True)
+class MicroSlots:
+    """One micro-batch of one rank: which slots of which epoch's order it holds, and the global batch around it."""
+
+    epoch: int
+    step_start: int  # the epoch slot its global batch starts at
+    step_end: int  # the epoch slot after its global batch: the epoch's position once this optimizer step is done
+    index: int  # its place among the rank's micro-batches of that global batch (0 .. accumulation − 1)
+    slots: np.ndarray  # epoch slots; those ≥ the split's size are padding
+    valid: np.ndarray  # bool per slot: a real sample (not padding)
 
 
-def epoch_order(ranks: RankSlice, seed: int | None, window: int) -> np.ndarray:
-    """The split positions this rank reads in one epoch, in order, padded to `batches_per_epoch × batch_size`
-    with copies of the last one.
+def micro_batches(layout: Layout, total: int, epoch: int, start: int = 0) -> Iterator[MicroSlots]:
+    """This rank's micro-batches of `epoch` from epoch slot `start` on, in order."""
+    if not 0 <= start <= total:
+        raise ValueError(f"the start sample must be in [0, {total}], got {start}")
+    width, rank_offset = layout.micro_batch, np.arange(layout.micro_batch, dtype=np.int64)
+    for step_start in range(start, total, layout.global_batch):
+        step_end = min(step_start + layout.global_batch, total)
+        for index in range(layout.accumulation):
+            first = step_start + (index * layout.world_size + layout.rank) * width
+            slots = first + rank_offset
+            yield MicroSlots(epoch, step_start, step_end, index, slots, slots < step_end)
 
-    seed None (validation): in shard order. Otherwise the runs of the rank's range that lie in one shard are
-    visited in a random order, and samples are shuffled within a sliding window of `window` positions (each
-    moves by less than `window`), so reads stay near-sequential; `shards make` writes shards pre-shuffled.
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A 31-bit seed (DALI's range) of one epoch, from (seed, epoch) only: the same on every rank."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0] & 0x7FFF_FFFF)
+
+
+def epoch_order(split: SplitSamples, seed: int | None, window: int) -> np.ndarray:
+    """The split positions an epoch visits, in order (the epoch's slots → positions).
+
+    seed None (validation): shard order. Otherwise the shards are visited in a random order and samples are
+    shuffled within a sliding window of `window` slots (each moves by less than `window`), so that reads stay
+    near-sequential; `shards make` writes shards pre-shuffled.
     """
-    positions = np.arange(ranks.start, ranks.stop, dtype=np.int64)
-    if seed is not None:
-        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(ORDER_STREAM,)))
-        runs = np.split(positions, np.searchsorted(positions, shard_starts(ranks)[1:]))
-        runs = [runs[i] for i in rng.permutation(len(runs)) if len(runs[i])]
-        positions = np.concatenate(runs)
-        jitter = rng.uniform(0, max(1, window), len(positions))
-        positions = positions[np.argsort(np.arange(len(positions)) + jitter, kind="stable")]
-    padding = ranks.batches_per_epoch * ranks.batch_size - len(positions)
-    return np.concatenate([positions, np.full(padding, positions[-1], dtype=np.int64)])
+    positions = np.arange(split.total, dtype=np.int64)
+    if seed is None:
+        return positions
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(ORDER_STREAM,)))
+    runs = np.split(positions, split.starts[1:])
+    positions = np.concatenate([runs[i] for i in rng.permutation(len(runs))])
+    jitter = rng.uniform(0, max(1, window), len(positions))
+    return positions[np.argsort(np.arange(len(positions)) + jitter, kind="stable")]
 
 
-def shard_starts(ranks: RankSlice) -> np.ndarray:
-    """The split position of each shard's first sample."""
-    return np.cumsum([0] + [shard.samples for shard in ranks.shards[:-1]], dtype=np.int64)
-
-
-def locate(ranks: RankSlice, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(shard index, sample index in that shard) of each split position."""
-    starts = shard_starts(ranks)
-    shard = np.searchsorted(starts, positions, side="right") - 1
-    return shard, positions - starts[shard]
+def slot_positions(order: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """The split positions of some epoch slots; padding slots (past the end) repeat the epoch's first samples."""
+    return order[slots % len(order)]

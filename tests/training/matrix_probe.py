@@ -10,11 +10,11 @@ A CELL is `NAME:key=value,key=value,...`: training config overrides, plus the pr
 Each rank writes OUT/NAME/weights-rank<R>.safetensors (g., d., ema. tensors) and OUT/NAME/result-rank<R>.json;
 rank 0 also OUT/NAME/initial.safetensors (g., d.: the weights before the first step).
 
-Every rank reads its share of one global order of batches (`GlobalOrder`): optimizer step t is made of the same
-`train.batch_size` samples whatever the number of processes and micro-batches, so the weights of any launch can
-be compared with those of one process taking the whole batch at once. Starting a launch costs far more than a
-few steps of the tiny model, so one launch runs many cells: Accelerate's state is made afresh for each, on one
-process group.
+Every rank reads its share of each global batch (the loaders' layout, see colorize_dist/data/sharding.py): optimizer
+step t is made of the same `train.batch_size` samples whatever the number of processes and micro-batches, so the
+weights of any launch can be compared with those of one process taking the whole batch at once. Starting a launch
+costs far more than a few steps of the tiny model, so one launch runs many cells: Accelerate's state is made afresh
+for each, on one process group.
 """
 
 from __future__ import annotations
@@ -29,61 +29,8 @@ from accelerate import PartialState
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import save_file
 
-from colorize_dist.data.loader import Batch
 from colorize_dist.training import loop
 from colorize_dist.training.config import load_training_config
-
-
-class GlobalOrder:
-    """One rank's micro-batches, cut from the batches of one global order that every rank reads alike.
-
-    Global batch t (train.batch_size samples, as one process reads them) is split into grad_accum × world_size
-    micro-batches; rank r takes rows [(m·W + r)·b, (m·W + r + 1)·b) as its micro-batch m.
-    """
-
-    def __init__(self, whole, rank: int, world_size: int, micro_batch: int, accumulation: int):
-        self.whole, self.rank, self.world_size = whole, rank, world_size
-        self.micro_batch, self.accumulation = micro_batch, accumulation
-        self.ranks = self  # the loop asks `loader.ranks` for the split's size and each micro-batch's padding mask
-
-    def __getattr__(self, name: str):  # anything else the loop asks of a loader (describe(), ...)
-        return getattr(self.whole, name)
-
-    @property
-    def total(self) -> int:
-        return self.whole.ranks.total
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.whole.batches_per_epoch * self.accumulation
-
-    def rows(self, micro: int) -> slice:
-        start = (micro * self.world_size + self.rank) * self.micro_batch
-        return slice(start, start + self.micro_batch)
-
-    def valid(self, index: int):
-        batch, micro = divmod(index, self.accumulation)
-        return self.whole.ranks.valid(batch)[self.rows(micro)]
-
-    def epoch(self, epoch: int, start_batch: int = 0):
-        first, skip = divmod(start_batch, self.accumulation)
-        for index, batch in enumerate(self.whole.epoch(epoch, first)):
-            for micro in range(skip if index == 0 else 0, self.accumulation):
-                rows = self.rows(micro)
-                yield Batch(l=batch.l[rows], ab=batch.ab[rows], keys=batch.keys[rows], valid=batch.valid[rows])
-
-
-def global_order_loaders(cfg) -> None:
-    """Training batches from one global order (see GlobalOrder); validation as usual."""
-    original = loop.build_loader
-
-    def build_loader(data, split, *, batch_size, rank=0, world_size=1, **kwargs):
-        if split != "train":
-            return original(data, split, batch_size=batch_size, rank=rank, world_size=world_size, **kwargs)
-        whole = original(data, split, batch_size=cfg.train.batch_size, rank=0, world_size=1, **kwargs)
-        return GlobalOrder(whole, rank, world_size, batch_size, cfg.train.grad_accum)
-
-    loop.build_loader = build_loader
 
 
 class NaNAt:
@@ -132,8 +79,7 @@ def run_cell(out: Path, shards: str, cell: str) -> None:
     if zero is not None:
         os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"] = zero
     cfg = load_training_config(None, [f"data.shards={shards}", *(f"{k}={v}" for k, v in options.items())])
-    saved = {attr: getattr(loop, attr) for attr in ("build_loader", "DiscriminatorLoss", "GeneratorLoss",
-                                                    "prepare_network")}
+    saved = {attr: getattr(loop, attr) for attr in ("DiscriminatorLoss", "GeneratorLoss", "prepare_network")}
     initial: dict[str, torch.Tensor] = {}
 
     def prepare_network(accelerator, name, model, *args, **kwargs):  # the initial weights, before any step
@@ -142,7 +88,6 @@ def run_cell(out: Path, shards: str, cell: str) -> None:
         return saved["prepare_network"](accelerator, name, model, *args, **kwargs)
 
     try:
-        global_order_loaders(cfg)
         inject_nans(nans, cfg.train.grad_accum)
         loop.prepare_network = prepare_network
         result = loop.train(cfg, out / name / "run", "none")

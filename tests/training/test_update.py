@@ -31,9 +31,9 @@ from torch import nn
 
 from colorize_dist.config import ConfigError
 from colorize_dist.data.loader import Batch
+from colorize_dist.data.sharding import MicroSlots
 from colorize_dist.training import checkpoint
 from colorize_dist.training.build import check_backend
-from colorize_dist.training.checkpoint import Progress
 from colorize_dist.training.loop import improves, take_micro_batch
 from colorize_dist.training.update import Update
 from tests.training.helpers import (
@@ -318,16 +318,14 @@ def test_a_nan_validation_metric_never_becomes_the_best() -> None:
 
 
 def test_padding_copies_are_left_out_of_the_loss() -> None:
-    """An epoch's last micro-batch holds copies that even out the ranks (batch.valid False): they are dropped and
-    the micro-batch's losses scaled by its share of real samples; one of copies only still runs, weighted 0."""
+    """An epoch's last global batch is filled with copies marked invalid: they are dropped and the micro-batch's
+    losses scaled by its share of real samples; one of copies only still runs, weighted 0."""
     masks = [np.array([True, True, True, True]), np.array([True, False, False, False]), np.zeros(4, bool)]
-    loader = SimpleNamespace(ranks=SimpleNamespace(valid=masks.__getitem__), batches_per_epoch=3)
     rows = torch.arange(4.0).reshape(4, 1, 1, 1)
-    batches = iter([Batch(l=rows, ab=rows.expand(4, 2, 1, 1), keys=list("abcd"), valid=torch.ones(4, dtype=bool))
-                    for _ in range(3)])
-    progress = Progress()
-    full, padded, empty = (take_micro_batch(batches, loader, progress, torch.contiguous_format) for _ in range(3))
-    assert progress.batches == 3
+    batches = iter([Batch(l=rows, ab=rows.expand(4, 2, 1, 1), keys=list("abcd"), valid=torch.ones(4, dtype=bool),
+                          positions=np.arange(4), slots=MicroSlots(0, 0, 4, 0, np.arange(4), mask))
+                    for mask in masks])
+    full, padded, empty = (take_micro_batch(batches, torch.contiguous_format) for _ in range(3))
     assert (full.weight, full.l.flatten().tolist()) == (1.0, [0.0, 1.0, 2.0, 3.0])
     assert (padded.weight, padded.l.flatten().tolist(), padded.ab.shape[0]) == (0.25, [0.0], 1)
     assert (empty.weight, empty.l.shape[0]) == (0.0, 4)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 from accelerate import Accelerator, DeepSpeedPlugin
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, str_to_bool
 from torch import nn
+from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 
 from colorize_dist.config import ConfigError
 from colorize_dist.data import synth
@@ -102,7 +102,7 @@ def prepare_network(accelerator: Accelerator, name: str, model: nn.Module, cfg: 
     """
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=tuple(cfg.optim.betas),
                                  weight_decay=cfg.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, total_steps))
+    scheduler = build_schedule(optimizer, cfg.optim, total_steps)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if deepspeed:
         accelerator.state.select_deepspeed_plugin(name)
@@ -120,21 +120,30 @@ def prepare_network(accelerator: Accelerator, name: str, model: nn.Module, cfg: 
                          accumulation=cfg.train.grad_accum, deepspeed=deepspeed, scaler=scaler)
 
 
-def lr_factor(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
-    """Multiplier of the base LR at an optimizer step: linear warm-up, then constant, linear or cosine to 0."""
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> LRScheduler:
+    """The LR over optimizer steps: a linear warm-up from lr / warmup_steps, then constant, or linear or cosine
+    decay to 0 at `total_steps`."""
     decay_steps = max(1, total_steps - cfg.warmup_steps)
+    decay = {"constant": lambda: ConstantLR(optimizer, factor=1.0, total_iters=0),
+             "linear": lambda: LinearLR(optimizer, start_factor=1.0, end_factor=0.0, total_iters=decay_steps),
+             "cosine": lambda: CosineAnnealingLR(optimizer, T_max=decay_steps)}[cfg.schedule]()
+    if cfg.warmup_steps == 0:
+        return decay
+    warmup = LinearLR(optimizer, start_factor=1 / cfg.warmup_steps, end_factor=1.0,
+                      total_iters=max(1, cfg.warmup_steps - 1))
+    return SequentialLR(optimizer, [warmup, decay], milestones=[cfg.warmup_steps])
 
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
-        if cfg.schedule == "linear":
-            return 1.0 - progress
-        if cfg.schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0
 
-    return factor
+def stretch_schedule(scheduler: LRScheduler, cfg: OptimConfig, total_steps: int) -> None:
+    """Make a (resumed) schedule's decay end at `total_steps`: the schedulers go on from the current LR, so a run
+    whose length changed at resume (another global batch, more epochs) decays smoothly to its new last step."""
+    scheduler = getattr(scheduler, "scheduler", scheduler)  # Accelerate's wrapper
+    decay = scheduler._schedulers[-1] if isinstance(scheduler, SequentialLR) else scheduler
+    decay_steps = max(1, total_steps - cfg.warmup_steps)
+    if isinstance(decay, CosineAnnealingLR):
+        decay.T_max = decay_steps
+    elif isinstance(decay, LinearLR) and cfg.schedule == "linear":
+        decay.total_iters = decay_steps
 
 
 def synthetic_shards(accelerator: Accelerator, run_dir: Path, images: int, resolution: int) -> Path:
@@ -147,9 +156,8 @@ def synthetic_shards(accelerator: Accelerator, run_dir: Path, images: int, resol
     return out
 
 
-def endless(loader: ColorLoader, position: int) -> Iterator[Batch]:
-    """Training micro-batches from `position` (counted from the first batch of epoch 0) on, epoch after epoch."""
-    epoch, start = divmod(position, loader.batches_per_epoch)
+def endless(loader: ColorLoader, epoch: int, start: int) -> Iterator[Batch]:
+    """Training micro-batches from sample `start` of `epoch` on, epoch after epoch."""
     while True:
         yield from loader.epoch(epoch, start)
         epoch, start = epoch + 1, 0

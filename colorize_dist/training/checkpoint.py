@@ -34,18 +34,27 @@ STEP_NAME = re.compile(r"step-(\d{7,})")
 
 @dataclass
 class Progress:
-    """The loop's counters, saved in every checkpoint (registered with `accelerator.register_for_checkpointing`)."""
+    """The loop's counters, saved in every checkpoint (registered with `accelerate.register_for_checkpointing`).
+
+    The data position is counted in samples of the epoch, not in batches, so a run resumes at the same sample on
+    any number of processes and with any split of the global batch into micro-batches."""
 
     step: int = 0  # optimizer steps taken: steps whose generator update was applied
-    batches: int = 0  # micro-batches consumed per rank: the data loader's position
+    epoch: int = 0  # the epoch the next step reads from
+    sample: int = 0  # samples of that epoch read so far (by all ranks): where the next global batch starts
+    images_seen: int = 0  # samples read in all (skipped steps' included), padding copies not
     nonfinite: int = 0  # steps in which an update was skipped for NaN/inf (or an fp16 overflow), in total
     nonfinite_in_a_row: int = 0
     best: float | None = None  # best validation value of train.best_metric so far
+    wall_s: float = 0.0  # training time of every start of the run until this checkpoint
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "epoch" not in state:  # counted micro-batches per rank, which fit one number of processes only
+            raise ValueError("it was written by an earlier version of colorize_dist that kept no data position in "
+                             "samples")
         for name, value in state.items():
             setattr(self, name, value)
 

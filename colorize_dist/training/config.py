@@ -8,6 +8,7 @@ Accelerator knows the number of processes.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,14 +54,16 @@ class TrainConfig:
     seed: int = 0  # model initialisation and data order; same on every rank
     epochs: int = 100
     max_steps: int = 0  # > 0: stop after this many optimizer steps instead of `epochs`
+    max_time: str | None = None  # wall-clock budget of each start, e.g. 2h, 90m, 1h30m, 45s: then stop resumably
     batch_size: int = 64  # global: per-process batch × processes × grad_accum
+    allow_batch_change: bool = False  # resume a checkpoint trained with another batch_size (see training/resume.py)
     grad_accum: int = 1  # micro-batches per optimizer step
     mixed_precision: str | None = None  # fp32 | fp16 | bf16; None: what `accelerate launch` was given, else fp32
     channels_last: bool = False
     compile: bool = False  # torch.compile both networks (inductor)
     pretrain_steps: int = 0  # generator-only steps (no adversarial term) before D joins (seed 002)
     ema_decay: float = 0.999  # EMA of the generator; validation, samples and exports use it
-    log_every: int = 10  # optimizer steps between logged scalars
+    log_every: int = 10  # optimizer steps between logged scalars; stop requests and max_time are checked then too
     checkpoint_every: int = 1000  # optimizer steps between checkpoints (and at the end, and on SIGTERM/SIGUSR1)
     keep_checkpoints: int = 3  # the last K step checkpoints are kept; the best one is kept apart
     validate_every: int = 1000  # optimizer steps between validations (which update the best checkpoint)
@@ -86,6 +89,8 @@ class TrainConfig:
             raise ConfigError(f"train.collective_timeout_s must be positive, got {self.collective_timeout_s}")
         if self.max_steps < 0 or self.pretrain_steps < 0:
             raise ConfigError("train.max_steps and train.pretrain_steps must be ≥ 0")
+        if self.max_time is not None:
+            parse_duration("train.max_time", self.max_time)
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.mixed_precision is not None:
@@ -109,6 +114,11 @@ class TrainConfig:
         for tracker in self.trackers:
             check_choice("train.trackers", tracker, TRACKERS)
 
+    @property
+    def max_time_s(self) -> float | None:
+        """train.max_time in seconds."""
+        return None if self.max_time is None else parse_duration("train.max_time", self.max_time)
+
 
 @dataclass
 class Config:
@@ -130,6 +140,25 @@ class Config:
     def adversarial(self) -> bool:
         """Whether the run trains a discriminator at all (loss.theta > 0)."""
         return self.loss.theta > 0
+
+
+DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)([dhms]))+")
+DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
+SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_duration(name: str, text: str | int | float) -> float:
+    """Seconds in "2h", "90m", "1h30m", "1d12h", "45s" or a plain number of seconds; ConfigError otherwise."""
+    text = str(text).strip().lower()
+    try:
+        seconds = float(text)
+    except ValueError:
+        if DURATION.fullmatch(text) is None:
+            raise ConfigError(f"{name}: expected a duration such as 2h, 90m, 1h30m or 45s, got {text!r}") from None
+        seconds = sum(float(count) * SECONDS[unit] for count, unit in DURATION_PART.findall(text))
+    if not seconds > 0:
+        raise ConfigError(f"{name} must be positive, got {text!r}")
+    return seconds
 
 
 def load_training_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:

@@ -27,19 +27,24 @@ def run_dir_lock(accelerator: Accelerator, run_dir: Path) -> Iterator[None]:
     """Hold RUN/.lock (rank 0) while the block runs; ConfigError on every rank if another run holds it."""
     descriptor, problem = None, None
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / LOCK_NAME
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.ftruncate(descriptor, 0)
-            os.write(descriptor, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-        except BlockingIOError:
-            holder = path.read_text().strip() or "another process"
-            problem = (f"run dir {run_dir} is in use by another training run ({holder}); wait for it to end or "
-                       "pass another --run-dir")
-            os.close(descriptor)
-            descriptor = None
+            run_dir.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # a file, not a directory; no permission; a read-only file system
+            problem = (f"run dir {run_dir} cannot be written ({exc.strerror}: {exc.filename}); pass a writable "
+                       "--run-dir")
+        else:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.ftruncate(descriptor, 0)
+                os.write(descriptor, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+            except BlockingIOError:
+                holder = path.read_text().strip() or "another process"
+                problem = (f"run dir {run_dir} is in use by another training run ({holder}); wait for it to end or "
+                           "pass another --run-dir")
+                os.close(descriptor)
+                descriptor = None
     (problem,) = broadcast_object_list([problem])  # every rank stops alike, before any other collective
     if problem is not None:
         raise ConfigError(problem)

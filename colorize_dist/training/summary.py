@@ -11,7 +11,8 @@ all-reduce), so all ranks must call `write_summary`. Throughput over time is in 
 
 `memory` says what `peak_memory_mib` measures: on GPUs torch's `max_memory_allocated` (tensors only, what a
 batch size must fit in), on CPUs the peak resident set size of the process; the largest over ranks either way.
-`wall_s` is the training loop's time in this start of the run (a resumed run counts from its resume).
+`wall_s` is the run's training time over all its starts (each resume adds to what its checkpoint recorded) and
+`images_seen` the samples read over all of them (padding copies not counted).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import json
 import resource
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -48,8 +48,8 @@ def device_name(device: torch.device) -> str:
 
 
 def write_summary(accelerator: Accelerator, cfg: Config, run_dir: Path, progress: Progress,
-                  metrics: dict[str, float], *, total_steps: int, finished: bool, started: float) -> None:
-    """RUN/summary.json (see the module docstring); call on every rank. `started`: time.perf_counter() at start."""
+                  metrics: dict[str, float], *, total_steps: int, finished: bool, wall_s: float) -> None:
+    """RUN/summary.json (see the module docstring); call on every rank."""
     memory_mib, memory_kind = peak_memory(accelerator.device)
     peak = torch.tensor(memory_mib, dtype=torch.float64, device=accelerator.device)
     if dist.is_available() and dist.is_initialized():
@@ -60,7 +60,7 @@ def write_summary(accelerator: Accelerator, cfg: Config, run_dir: Path, progress
         "finished": finished,
         "step": progress.step,
         "total_steps": total_steps,
-        "images_seen": progress.step * cfg.train.batch_size,
+        "images_seen": progress.images_seen,
         "batch_size": cfg.train.batch_size,
         "best_metric": cfg.train.best_metric,
         "best": progress.best,
@@ -70,7 +70,7 @@ def write_summary(accelerator: Accelerator, cfg: Config, run_dir: Path, progress
         "device": device_name(accelerator.device),
         "num_processes": accelerator.num_processes,
         "mixed_precision": str(accelerator.mixed_precision),
-        "wall_s": round(time.perf_counter() - started, 2),
+        "wall_s": round(wall_s, 2),
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     atomic_write(run_dir / SUMMARY, json.dumps(summary, indent=1) + "\n")

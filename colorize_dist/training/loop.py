@@ -308,10 +308,12 @@ def after_step(state: State, micro_batches: list[MicroBatch], outcome: StepOutco
     if progress.step % cfg.train.sample_every == 0 and accelerator.is_main_process:
         write_samples(accelerator, state.ema.model, state.sample_batch, cfg.model.generator.color_space,
                       state.run_dir / "samples", progress.step)
+    progress.wall_s = state.clock.total()  # as the checkpoints below record it
     if progress.step % cfg.train.validate_every == 0 or state.done:
         state.metrics = validate(state)
     if state.stopped or progress.step % cfg.train.checkpoint_every == 0 or state.done:
-        save_step_checkpoint(state)
+        save_step_checkpoint(accelerator, cfg, state.run_dir / checkpoint.CHECKPOINTS, progress, *state.networks,
+                             state.ema.model)
     if state.stopped:
         accelerator.print(f"{state.stopped}: checkpoint at step {progress.step} saved; resume with --resume auto")
         state.done = True
@@ -415,11 +417,10 @@ def check_inputs(cfg: Config, loader: ColorLoader, val_loader: ColorLoader, devi
         raise ConfigError("train.trackers names wandb, which is not installed: pip install wandb, or drop it")
 
 
-def save_step_checkpoint(state: State) -> None:
-    """The step checkpoint, unless the weights went NaN/inf (e.g. an LR far too high): a poisoned checkpoint would
-    be resumed from, so the run stops and the last good one stays the newest."""
-    accelerator, progress, root = state.accelerator, state.progress, state.run_dir / checkpoint.CHECKPOINTS
-    modules = [*state.networks, state.ema.model]
+def save_step_checkpoint(accelerator: Accelerator, cfg: Config, root: Path, progress: Progress,
+                         *modules: nn.Module) -> None:
+    """The step checkpoint, unless the weights of `modules` went NaN/inf (e.g. an LR far too high): a poisoned
+    checkpoint would be resumed from, so the run stops and the last good one stays the newest."""
     finite = torch.stack([param.detach().isfinite().all() for module in modules for param in module.parameters()])
     (poisoned,) = any_rank(~finite.all(), device=accelerator.device)
     if poisoned:
@@ -427,17 +428,15 @@ def save_step_checkpoint(state: State) -> None:
             f"the weights became NaN/inf by step {progress.step} and were not checkpointed; the last good checkpoint "
             f"is {checkpoint.latest_valid(root, verify_hashes=False) or 'none (start afresh)'}. Try a lower "
             "optim.lr, optim.grad_clip > 0, or bf16 instead of fp16")
-    save_checkpoint(state, root / checkpoint.step_name(progress.step))
+    save_checkpoint(accelerator, cfg, root / checkpoint.step_name(progress.step), progress)
     if accelerator.is_main_process:
-        checkpoint.prune(root, state.cfg.train.keep_checkpoints)
+        checkpoint.prune(root, cfg.train.keep_checkpoints)
 
 
-def save_checkpoint(state: State, folder: Path, **info: float) -> None:
+def save_checkpoint(accelerator: Accelerator, cfg: Config, folder: Path, progress: Progress, **info: float) -> None:
     """`checkpoint.save_checkpoint` with what a resume checks: the processes and the global batch."""
-    state.progress.wall_s = state.clock.total()
-    checkpoint.save_checkpoint(state.accelerator, folder, step=state.progress.step,
-                               world_size=state.accelerator.num_processes, global_batch=state.cfg.train.batch_size,
-                               **info)
+    checkpoint.save_checkpoint(accelerator, folder, step=progress.step, world_size=accelerator.num_processes,
+                               global_batch=cfg.train.batch_size, **info)
 
 
 def validate(state: State) -> dict[str, float]:
@@ -449,7 +448,7 @@ def validate(state: State) -> dict[str, float]:
     value = metrics[cfg.train.best_metric]
     if improves(value, progress.best, cfg.train.best_mode):
         progress.best = value
-        save_checkpoint(state, state.run_dir / checkpoint.CHECKPOINTS / checkpoint.BEST,
+        save_checkpoint(accelerator, cfg, state.run_dir / checkpoint.CHECKPOINTS / checkpoint.BEST, progress,
                         **{cfg.train.best_metric: value})
         if accelerator.is_main_process:
             save_generator(state.ema.model, cfg.model.generator, cfg.data.resolution,

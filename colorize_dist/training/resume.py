@@ -94,7 +94,7 @@ def load_resume(accelerator: Accelerator, point: ResumePoint, networks: list[nn.
     try:
         accelerator.load_state(str(folder))
     except (RuntimeError, KeyError, ValueError, AssertionError, *_zero_errors(engines)) as exc:  # another model
-        raise ConfigError(f"checkpoint {point.folder} does not fit this run ({first_line(exc)}); resume with the "
+        raise ConfigError(f"checkpoint {point.folder} does not fit this config ({first_line(exc)}); resume with the "
                           "config it was saved with, or start afresh with --resume none or another --run-dir") from None
     finally:
         if convert:

@@ -1,9 +1,10 @@
 """Faults a careful user hits, each ending in one clear line, the documented exit status and no lost work:
 poisoned weights, broken checkpoint folders, a full disk, inputs checked before the first step, two runs on one
-run directory."""
+run directory, an unusable run directory, a killed launcher, a spent time budget."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -13,6 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from accelerate import Accelerator
@@ -20,7 +22,16 @@ from accelerate import Accelerator
 from colorize_dist.training import checkpoint, command, loop
 from colorize_dist.training.checkpoint import Progress
 from colorize_dist.training.config import load_training_config
-from tests.training.helpers import tiny_overrides, train_once, train_process
+from tests.training.helpers import (
+    LAUNCH_ENV,
+    REPO,
+    TRAIN_SCRIPT,
+    launch_command,
+    subprocess_env,
+    tiny_overrides,
+    train_once,
+    train_process,
+)
 
 BOUND_S = 120  # every faulty run below must be over well within this
 
@@ -189,5 +200,115 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(shards: Path, tm
         assert kept and kept[-1] == intact and checkpoint.check(intact) is None and intact.name < failed
         assert all(checkpoint.check(folder) is None for folder in kept)
         assert not list((run_dir / "checkpoints").glob(".tmp-*"))  # nothing partial left
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """Those still running (an exited process nobody has reaped yet is a zombie: it runs nothing)."""
+    running = []
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if process.status() != psutil.STATUS_ZOMBIE:
+                running.append(process)
+    return running
+
+
+@pytest.mark.slow
+def test_trainers_whose_launcher_is_killed_checkpoint_and_exit(shards: Path, tmp_path: Path) -> None:
+    """SIGKILL of `accelerate launch` (the OOM killer, a `kill -9` of the job's main process) of a 2-process run: its
+    trainers, each in a session of its own, notice, checkpoint at their next logging step and exit, with their
+    loader workers, within 60 s; rerunning resumes from that checkpoint."""
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(shards, **{"train.batch_size": 8, "train.max_steps": 100000,
+                                          "train.checkpoint_every": 10000, "train.validate_every": 10000,
+                                          "train.sample_every": 10000, "data.num_threads": 2})
+    command = launch_command("cpu_2proc.yaml", [str(TRAIN_SCRIPT), "--run-dir", str(run_dir), *overrides])
+    with (tmp_path / "out.log").open("w") as out, (tmp_path / "err.log").open("w") as err:  # pipes nobody drains
+        launcher = subprocess.Popen(command, stdout=out, stderr=err, cwd=REPO, start_new_session=True,
+                                    env=subprocess_env() | LAUNCH_ENV["cpu_2proc.yaml"])
+    try:
+        deadline = time.monotonic() + BOUND_S
+        while not list((run_dir / "logs").rglob("events.out.tfevents.*")) and time.monotonic() < deadline:
+            time.sleep(0.2)  # the tracker starts after set-up: the loop is about to run
+        processes = psutil.Process(launcher.pid).children(recursive=True)  # trainers and their loader workers
+        trainers = [process for process in processes if str(TRAIN_SCRIPT) in process.cmdline()]
+        assert len(trainers) == 2
+        launcher.kill()
+        launcher.wait()
+        killed = time.monotonic()
+        while alive(processes) and time.monotonic() < killed + 60:
+            time.sleep(0.2)
+        assert not alive(processes), (tmp_path / "err.log").read_text()[-3000:]
+        print(f"every trainer and worker exited {time.monotonic() - killed:.1f} s after the launcher's kill")
+    finally:
+        for process in alive(psutil.Process(launcher.pid).children(recursive=True) if launcher.poll() is None
+                             else []):
+            process.kill()
+    stdout = (tmp_path / "out.log").read_text()
+    match = re.search(r"launcher gone \(a rank's parent process died\): checkpoint at step (\d+) saved", stdout)
+    assert match, stdout[-3000:] + (tmp_path / "err.log").read_text()[-3000:]
+    step = int(match.group(1))
+    assert checkpoint.check(run_dir / "checkpoints" / checkpoint.step_name(step)) is None
+    assert json.loads((run_dir / "summary.json").read_text())["finished"] is False
+
+    rerun = train_once(run_dir, [*overrides, f"train.max_steps={step + 2}"], timeout=BOUND_S)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"at step {step}" in rerun.stdout and f"done at step {step + 2}" in rerun.stdout
+
+
+@pytest.mark.slow
+def test_max_time_stops_resumably_and_the_summary_adds_up_over_starts(shards: Path, tmp_path: Path) -> None:
+    """train.max_time: a checkpoint and exit status 75 once the budget is spent; the rerun finishes, and
+    RUN/summary.json's wall time and images seen count both starts (images: those of an uninterrupted run)."""
+    run_dir, straight = tmp_path / "run", tmp_path / "straight"
+    overrides = tiny_overrides(shards, **{"train.max_steps": 100000, "train.checkpoint_every": 10000,
+                                          "train.validate_every": 10000, "train.sample_every": 10000})
+    first, _ = timed_run(run_dir, [*overrides, "train.max_time=4s"])
+    assert first.returncode == command.EXIT_RESUMABLE, first.stderr[-3000:]
+    match = re.search(r"train.max_time=4s spent: checkpoint at step (\d+) saved; resume with --resume auto",
+                      first.stdout)
+    assert match, first.stdout[-3000:]
+    step, before = int(match.group(1)), json.loads((run_dir / "summary.json").read_text())
+    assert before["finished"] is False and before["step"] == step and before["wall_s"] >= 4.0
+
+    finish, _ = timed_run(run_dir, [*overrides, f"train.max_steps={step + 3}"])
+    assert finish.returncode == 0, finish.stderr[-3000:]
+    after = json.loads((run_dir / "summary.json").read_text())
+    assert after["finished"] is True and after["wall_s"] > before["wall_s"]
+    assert train_once(straight, [*overrides, f"train.max_steps={step + 3}"], timeout=BOUND_S).returncode == 0
+    assert after["images_seen"] == json.loads((straight / "summary.json").read_text())["images_seen"]
+
+
+@pytest.mark.parametrize("value", ["2x", "-5m", "0"])
+def test_a_bad_max_time_is_one_line(value: str, tmp_path: Path, capsys) -> None:
+    args = command.parse(["--run-dir", str(tmp_path / "run"), f"train.max_time={value}"])
+    assert command.main(args) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("train: train.max_time") and "\n" not in line
+
+
+def test_a_run_dir_that_is_a_file_is_one_line(shards: Path, tmp_path: Path) -> None:
+    taken = tmp_path / "taken"
+    taken.write_text("a file the user keeps\n")
+    result, seconds = timed_run(taken, tiny_overrides(shards, **{"train.max_steps": 1}))
+    assert result.returncode == 2 and seconds < BOUND_S
+    line = error_line(result)
+    assert f"run dir {taken} cannot be written" in line and "--run-dir" in line
+    assert taken.read_text() == "a file the user keeps\n"
+
+
+@pytest.mark.slow
+def test_a_run_dir_on_a_read_only_file_system_is_one_line(shards: Path, tmp_path: Path) -> None:
+    disk = tmp_path / "readonly"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(disk)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        result, seconds = timed_run(disk / "run", tiny_overrides(shards, **{"train.max_steps": 1}))
+        assert result.returncode == 2 and seconds < BOUND_S
+        line = error_line(result)
+        assert f"run dir {disk / 'run'} cannot be written (Read-only file system" in line
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)

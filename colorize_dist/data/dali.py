@@ -42,9 +42,9 @@ from PIL import Image
 
 from colorize_dist.data.augment import Augment, mirror_box, resize_box
 from colorize_dist.data.config import DataConfig
+from colorize_dist.data.manifest import ShardDataError, verify_hint
 from colorize_dist.data.reading import ShardReader
 from colorize_dist.data.sharding import RankSlice, epoch_order, epoch_seed, locate
-from colorize_dist.data.shards import ShardDataError, verify_hint
 from colorize_dist.files import first_line
 
 log = logging.getLogger(__name__)

@@ -20,17 +20,16 @@ from typing import Any
 
 from tqdm import tqdm
 
-from colorize_dist.data.shards import (
+from colorize_dist.data.dali_index import dali_index, write_index
+from colorize_dist.data.manifest import (
     MANIFEST,
     SPLITS,
     ManifestError,
     MissingShardsError,
     ShardError,
-    dali_index,
     manifest_shards,
     read_manifest,
     shard_record,
-    write_index,
     write_manifest,
 )
 from colorize_dist.files import atomic_write, first_line

@@ -29,8 +29,8 @@ import torch
 from colorize_dist.color import rgb_to_l_ab
 from colorize_dist.data import failure
 from colorize_dist.data.config import DataConfig
+from colorize_dist.data.manifest import SPLITS, ManifestError, MissingShardsError, list_shards
 from colorize_dist.data.sharding import RankSlice
-from colorize_dist.data.shards import SPLITS, ManifestError, MissingShardsError, list_shards
 
 log = logging.getLogger(__name__)
 

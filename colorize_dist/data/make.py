@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import errno
 import functools
+import hashlib
 import io
 import multiprocessing
 import multiprocessing.pool
@@ -36,28 +37,18 @@ from typing import Any
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from colorize_dist.data.dali_index import IMAGE_EXTENSIONS, image_extension
 from colorize_dist.data.images import to_rgb8
-from colorize_dist.data.shards import (
-    IMAGE_EXTENSIONS,
-    MANIFEST,
-    SAMPLE_ORDER,
-    SPLIT_RULE,
-    SPLITS,
-    Shard,
-    ShardError,
-    SplitWriter,
-    image_extension,
-    path_hash,
-    sample_key,
-    split_of,
-    write_manifest,
-)
+from colorize_dist.data.manifest import MANIFEST, SPLITS, Shard, ShardError, write_manifest
+from colorize_dist.data.tar_writer import SplitWriter
 from colorize_dist.files import first_line
 
 # Encoded results: (extension, bytes), or (None, reason) for a skipped input.
 Encoded = tuple[str | None, bytes | str]
 IMAGE_FORMATS = ("jpg", "png")
 CPU_DECODED = ("png", "webp")  # DALI's `mixed` decoder decodes these on the CPU
+SPLIT_RULE = "val if int(sha1(relative path).hexdigest()[:16], 16) / 2**64 < val_fraction, else train"
+SAMPLE_ORDER = "sha1 of the relative path (pre-shuffled: neighbours in a shard are unrelated images)"
 
 
 @dataclass(frozen=True)
@@ -76,6 +67,20 @@ class ShardOptions:
             raise ShardError(f"--format must be one of {', '.join(IMAGE_FORMATS)}, got {self.image_format!r}")
         if self.shard_size < 1 or not 0.0 <= self.val_fraction < 1.0 or not 1 <= self.quality <= 100:
             raise ShardError("need --shard-size >= 1, 0 <= --val-fraction < 1 and 1 <= --quality <= 100")
+
+
+def split_of(relative_path: str, val_fraction: float) -> str:
+    """Train or val, from a hash of the path alone, so adding images never moves existing ones."""
+    return "val" if path_hash(relative_path) / 2**64 < val_fraction else "train"
+
+
+def path_hash(relative_path: str) -> int:
+    return int(hashlib.sha1(relative_path.encode("utf-8")).hexdigest()[:16], 16)
+
+
+def sample_key(relative_path: str) -> str:
+    """A WebDataset key for an image path: no dots (they start the extension), no spaces or slashes."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", relative_path)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

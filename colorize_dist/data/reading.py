@@ -15,7 +15,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from colorize_dist.data.shards import MANIFEST, Shard, ShardDataError, index_images, verify_hint
+from colorize_dist.data.dali_index import index_images
+from colorize_dist.data.manifest import MANIFEST, Shard, ShardDataError, verify_hint
 
 BLOCK = 512  # tar header size
 MAX_OPEN_FILES = 64  # shards kept open per reader (a rank of a large set touches thousands)

@@ -29,7 +29,7 @@ from colorize_dist.data.make import (
     write_shard_set,
     writer_options,
 )
-from colorize_dist.data.shards import ShardError
+from colorize_dist.data.manifest import ShardError
 from colorize_dist.files import first_line
 
 # Background colour ramp: hue follows luminance.

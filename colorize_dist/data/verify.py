@@ -16,15 +16,14 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from colorize_dist.data.dali_index import dali_index, index_images
 from colorize_dist.data.images import to_rgb8
-from colorize_dist.data.shards import (
+from colorize_dist.data.manifest import (
     MANIFEST,
     SPLITS,
     ManifestError,
     MissingShardsError,
     Shard,
-    dali_index,
-    index_images,
     manifest_shards,
     read_manifest,
 )

@@ -259,8 +259,8 @@ def test_first_batch_closes_its_loader_and_loaders_say_what_decodes(synth_shards
 def test_gpu_decoding_says_which_images_cannot_use_the_hardware_decoder(synth_shards):
     """Checked without a GPU: the notes come from the shards (PNG here), not from the device."""
     from colorize_dist.data.dali import DaliSource
+    from colorize_dist.data.manifest import list_shards
     from colorize_dist.data.sharding import RankSlice
-    from colorize_dist.data.shards import list_shards
 
     cfg = DataConfig(shards=str(synth_shards), resolution=24)
     ranks = RankSlice(tuple(list_shards(synth_shards, "val")), 4, 0, 1)

@@ -153,9 +153,14 @@ def list_shards(directory: str | Path, split: str) -> list[Shard]:
     """The shards of one split in manifest order, each checked to be there (tar and index) with the size the
     manifest records: a truncated or replaced shard is refused here, before anything reads it."""
     directory = Path(directory)
-    shards = [shard for shard in manifest_shards(directory, read_manifest(directory), split) if shard.samples > 0]
+    manifest = read_manifest(directory)
+    shards = [shard for shard in manifest_shards(directory, manifest, split) if shard.samples > 0]
     if not shards:
-        raise ManifestError(f"{directory / MANIFEST} lists no {split} samples; rebuild with a different split")
+        if split == "train" and manifest.get("val_fraction") == 1:
+            fix = "it is a test set (made with --val-fraction 1): evaluate on it, train on another set"
+        else:
+            fix = f"remake it with a --val-fraction that leaves {split} images"
+        raise ManifestError(f"{directory / MANIFEST} lists no {split} images; {fix}")
     for shard in shards:
         if not shard.path.is_file():
             raise MissingShardsError(

@@ -17,7 +17,7 @@ Skipped, and listed with the reason (on the terminal, counted per reason in the 
   too small   a shorter side under --min-size (default RESOLUTION / 2: a 1x1 image is not upscaled to a flat tile);
   grayscale   images whose colour their lightness explains (gray, sepia, cyanotype, a yellowed print): residual
               chroma (`images.residual_chroma`) under 10, where colour photos measured 12.5 and more and
-              toned prints of 256 px and more, even as JPEGs of quality 50, 8.6 and less; --keep-gray keeps them.
+              toned prints of 256 px and more, even as JPEGs of quality 50, 8.4 and less; --keep-gray keeps them.
 
 A full disk stops the run with one line naming the folder and the space needed; complete shards stay, the one
 being written is removed, and no manifest is written.
@@ -71,7 +71,7 @@ SAMPLE_ORDER = "sha1 of the relative path (pre-shuffled: neighbours in a shard a
 # photos skimage and matplotlib ship, at 512 px (tests/data/test_clean_sets.py): 12.5 (the Hubble deep field,
 # mostly black sky; a retina, nearly one hue, 14.6) to 79.6 (a portrait); their gray versions 0; sepia, cyanotype
 # and yellowed-paper prints of them 0.7-1.0, as JPEGs of quality 75 1.7-3.1 and of quality 50 3.1-4.7 (at 256 px
-# up to 8.6; under about 192 px the JPEG artefacts of a toned print can reach 10, and such a print is kept).
+# up to 8.4; under about 192 px the JPEG artefacts of a toned print can reach 10, and such a print is kept).
 GRAY_RESIDUAL_CHROMA = 10.0
 UNREADABLE, TOO_SMALL, GRAYSCALE = "unreadable", "too small", "grayscale"
 SKIP_REASONS = (UNREADABLE, TOO_SMALL, GRAYSCALE)

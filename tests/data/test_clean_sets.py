@@ -31,7 +31,7 @@ KEPT = {"colour.png", "portrait.jpg", "subject_on_gray.png", "palette.png", "rgb
 @pytest.mark.parametrize(("side", "toned_at_most"), [(512, 5.0), (256, 9.0)])
 def test_residual_chroma_separates_colour_photos_from_gray_and_toned_prints(side, toned_at_most):
     """The figures behind GRAY_RESIDUAL_CHROMA (README, Data): colour photos 12 and more, toned prints (JPEG
-    quality 50 included) at most 4.7 at 512 px and 8.6 at 256 px, gray 0; a colour subject on 5 % of a gray
+    quality 50 included) at most 4.7 at 512 px and 8.4 at 256 px, gray 0; a colour subject on 5 % of a gray
     photo keeps it colour."""
     for name in COLOUR_PHOTOS:
         image = photo(name)

@@ -2,7 +2,7 @@
 
 from colorize_dist.data.config import DataConfig
 from colorize_dist.data.loader import Batch, ColorLoader, build_loader, first_batch
-from colorize_dist.data.shards import ManifestError, MissingShardsError, ShardDataError
+from colorize_dist.data.manifest import ManifestError, MissingShardsError, ShardDataError
 from colorize_dist.data.synth import synth_image
 
 __all__ = [

@@ -50,9 +50,9 @@ from PIL import Image
 
 from colorize_dist.data.augment import resize_crop
 from colorize_dist.data.config import DataConfig
+from colorize_dist.data.manifest import ShardDataError, verify_hint
 from colorize_dist.data.reading import BatchReading, EncodedBatch, ReadAhead
 from colorize_dist.data.sharding import Layout, MicroSlots, micro_batches
-from colorize_dist.data.shards import ShardDataError, verify_hint
 from colorize_dist.files import first_line
 
 log = logging.getLogger(__name__)

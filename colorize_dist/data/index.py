@@ -1,6 +1,6 @@
 """Index WebDataset shards written by other tools (webdataset.ShardWriter, GNU tar) so the loaders read them.
 
-Expects DIR/train/*.tar and optionally DIR/val/*.tar; writes a DALI index beside each tar and
+Expects DIR/train/*.tar, DIR/val/*.tar or both (a test set: val/ only); writes a DALI index beside each tar and
 DIR/manifest.json with each shard's sample count, size, SHA-256 and per-image CRC-32 (from the bytes as
 they are now: index only shards you trust). Images are used at whatever size they are stored; the loaders
 shuffle within a window of data.shuffle_buffer samples, so shards should be pre-shuffled.
@@ -18,25 +18,25 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+from tabulate import tabulate
 from tqdm import tqdm
 
-from colorize_dist.data.shards import (
+from colorize_dist.data.dali_index import dali_index, write_index
+from colorize_dist.data.manifest import (
     MANIFEST,
     SPLITS,
     ManifestError,
     MissingShardsError,
     ShardError,
-    dali_index,
     manifest_shards,
     read_manifest,
     shard_record,
-    write_index,
     write_manifest,
 )
 from colorize_dist.files import atomic_write, first_line
 
 KEPT_INFO = ("source", "resolution", "image_format", "val_fraction", "split_rule", "sample_order", "jpeg_quality",
-             "skipped")
+             "grayscale", "min_size", "background", "transparent_on_background", "skipped")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,8 +57,8 @@ def main(args: argparse.Namespace) -> int:
     except (ShardError, ManifestError, MissingShardsError) as exc:
         print(f"shards index: {first_line(exc)}", file=sys.stderr)
         return 2
-    for split, summary in manifest["splits"].items():
-        print(f"{split}: {summary['samples']} images in {len(summary['shards'])} shards")
+    rows = [(split, summary["samples"], len(summary["shards"])) for split, summary in manifest["splits"].items()]
+    print(tabulate(rows, headers=("split", "images", "shards")))
     return 0
 
 
@@ -74,8 +74,8 @@ def index_shards(directory: Path, *, force: bool = False) -> dict[str, Any]:
         except (ManifestError, MissingShardsError):
             previous = {}
     tars = {split: sorted((directory / split).glob("*.tar")) for split in SPLITS}
-    if not tars["train"]:
-        raise ShardError(f"no tar shards in {directory / 'train'}")
+    if not any(tars.values()):
+        raise ShardError(f"no tar shards in {directory / 'train'} or {directory / 'val'}")
     shards = {}
     for split, paths in tars.items():
         shards[split] = []

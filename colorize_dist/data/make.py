@@ -1,24 +1,36 @@
 """Make WebDataset shards from a folder, .zip or .tar of images: square crops, train/val split, DALI indexes.
 
 Each image is center-cropped to the largest centered square and resized to RESOLUTION² (Lanczos; EXIF
-rotation applied; 16-bit images scaled to 8 bits), then stored as baseline JPEG (default) or PNG;
---keep-original stores the file's bytes as they are. Baseline JPEG is what GPUs decode fastest: DALI's
-`mixed` decoder sends baseline JPEGs to the hardware JPEG decoder, progressive JPEGs to CUDA, and PNG
-(FFHQ ships PNG) to the CPU, so PNG sources are best re-encoded, as the default does.
+rotation applied; 16-bit images scaled to 8 bits; transparent pixels composited onto white, never the colour
+hidden under them), then stored as baseline JPEG (default) or PNG; --keep-original stores the file's bytes
+as they are (an image with transparency as a lossless PNG on white). Baseline JPEG is what GPUs decode
+fastest: DALI's `mixed` decoder sends baseline JPEGs to the hardware JPEG decoder, progressive JPEGs to CUDA,
+and PNG (FFHQ ships PNG) to the CPU, so PNG sources are best re-encoded, as the default does.
 
 Images go to val/ when a hash of their relative path falls below --val-fraction, so adding images never
 moves old ones between splits; within a split they are written in the order of that hash, so every shard
-is pre-shuffled (the loaders shuffle only within a window of data.shuffle_buffer samples). Unreadable or
-truncated files are skipped and listed. A full disk stops the run with one line naming the folder and the
-space needed; complete shards stay, the one being written is removed, and no manifest is written.
+is pre-shuffled (the loaders shuffle only within a window of data.shuffle_buffer samples); --val-fraction 1
+makes a test set (every image in val/, no train/ images).
+
+Skipped, and listed with the reason (on the terminal, counted per reason in the summary, all in manifest.json):
+  unreadable  files that do not decode to the end (truncated, not an image);
+  too small   a shorter side under --min-size (default RESOLUTION / 2: a 1x1 image is not upscaled to a flat tile);
+  grayscale   images whose colour their lightness explains (gray, sepia, cyanotype, a yellowed print): residual
+              chroma (`images.residual_chroma`) under 10, where colour photos measured 12.5 and more and
+              toned prints of 256 px and more, even as JPEGs of quality 50, 8.4 and less; --keep-gray keeps them.
+
+A full disk stops the run with one line naming the folder and the space needed; complete shards stay, the one
+being written is removed, and no manifest is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import errno
 import functools
+import hashlib
 import io
 import multiprocessing
 import multiprocessing.pool
@@ -31,33 +43,57 @@ import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from PIL import Image, ImageOps
+from tabulate import tabulate
 from tqdm import tqdm
 
-from colorize_dist.data.images import to_rgb8
-from colorize_dist.data.shards import (
-    IMAGE_EXTENSIONS,
-    MANIFEST,
-    SAMPLE_ORDER,
-    SPLIT_RULE,
-    SPLITS,
-    Shard,
-    ShardError,
-    SplitWriter,
-    image_extension,
-    path_hash,
-    sample_key,
-    split_of,
-    write_manifest,
+from colorize_dist.data.dali_index import IMAGE_EXTENSIONS, image_extension
+from colorize_dist.data.images import (
+    BACKGROUND,
+    CHROMA_SIDE,
+    has_transparency,
+    on_background,
+    residual_chroma,
+    to_8bit,
+    to_rgb8,
 )
+from colorize_dist.data.manifest import MANIFEST, SPLITS, Shard, ShardError, write_manifest
+from colorize_dist.data.tar_writer import SplitWriter
 from colorize_dist.files import first_line
 
-# Encoded results: (extension, bytes), or (None, reason) for a skipped input.
-Encoded = tuple[str | None, bytes | str]
 IMAGE_FORMATS = ("jpg", "png")
 CPU_DECODED = ("png", "webp")  # DALI's `mixed` decoder decodes these on the CPU
+SPLIT_RULE = "val if int(sha1(relative path).hexdigest()[:16], 16) / 2**64 < val_fraction, else train"
+SAMPLE_ORDER = "sha1 of the relative path (pre-shuffled: neighbours in a shard are unrelated images)"
+# Residual chroma (`images.residual_chroma`) under which an image counts as grayscale. Measured on the nine colour
+# photos skimage and matplotlib ship, at 512 px (tests/data/test_clean_sets.py): 12.5 (the Hubble deep field,
+# mostly black sky; a retina, nearly one hue, 14.6) to 79.6 (a portrait); their gray versions 0; sepia, cyanotype
+# and yellowed-paper prints of them 0.7-1.0, as JPEGs of quality 75 1.7-3.1 and of quality 50 3.1-4.7 (at 256 px
+# up to 8.4; under about 192 px the JPEG artefacts of a toned print can reach 10, and such a print is kept).
+GRAY_RESIDUAL_CHROMA = 10.0
+UNREADABLE, TOO_SMALL, GRAYSCALE = "unreadable", "too small", "grayscale"
+SKIP_REASONS = (UNREADABLE, TOO_SMALL, GRAYSCALE)
+LISTED_PER_REASON = 20  # skipped files named on the terminal per reason; the manifest lists every one
+
+
+class Stored(NamedTuple):
+    """An input as stored in its shard."""
+
+    extension: str
+    data: bytes
+    composited: bool = False  # it had transparent pixels, now composited onto BACKGROUND
+
+
+class Skipped(NamedTuple):
+    """An input left out of the set, and why."""
+
+    reason: str  # one of SKIP_REASONS
+    detail: str
+
+
+Encoded = Stored | Skipped
 
 
 @dataclass(frozen=True)
@@ -74,8 +110,39 @@ class ShardOptions:
     def __post_init__(self):
         if self.image_format not in IMAGE_FORMATS:
             raise ShardError(f"--format must be one of {', '.join(IMAGE_FORMATS)}, got {self.image_format!r}")
-        if self.shard_size < 1 or not 0.0 <= self.val_fraction < 1.0 or not 1 <= self.quality <= 100:
-            raise ShardError("need --shard-size >= 1, 0 <= --val-fraction < 1 and 1 <= --quality <= 100")
+        if self.shard_size < 1 or not 0.0 <= self.val_fraction <= 1.0 or not 1 <= self.quality <= 100:
+            raise ShardError("need --shard-size >= 1, 0 <= --val-fraction <= 1 and 1 <= --quality <= 100")
+
+
+@dataclass(frozen=True)
+class SkipRules:
+    """Which readable images `shards make` leaves out of a set; checked when made."""
+
+    keep_gray: bool = False  # keep images whose residual chroma is under GRAY_RESIDUAL_CHROMA
+    min_size: int | None = None  # shorter side, pixels; None: half the resolution (no minimum when kept original)
+
+    def __post_init__(self):
+        if self.min_size is not None and self.min_size < 0:
+            raise ShardError(f"--min-size must be at least 0, got {self.min_size}")
+
+    def minimum_side(self, resolution: int | None) -> int:
+        if self.min_size is not None:
+            return self.min_size
+        return resolution // 2 if resolution is not None else 0
+
+
+def split_of(relative_path: str, val_fraction: float) -> str:
+    """Train or val, from a hash of the path alone, so adding images never moves existing ones."""
+    return "val" if path_hash(relative_path) / 2**64 < val_fraction else "train"
+
+
+def path_hash(relative_path: str) -> int:
+    return int(hashlib.sha1(relative_path.encode("utf-8")).hexdigest()[:16], 16)
+
+
+def sample_key(relative_path: str) -> str:
+    """A WebDataset key for an image path: no dots (they start the extension), no spaces or slashes."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", relative_path)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,6 +151,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution", type=int, help="side of the square images (required unless --keep-original)")
     add_writer_arguments(parser)
     parser.add_argument("--keep-original", action="store_true", help="store each file's bytes unchanged")
+    parser.add_argument("--keep-gray", action="store_true",
+                        help=f"keep images that are already grayscale or toned (residual chroma under "
+                             f"{GRAY_RESIDUAL_CHROMA:g}); skipped by default")
+    parser.add_argument("--min-size", type=int,
+                        help="skip images whose shorter side is under this many pixels (default: RESOLUTION / 2; "
+                             "none with --keep-original)")
 
 
 def add_writer_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,7 +167,8 @@ def add_writer_arguments(parser: argparse.ArgumentParser) -> None:
                              "DALI) or png (lossless, but DALI decodes PNG on the CPU even on a GPU)")
     parser.add_argument("--quality", type=int, default=defaults.quality, help="JPEG quality (1-100)")
     parser.add_argument("--shard-size", type=int, default=defaults.shard_size, help="samples per shard")
-    parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction, help="share of images in val/")
+    parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction,
+                        help="share of images in val/ (1: a test set, no train/ images)")
     parser.add_argument("--workers", type=int, help="encoding processes (default: one per CPU core)")
     parser.add_argument("--force", action="store_true", help="replace the shards of an existing OUT")
 
@@ -109,24 +183,30 @@ def main(args: argparse.Namespace) -> int:
         if args.resolution is None and not args.keep_original:
             raise ShardError("--resolution is required (or pass --keep-original)")
         make_shards(args.source, args.out, resolution=None if args.keep_original else args.resolution,
-                    options=writer_options(args))
+                    options=writer_options(args), rules=SkipRules(keep_gray=args.keep_gray, min_size=args.min_size))
     except ShardError as exc:
         print(f"shards make: {first_line(exc)}", file=sys.stderr)
         return 2
     return 0
 
 
-def make_shards(source: Path, out: Path, *, resolution: int | None, options: ShardOptions) -> list[tuple[str, str]]:
+def make_shards(source: Path, out: Path, *, resolution: int | None, options: ShardOptions,
+                rules: SkipRules = SkipRules()) -> list[tuple[str, Skipped]]:
     """Shards of the images in `source` (a folder, .zip or .tar), cropped to `resolution`² or, with
-    `resolution=None`, stored as they are. Returns the skipped inputs (path, reason)."""
+    `resolution=None`, stored as they are; `rules` say which to leave out. Returns the skipped inputs."""
     if resolution is not None and resolution < 1:
         raise ShardError(f"--resolution must be at least 1, got {resolution}")
+    min_size = rules.minimum_side(resolution)
     encode = functools.partial(encode_image, resolution=resolution, image_format=options.image_format,
-                               quality=options.quality)
+                               quality=options.quality, keep_gray=rules.keep_gray, min_size=min_size)
+    gray_rule = ("kept (--keep-gray)" if rules.keep_gray else
+                 f"skipped when residual chroma < {GRAY_RESIDUAL_CHROMA:g} (99th percentile of the distance in ab "
+                 f"from one tint that follows lightness, box-filtered to at most {CHROMA_SIDE} px a side)")
     with open_source(source) as (relative_paths, load):
         return write_shard_set(
             out, relative_paths, load, encode, options, source=str(source.resolve()), resolution=resolution,
-            image_format="original" if resolution is None else options.image_format,
+            image_format="original" if resolution is None else options.image_format, grayscale=gray_rule,
+            min_size=min_size, background=list(BACKGROUND),
         )
 
 
@@ -155,39 +235,48 @@ def open_source(source: Path) -> Iterator[tuple[list[str], Callable[[str], bytes
         raise ShardError(f"{source} is not a folder, .zip or .tar of images ({', '.join(IMAGE_EXTENSIONS)})")
 
 
-def encode_image(relative_path: str, data: bytes, *, resolution: int | None, image_format: str,
-                 quality: int) -> Encoded:
-    """Decode fully (catching truncated files), crop and resize, re-encode; runs in worker processes."""
+def encode_image(relative_path: str, data: bytes, *, resolution: int | None, image_format: str, quality: int,
+                 keep_gray: bool = False, min_size: int = 0) -> Encoded:
+    """Decode fully (catching truncated files), check size and colour, composite transparency, crop and resize,
+    re-encode; runs in worker processes."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            if resolution is None:
-                return relative_path.rsplit(".", 1)[1].lower(), data
-            square = ImageOps.fit(to_rgb8(ImageOps.exif_transpose(image)), (resolution, resolution),
-                                  method=Image.Resampling.LANCZOS)
+            if min(image.size) < min_size:
+                return Skipped(TOO_SMALL, f"{image.width}x{image.height}, shorter side under --min-size {min_size}")
+            upright = to_8bit(ImageOps.exif_transpose(image))
+            transparent = has_transparency(upright)
+            rgb = on_background(upright) if transparent else to_rgb8(upright)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         # PIL names the in-memory buffer it was given ("<_io.BytesIO object at 0x…>"): name the file instead.
-        return None, f"{type(exc).__name__}: {re.sub(r'<_io.BytesIO object at 0x[0-9a-f]+>', relative_path, str(exc))}"
-    return encode_array(square, image_format, quality)
+        return Skipped(UNREADABLE, f"{type(exc).__name__}: "
+                                   f"{re.sub(r'<_io.BytesIO object at 0x[0-9a-f]+>', relative_path, str(exc))}")
+    if not keep_gray and (chroma := residual_chroma(rgb)) < GRAY_RESIDUAL_CHROMA:
+        return Skipped(GRAYSCALE, f"residual chroma {chroma:.1f} < {GRAY_RESIDUAL_CHROMA:g}; --keep-gray keeps it")
+    if resolution is None:  # the file as it is, unless its transparent pixels would show their hidden colour
+        return encode_array(rgb, "png", quality, transparent) if transparent else \
+            Stored(relative_path.rsplit(".", 1)[1].lower(), data)
+    square = ImageOps.fit(rgb, (resolution, resolution), method=Image.Resampling.LANCZOS)
+    return encode_array(square, image_format, quality, transparent)
 
 
-def encode_array(image: Image.Image, image_format: str, quality: int) -> Encoded:
+def encode_array(image: Image.Image, image_format: str, quality: int, composited: bool = False) -> Stored:
     buffer = io.BytesIO()
     if image_format == "jpg":
         image.save(buffer, format="JPEG", quality=quality, progressive=False)  # baseline: the GPU's hardware decoder
     else:
         image.save(buffer, format="PNG")
-    return image_format, buffer.getvalue()
+    return Stored(image_format, buffer.getvalue(), composited)
 
 
 def write_shard_set(out: Path, relative_paths: Sequence[str], load: Callable[[str], Any],
                     encode: Callable[[str, Any], Encoded], options: ShardOptions,
-                    **manifest_info: Any) -> list[tuple[str, str]]:
+                    **manifest_info: Any) -> list[tuple[str, Skipped]]:
     """Encode every input in worker processes and write train/val shards and the manifest under `out`.
 
     `load` runs in this process (reading files, archive members); `encode(path, loaded)` in the workers
     (it stores `options.image_format`). Samples are written in hash order, so consecutive samples are
-    unrelated. Returns the skipped inputs (path, reason); raises ShardError for what the caller can fix.
+    unrelated. Returns the skipped inputs (path, why); raises ShardError for what the caller can fix.
     """
     if not relative_paths:
         raise ShardError("no images found in the source")
@@ -199,26 +288,32 @@ def write_shard_set(out: Path, relative_paths: Sequence[str], load: Callable[[st
 
     ordered = sorted(relative_paths, key=path_hash)  # pre-shuffled shards: neighbours are unrelated images
     writers = {split: SplitWriter(out, split, options.shard_size) for split in SPLITS}
-    skipped: list[tuple[str, str]] = []
+    skipped: list[tuple[str, Skipped]] = []
+    composited = 0
     workers = max(1, options.workers or os.cpu_count() or 1)
     done = 0
     try:
         with multiprocessing.Pool(workers) as pool, tqdm(total=len(ordered), unit="img") as progress:
-            for path, (extension, result) in zip(ordered, _encode_all(pool, workers, ordered, load, encode),
-                                                 strict=True):
-                if extension is None:
+            for path, result in zip(ordered, _encode_all(pool, workers, ordered, load, encode), strict=True):
+                if isinstance(result, Skipped):
                     skipped.append((path, result))
                 else:
-                    writers[split_of(path, options.val_fraction)].write(sample_key(path), extension, result)
+                    writers[split_of(path, options.val_fraction)].write(sample_key(path), result.extension,
+                                                                        result.data)
+                    composited += result.composited
                 done += 1
                 progress.update()
         shards = {split: writer.close() for split, writer in writers.items()}
         if not any(shards.values()):
-            raise ShardError(f"none of the {len(ordered)} inputs could be read; nothing written to {out}")
+            overrides = [option for reason, option in ((GRAYSCALE, "--keep-gray"), (TOO_SMALL, "--min-size"))
+                         if any(why.reason == reason for _, why in skipped)]
+            see = f"; see {' and '.join(overrides)}" if overrides else ""
+            raise ShardError(f"none of the {len(ordered)} inputs was kept ({skip_counts(skipped)}{see}); nothing "
+                             f"written to {out}")
         manifest = write_manifest(
             out, shards, **manifest_info, val_fraction=options.val_fraction, split_rule=SPLIT_RULE,
-            sample_order=SAMPLE_ORDER, jpeg_quality=options.quality,
-            skipped=[{"file": path, "reason": reason} for path, reason in skipped],
+            sample_order=SAMPLE_ORDER, jpeg_quality=options.quality, transparent_on_background=composited,
+            skipped=[{"file": path, "reason": why.reason, "detail": why.detail} for path, why in skipped],
         )
     except OSError as exc:
         for writer in writers.values():
@@ -227,16 +322,34 @@ def write_shard_set(out: Path, relative_paths: Sequence[str], load: Callable[[st
             raise ShardError(_no_space(out, writers, done, len(ordered))) from None
         raise ShardError(f"{first_line(exc)}; no manifest was written to {out}, so the partial set is never used"
                          ) from None
-    for split in SPLITS:
-        summary = manifest["splits"][split]
-        print(f"{split}: {summary['samples']} images in {len(summary['shards'])} shards under {out / split}")
+    print(tabulate([(split, manifest["splits"][split]["samples"], len(manifest["splits"][split]["shards"]),
+                     out / split) for split in SPLITS], headers=("split", "images", "shards", "folder")))
     for note in decoder_notes(shards):
         print(f"note: {note}", file=sys.stderr)
-    if skipped:
-        print(f"skipped {len(skipped)} unreadable image(s):", file=sys.stderr)
-        for path, reason in skipped:
-            print(f"  {path}: {reason}", file=sys.stderr)
+    for line in skip_listing(skipped, out / MANIFEST):
+        print(line, file=sys.stderr)
+    kept = len(ordered) - len(skipped)
+    print(f"kept {kept} of {len(ordered)} images" + (f"; skipped {len(skipped)}: {skip_counts(skipped)}" if skipped
+                                                     else "")
+          + (f"; {composited} with transparency composited onto white" if composited else ""))
     return skipped
+
+
+def skip_counts(skipped: Sequence[tuple[str, Skipped]]) -> str:
+    """How many were skipped, per reason: "1 unreadable, 11 grayscale"."""
+    counts = collections.Counter(why.reason for _, why in skipped)
+    return ", ".join(f"{counts[reason]} {reason}" for reason in SKIP_REASONS if counts[reason])
+
+
+def skip_listing(skipped: Sequence[tuple[str, Skipped]], manifest: Path) -> list[str]:
+    """The skipped files with their reasons, LISTED_PER_REASON per reason at most (the manifest has them all)."""
+    lines = []
+    for reason in SKIP_REASONS:
+        files = [(path, why.detail) for path, why in skipped if why.reason == reason]
+        lines += [f"skipped {path}: {reason} ({detail})" for path, detail in files[:LISTED_PER_REASON]]
+        if len(files) > LISTED_PER_REASON:
+            lines.append(f"skipped {len(files) - LISTED_PER_REASON} more {reason} images, all listed in {manifest}")
+    return lines
 
 
 def _no_space(out: Path, writers: dict[str, SplitWriter], done: int, total: int) -> str:

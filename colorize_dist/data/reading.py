@@ -27,8 +27,9 @@ from typing import Generic, TypeVar
 import numpy as np
 
 from colorize_dist.data.augment import Augment
+from colorize_dist.data.dali_index import index_images
+from colorize_dist.data.manifest import MANIFEST, Shard, ShardDataError, verify_hint
 from colorize_dist.data.sharding import MicroSlots, SplitSamples, epoch_order, epoch_seed, slot_positions
-from colorize_dist.data.shards import MANIFEST, Shard, ShardDataError, index_images, verify_hint
 
 BLOCK = 512  # tar header size
 MAX_OPEN_FILES = 64  # shards kept open per reader (a rank of a large set touches thousands)
@@ -92,7 +93,7 @@ class ShardReader:
         return self._tables[shard_index]
 
     def batch_key(self, shard_index: int, sample_index: int) -> str:
-        """`<shard name>/<key in the tar>`, the sample's identity across the set (see `shards.batch_key`)."""
+        """`<shard name>/<key in the tar>`, the sample's identity across the set."""
         table = self.table(shard_index)
         return f"{table.shard.path.stem}/{table.keys[sample_index].removeprefix('./')}"
 

@@ -33,9 +33,9 @@ from torch.utils.data import DataLoader
 
 from colorize_dist.data.config import DataConfig
 from colorize_dist.data.images import to_rgb8
+from colorize_dist.data.manifest import ShardDataError, verify_hint
 from colorize_dist.data.reading import BatchReading, EncodedBatch, ReadAhead
 from colorize_dist.data.sharding import Layout, micro_batches
-from colorize_dist.data.shards import ShardDataError, verify_hint
 from colorize_dist.files import first_line
 
 PR_SET_PDEATHSIG = 1

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from colorize_dist.data.shards import Shard
+from colorize_dist.data.manifest import Shard
 
 ORDER_STREAM = 1  # spawn key of the order's random stream, apart from the augmentations' (see `augment`)
 

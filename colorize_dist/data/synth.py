@@ -22,14 +22,14 @@ import numpy as np
 from PIL import Image
 
 from colorize_dist.data.make import (
-    Encoded,
     ShardOptions,
+    Stored,
     add_writer_arguments,
     encode_array,
     write_shard_set,
     writer_options,
 )
-from colorize_dist.data.shards import ShardError
+from colorize_dist.data.manifest import ShardError
 from colorize_dist.files import first_line
 
 # Background colour ramp: hue follows luminance.
@@ -121,5 +121,5 @@ def write_synthetic_shards(out: Path, n: int, resolution: int, *, options: Shard
     return Path(out)
 
 
-def encode_synth(name: str, index: int, *, resolution: int, image_format: str, quality: int) -> Encoded:
+def encode_synth(name: str, index: int, *, resolution: int, image_format: str, quality: int) -> Stored:
     return encode_array(Image.fromarray(synth_image(index, resolution)), image_format, quality)

@@ -14,17 +14,17 @@ import zlib
 from pathlib import Path
 
 from PIL import Image
+from tabulate import tabulate
 from tqdm import tqdm
 
+from colorize_dist.data.dali_index import dali_index, index_images
 from colorize_dist.data.images import to_rgb8
-from colorize_dist.data.shards import (
+from colorize_dist.data.manifest import (
     MANIFEST,
     SPLITS,
     ManifestError,
     MissingShardsError,
     Shard,
-    dali_index,
-    index_images,
     manifest_shards,
     read_manifest,
 )
@@ -48,13 +48,14 @@ def main(args: argparse.Namespace) -> int:
     problems = []
     listed = set()
     checksums = all("crc32" in entry for split in manifest["splits"].values() for entry in split["shards"])
-    print(f"{'split':<6} {'shards':>7} {'samples':>9}")
+    rows = []
     for split, summary in manifest["splits"].items():
         shards = manifest_shards(args.directory, manifest, split)
         listed.update(shard.path for shard in shards)
         for shard in tqdm(shards, desc=f"verify {split}", unit="shard", leave=False):
             problems += check_shard(shard, manifest.get("resolution"), args.directory, deep=args.deep)
-        print(f"{split:<6} {len(shards):>7} {summary['samples']:>9}")
+        rows.append((split, len(shards), summary["samples"]))
+    print(tabulate(rows, headers=("split", "shards", "samples")))
     for split in SPLITS:
         for path in sorted((args.directory / split).glob("*")):
             if path.suffix == ".tar" and path not in listed:

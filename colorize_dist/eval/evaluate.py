@@ -23,7 +23,7 @@ import torch
 from accelerate import PartialState
 
 from colorize_dist.data import DataConfig, build_loader
-from colorize_dist.data.shards import read_manifest
+from colorize_dist.data.manifest import read_manifest
 from colorize_dist.eval import fid
 from colorize_dist.eval.lpips import LPIPS_NET, LPIPS_WEIGHTS_FILENAME, lpips_weights_path
 from colorize_dist.eval.metrics import compute_metrics

@@ -27,7 +27,7 @@ import time
 
 from colorize_dist.config import ConfigError
 from colorize_dist.data.make import ShardOptions
-from colorize_dist.data.shards import MANIFEST
+from colorize_dist.data.manifest import MANIFEST
 from colorize_dist.data.synth import write_synthetic_shards
 from colorize_dist.launch.submit import time_limit_minutes
 from colorize_dist.study.command import add_study_arguments, load_plan

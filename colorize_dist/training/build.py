@@ -17,7 +17,7 @@ from colorize_dist.config import ConfigError
 from colorize_dist.data import synth
 from colorize_dist.data.loader import Batch, ColorLoader
 from colorize_dist.data.make import ShardOptions
-from colorize_dist.data.shards import MANIFEST
+from colorize_dist.data.manifest import MANIFEST
 from colorize_dist.training import peers
 from colorize_dist.training.config import MIXED_PRECISION, Config, OptimConfig
 from colorize_dist.training.update import Update

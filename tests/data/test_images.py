@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from colorize_dist.data.images import is_progressive_jpeg, to_8bit, to_rgb8
+from colorize_dist.data.images import has_transparency, is_progressive_jpeg, on_background, to_8bit, to_rgb8
 from colorize_dist.data.synth import synth_image
 from colorize_dist.eval.colorize import read_picture
 from colorize_dist.models.config import GeneratorConfig
@@ -71,3 +71,22 @@ def test_colorize_keeps_the_lightness_of_a_sixteen_bit_gray_photo(tmp_path):
     # The gray ramp (in colour, from an untrained generator), not white: its lightness follows the input's.
     assert lightness.min() < 10 and lightness.max() > 245
     assert np.corrcoef(lightness.ravel(), RAMP16.ravel())[0, 1] > 0.95
+
+
+def test_transparency_is_found_in_every_form_and_composited_onto_white():
+    opaque = Image.fromarray(synth_image(1, 8))
+    rgba = opaque.convert("RGBA")
+    assert not has_transparency(rgba)  # an alpha channel, every pixel opaque
+    rgba.putpixel((0, 0), (10, 200, 10, 0))
+    palette = opaque.convert("P")
+    palette.info["transparency"] = palette.getpixel((0, 0))
+    keyed = opaque.copy()
+    keyed.info["transparency"] = opaque.getpixel((0, 0))  # an RGB PNG's colour key (tRNS)
+    for image in (rgba, palette, keyed, opaque.convert("LA").copy()):
+        if image.mode == "LA":
+            image.putpixel((0, 0), (0, 0))
+        assert has_transparency(image), image.mode
+        flattened = np.asarray(on_background(image))
+        assert flattened[0, 0].tolist() == [255, 255, 255], image.mode
+    assert np.array_equal(np.asarray(on_background(rgba))[1:], np.asarray(opaque)[1:])
+    assert not has_transparency(opaque) and not has_transparency(opaque.convert("P"))

@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 from colorize_dist.data import DataConfig, MissingShardsError, ShardDataError, build_loader, reading
-from colorize_dist.data.shards import index_images, list_shards
+from colorize_dist.data.dali_index import index_images
+from colorize_dist.data.manifest import list_shards
 from tests.data.helpers import (
     damaged_copy,
     flip_byte,

@@ -20,9 +20,10 @@ import webdataset as wds
 from PIL import Image
 
 from colorize_dist.data import DataConfig, MissingShardsError, build_loader
+from colorize_dist.data.dali_index import count_images, dali_index
 from colorize_dist.data.images import is_progressive_jpeg
-from colorize_dist.data.make import ShardOptions, make_shards
-from colorize_dist.data.shards import ShardError, count_images, dali_index, sample_key, split_of
+from colorize_dist.data.make import ShardOptions, make_shards, sample_key, split_of
+from colorize_dist.data.manifest import ShardError
 from colorize_dist.data.synth import synth_image, write_synthetic_shards
 from tests.data.helpers import GOOD_IMAGES, run_cli
 
@@ -31,8 +32,18 @@ from tests.data.helpers import GOOD_IMAGES, run_cli
 def made_shards(image_folder, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("made") / "shards"
     assert run_cli("shards", "make", image_folder, out, "--resolution", 32, "--shard-size", 4,
-                   "--val-fraction", 0.3, "--workers", 2) == 0
+                   "--val-fraction", 0.3, "--workers", 2, "--keep-gray") == 0
     return out
+
+
+def gray_files(image_folder: Path) -> set[str]:
+    """The images of `image_folder` stored as 8-bit grayscale ("L")."""
+    gray = set()
+    for path in image_folder.rglob("face*"):
+        with Image.open(path) as image:
+            if image.mode == "L":
+                gray.add(path.relative_to(image_folder).as_posix())
+    return gray
 
 
 def tar_keys(directory: Path) -> dict[str, set[str]]:
@@ -64,10 +75,20 @@ def test_make_counts_split_and_bad_files(made_shards, image_folder, capsys):
 
 
 def test_make_reports_skipped_files(image_folder, tmp_path, capsys):
+    """Unreadable files and (by default) grayscale ones: each named with its reason, counted per reason."""
+    gray = gray_files(image_folder)
+    assert len(gray) == 2
     assert run_cli("shards", "make", image_folder, tmp_path / "out", "--resolution", 16, "--workers", 1) == 0
-    err = capsys.readouterr().err
-    assert "skipped 2 unreadable image(s)" in err
-    assert "notes.jpg" in err and "people/truncated.jpg" in err
+    captured = capsys.readouterr()
+    listed = {line.split(": ")[0].removeprefix("skipped "): line.split(": ")[1].split(" (")[0]
+              for line in captured.err.splitlines() if line.startswith("skipped ")}
+    assert listed == {"notes.jpg": "unreadable", "people/truncated.jpg": "unreadable"} | dict.fromkeys(gray,
+                                                                                                      "grayscale")
+    assert captured.out.splitlines()[-1] == f"kept {GOOD_IMAGES - 2} of {GOOD_IMAGES + 2} images; skipped 4: " \
+                                            "2 unreadable, 2 grayscale"
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert {entry["file"]: entry["reason"] for entry in manifest["skipped"]} == listed
+    assert manifest["splits"]["train"]["samples"] + manifest["splits"]["val"]["samples"] == GOOD_IMAGES - 2
 
 
 def test_make_refuses_existing_out_without_force(made_shards, image_folder, tmp_path, capsys):
@@ -85,7 +106,8 @@ def test_make_refuses_existing_out_without_force(made_shards, image_folder, tmp_
     assert (out / "mine.txt").read_text() == "keep me"
 
 
-@pytest.mark.parametrize("options", [{"quality": 0}, {"shard_size": 0}, {"val_fraction": 1.0}, {"image_format": "gif"}])
+@pytest.mark.parametrize("options", [{"quality": 0}, {"shard_size": 0}, {"val_fraction": 1.5}, {"val_fraction": -0.1},
+                                     {"image_format": "gif"}])
 def test_bad_writer_options_raise_shard_error(options):
     with pytest.raises(ShardError) as error:
         ShardOptions(**options)
@@ -96,6 +118,8 @@ def test_bad_writer_options_raise_shard_error(options):
     ("make", "{images}", "{out}", "--resolution", "16", "--quality", "0"),
     ("make", "{images}", "{out}"),
     ("make", "{out}/missing.zip", "{out}", "--resolution", "16"),
+    ("make", "{images}", "{out}", "--resolution", "16", "--min-size", "-1"),
+    ("make", "{images}", "{out}", "--resolution", "16", "--val-fraction", "1.5"),
     ("synth", "{out}", "--n", "0"),
     ("synth", "{out}", "--shard-size", "0"),
 ])
@@ -124,7 +148,8 @@ def test_split_does_not_move_old_images_when_adding(image_folder, made_shards, t
     for index in range(6):
         Image.fromarray(np.full((20, 20, 3), 40 * index, np.uint8)).save(grown / f"new{index}.png")
     out = tmp_path / "out"
-    assert run_cli("shards", "make", grown, out, "--resolution", 32, "--val-fraction", 0.3, "--workers", 1) == 0
+    assert run_cli("shards", "make", grown, out, "--resolution", 32, "--val-fraction", 0.3, "--workers", 1,
+                   "--keep-gray") == 0
     old, new = tar_keys(made_shards), tar_keys(out)
     for split in ("train", "val"):
         assert old[split] <= new[split]
@@ -142,7 +167,7 @@ def test_zip_and_tar_sources_give_the_same_samples(image_folder, made_shards, tm
                 tf.add(path, path.relative_to(image_folder).as_posix())
     for source in (archive, tmp_path / "images.tar"):
         out = tmp_path / f"from-{source.suffix[1:]}"
-        args = ("shards", "make", source, out, "--resolution", 32, "--val-fraction", 0.3, "--workers", 1)
+        args = ("shards", "make", source, out, "--resolution", 32, "--val-fraction", 0.3, "--workers", 1, "--keep-gray")
         assert run_cli(*args) == 0
         assert tar_keys(out) == tar_keys(made_shards)
         assert (out / "train" / "train-000000.tar").read_bytes().count(b"JFIF") > 0
@@ -228,7 +253,7 @@ def test_make_stores_baseline_jpegs_and_says_what_png_and_progressive_mean_on_a_
             assert not is_progressive_jpeg(sample["jpg"])
 
     assert run_cli("shards", "make", image_folder, tmp_path / "png", "--resolution", 16, "--format", "png",
-                   "--workers", 1) == 0
+                   "--workers", 1, "--keep-gray") == 0
     assert f"note: {GOOD_IMAGES} images are stored as PNG (or WebP), which DALI decodes on the CPU even on a GPU" in \
         capsys.readouterr().err
 
@@ -272,7 +297,7 @@ def test_sixteen_bit_images_keep_their_values(tmp_path):
     write_png16(source / "rgb.png", rgb)
     out = tmp_path / "out"
     assert run_cli("shards", "make", source, out, "--resolution", 16, "--format", "png", "--val-fraction", 0,
-                   "--workers", 1) == 0
+                   "--workers", 1, "--keep-gray") == 0
     stored = {sample["__key__"]: np.asarray(Image.open(io.BytesIO(sample["png"])))
               for sample in wds.DataPipeline(wds.SimpleShardList([str(out / "train" / "train-000000.tar")]),
                                              wds.tarfile_to_samples())}

@@ -1,0 +1,179 @@
+"""A shard set on disk, as its manifest describes it: the manifest's format, the shards it lists, the errors.
+
+A shard set is a directory:
+
+    manifest.json            written last, atomically: every complete shard with its sample count, size in
+                             bytes, SHA-256, and the CRC-32 of each sample's image (in index order)
+    train/train-000000.tar   WebDataset tar shards, one image per sample (`<key>.jpg`, `.png`, ...)
+    train/train-000000.idx   DALI's index of the tar beside it (`dali_index`): where each sample's bytes are
+    val/val-000000.tar ...
+
+Shards are written under a `.partial` name (`tar_writer`), hashed as they are written, and renamed once closed
+and indexed, so an interrupted run (or a full disk) leaves no tar that looks complete, and no manifest.
+The loaders trust nothing else: `list_shards` refuses a shard whose size differs from the manifest, and
+every sample read is checked against its tar header and CRC-32 (see `reading`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import mmap
+import os
+import tarfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from colorize_dist.data.dali_index import index_images
+from colorize_dist.data.images import is_progressive_jpeg
+from colorize_dist.files import atomic_write
+
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
+PEEK_BYTES = 1 << 16  # enough of a JPEG to reach its frame header past EXIF and ICC segments
+MAKE_HINT = "make one with `colorize-dist shards make SRC DIR` or `colorize-dist shards synth DIR`"
+
+
+class MissingShardsError(FileNotFoundError):
+    """A shard directory, its manifest, a shard or its index is missing; the message names it and says what to do."""
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be read or does not describe the requested split."""
+
+
+class ShardDataError(ManifestError):
+    """A shard's bytes do not match its manifest or index (truncated, corrupted, replaced); the message is one
+    line naming the shard and the fix."""
+
+
+class ShardError(ValueError):
+    """A shard set cannot be written as asked (bad options, no readable images, an existing output, a full
+    disk); the message is one line saying what to change."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: Path
+    samples: int
+    size: int | None = None  # bytes; None in manifests written before sizes were recorded
+    sha256: str | None = None
+    crc32: tuple[int, ...] | None = field(default=None, repr=False)  # per sample with an image, in index order
+    progressive: int = 0  # progressive JPEGs in the shard (the GPU's hardware decoder skips them)
+
+    @property
+    def index_path(self) -> Path:
+        return self.path.with_suffix(".idx")
+
+
+def shard_record(path: Path, index_text: str) -> Shard:
+    """A complete shard's manifest entry, from its bytes: size, SHA-256, each image's CRC-32, progressive JPEGs."""
+    images = index_images(index_text)
+    with path.open("rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        data = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        view = memoryview(data)
+        try:
+            if any(offset + length > size for _, offset, length, _ in images):
+                raise tarfile.ReadError("its index points past the end of the file")
+            crc32 = tuple(zlib.crc32(view[offset:offset + length]) for _, offset, length, _ in images)
+            progressive = sum(is_progressive_jpeg(bytes(view[offset:offset + min(length, PEEK_BYTES)]))
+                              for extension, offset, length, _ in images if extension.lower() in ("jpg", "jpeg"))
+            sha256 = hashlib.sha256(view).hexdigest()
+        finally:
+            view.release()
+            if size:
+                data.close()
+    return Shard(path, len(images), size, sha256, crc32, progressive)
+
+
+def write_manifest(directory: Path, shards: dict[str, list[Shard]], **info: Any) -> dict[str, Any]:
+    manifest = {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **info,
+        "splits": {
+            split: {"samples": sum(shard.samples for shard in split_shards),
+                    "shards": [_manifest_entry(directory, shard) for shard in split_shards]}
+            for split, split_shards in shards.items()
+        },
+    }
+    atomic_write(directory / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def _manifest_entry(directory: Path, shard: Shard) -> dict[str, Any]:
+    entry: dict[str, Any] = {"file": shard.path.relative_to(directory).as_posix(), "samples": shard.samples}
+    if shard.size is not None:
+        entry.update(bytes=shard.size, sha256=shard.sha256, progressive_jpegs=shard.progressive)
+    if shard.crc32 is not None:
+        entry["crc32"] = " ".join(f"{value:08x}" for value in shard.crc32)
+    return entry
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise MissingShardsError(f"shard directory {directory} does not exist; {MAKE_HINT}")
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise MissingShardsError(
+            f"{path} is missing (an interrupted `shards make`?); rerun it with --force, "
+            f"or run `colorize-dist shards index {directory}` for shards written by other tools"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+        for split in manifest["splits"].values():
+            for entry in split["shards"]:
+                entry["file"], entry["samples"] = str(entry["file"]), int(entry["samples"])
+                if "bytes" in entry:
+                    entry["bytes"], entry["sha256"] = int(entry["bytes"]), str(entry["sha256"])
+                if "crc32" in entry:
+                    entry["crc32"] = tuple(int(value, 16) for value in str(entry["crc32"]).split())
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ManifestError(f"{path} is not a valid shard manifest ({exc!r}); rebuild the shard set") from None
+    return manifest
+
+
+def manifest_shards(directory: Path, manifest: dict[str, Any], split: str) -> list[Shard]:
+    """The shards the manifest lists for `split`, with what it records about each."""
+    return [Shard(directory / entry["file"], entry["samples"], entry.get("bytes"), entry.get("sha256"),
+                  entry.get("crc32"), int(entry.get("progressive_jpegs", 0)))
+            for entry in manifest["splits"].get(split, {}).get("shards", [])]
+
+
+def verify_hint(directory: Path) -> str:
+    return (f"run `colorize-dist shards verify {directory}`, then remake the set (`colorize-dist shards make ... "
+            "--force`) or restore the shard")
+
+
+def list_shards(directory: str | Path, split: str) -> list[Shard]:
+    """The shards of one split in manifest order, each checked to be there (tar and index) with the size the
+    manifest records: a truncated or replaced shard is refused here, before anything reads it."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    shards = [shard for shard in manifest_shards(directory, manifest, split) if shard.samples > 0]
+    if not shards:
+        if split == "train" and manifest.get("val_fraction") == 1:
+            fix = "it is a test set (made with --val-fraction 1): evaluate on it, train on another set"
+        else:
+            fix = f"remake it with a --val-fraction that leaves {split} images"
+        raise ManifestError(f"{directory / MANIFEST} lists no {split} images; {fix}")
+    for shard in shards:
+        if not shard.path.is_file():
+            raise MissingShardsError(
+                f"shard file {shard.path} listed in {directory / MANIFEST} is missing; restore it, "
+                "or rebuild the set with `colorize-dist shards make ... --force`"
+            )
+        if not shard.index_path.is_file():
+            raise MissingShardsError(
+                f"index {shard.index_path} of shard {shard.path.name} is missing; rewrite it with "
+                f"`colorize-dist shards index {directory} --repair`"
+            )
+        size = shard.path.stat().st_size
+        if shard.size is not None and size != shard.size:
+            raise ShardDataError(f"shard {shard.path} is {size:,} bytes but {MANIFEST} says {shard.size:,} "
+                                 f"(truncated or replaced); {verify_hint(directory)}")
+    return shards

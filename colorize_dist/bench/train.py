@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tabulate import tabulate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from colorize_dist import cli
-from colorize_dist.bench.timing import format_table
 from colorize_dist.config import ConfigError
 from colorize_dist.study import costs
 from colorize_dist.training.config import Config, load_training_config
@@ -74,7 +74,8 @@ def main(args: argparse.Namespace) -> int:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"batch {cfg.train.batch_size}, {cfg.data.resolution}², {args.steps} steps ({args.warmup} warm-up), "
           f"one process on {device}")
-    print(format_table(["variant", "steps/s", "images/s", "data wait", "MFU"], rows))
+    print(tabulate(rows, ["variant", "steps/s", "images/s", "data wait", "MFU"],
+                   floatfmt=("", ".1f", ",.1f", ".3g"), numalign="right"))
     return 0
 
 

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tabulate import tabulate
 
 from colorize_dist import color
-from colorize_dist.bench.timing import format_table, seconds_per_call
+from colorize_dist.bench.timing import seconds_per_call
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +35,8 @@ def main(args: argparse.Namespace) -> int:
         rows += _cpu_rows(rgb, args.min_time, verdicts)
         if torch.cuda.is_available():
             rows += _gpu_rows(rgb, args.min_time, verdicts)
-    print(format_table(["size", "threads", "implementation", "MP/s", "max |err| vs skimage", "× skimage"], rows))
+    print(tabulate(rows, ["size", "threads", "implementation", "MP/s", "max |err| vs skimage", "× skimage"],
+                   floatfmt=("", "", "", ",.1f", ".3g", ".3g"), numalign="right", missingval="-"))
     print("\n" + "\n".join(verdicts))
     return 0
 
@@ -143,10 +145,10 @@ def measure_gpu(rgb: torch.Tensor, *, min_time: float = 0.5, device: torch.devic
 
     n, size, _, _ = rgb.shape
     megapixels = n * size * size / 1e6
-    reference = _skimage_lab(rgb)
-    rgb_chw = rgb.permute(0, 3, 1, 2).float().div(255.0).contiguous()
     device = torch.device(device)
-    rgb_gpu, rgb_chw_gpu = rgb.to(device), rgb_chw.to(device)
+    rgb_gpu = rgb.to(device)
+    rgb_chw_gpu = rgb_gpu.permute(0, 3, 1, 2).float().div(255.0).contiguous()
+    reference = _skimage_lab(rgb)
     lab_out = torch.empty(n, 3, size, size, device=device)
     ours = seconds_per_call(lambda: color.rgb_to_lab(rgb_gpu, out=lab_out), min_time=min_time, device=device)
     kornia_s = seconds_per_call(lambda: kornia.color.rgb_to_lab(rgb_chw_gpu), min_time=min_time, device=device)
@@ -166,5 +168,5 @@ def _gpu_rows(rgb: torch.Tensor, min_time: float, verdicts: list[str]) -> list[l
     verdicts.append(f"{r.size}², GPU: {r.ours_gb_s:.0f} GB/s = {r.copy_fraction:.0%} of a device copy "
                     f"({r.copy_gb_s:.0f} GB/s; target ≥ {COPY_TARGET:.0%}), {r.kornia_speedup:.1f}× kornia "
                     f"(target ≥ {KORNIA_TARGET:.0f})")
-    return [[f"{r.size}²", "GPU", "colorize_dist cuda", r.ours_mp_s, r.ours_err, "-"],
-            [f"{r.size}²", "GPU", "kornia cuda", r.kornia_mp_s, r.kornia_err, "-"]]
+    return [[f"{r.size}²", "GPU", "colorize_dist cuda", r.ours_mp_s, r.ours_err, None],
+            [f"{r.size}²", "GPU", "kornia cuda", r.kornia_mp_s, r.kornia_err, None]]

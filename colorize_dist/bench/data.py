@@ -5,7 +5,7 @@ one warm-up epoch and then `--epochs` timed ones, from one loader (the DALI pipe
 CPU columns are the CPU time per image of the whole process and its workers: on a busy machine they say
 more than images/s. Without --shards, synthetic JPEG shards are written to a temporary directory at each
 resolution. On a GPU the table adds DALI with mixed (GPU) decoding, and the reference loader uses all CPU
-cores.
+cores. Ratios are against the reference loader.
 
 --resume-at F also times a resumed epoch: from a new loader to the first batch of epoch 1 at batch
 round(F × batches per epoch), against replaying the consumed batches (decoding them, which is what the DALI
@@ -19,13 +19,15 @@ import os
 import resource
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tabulate import tabulate
 
-from colorize_dist.data import synth
-from colorize_dist.data.config import DataConfig
-from colorize_dist.data.loader import build_loader, dali_available
+from colorize_dist.data import DataConfig, build_loader, synth
+from colorize_dist.data.loader import dali_available
 from colorize_dist.data.make import ShardOptions
 
 
@@ -47,49 +49,89 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("bench data: --resume-at must be between 0 and 1")
     if not dali_available():
         raise SystemExit("bench data: nvidia.dali is not installed; pip install 'colorize-dist[dali]'")
-    on_gpu = torch.cuda.is_available()
-    device = torch.device("cuda" if on_gpu else "cpu")
-    # (column title, backend, threads, device): on a GPU DALI decodes there and the reference gets every core.
-    runs = [("reference", "reference", os.cpu_count() if on_gpu else args.threads, device),
-            ("DALI cpu", "dali", args.threads, torch.device("cpu"))]
-    if on_gpu:
-        runs.append(("DALI mixed", "dali", args.threads, device))
+    runs = loader_runs(args.threads, on_gpu=torch.cuda.is_available())
     with tempfile.TemporaryDirectory(prefix="bench-data-") as scratch:
-        options = ShardOptions(val_fraction=0.0, workers=args.threads)
-        shards = {resolution: args.shards or synth.write_synthetic_shards(
-                      Path(scratch) / str(resolution), args.images, resolution, options=options)
-                  for resolution in args.resolutions}
-        print(f"images/s and CPU ms per image, batch {args.batch_size}, {args.threads} DALI threads, "
-              f"{runs[0][2]} reference workers, device {device}, {os.cpu_count()} cores")
-        titles = [title for title, *_ in runs]
-        print(f"{'resolution':>10} " + " ".join(f"{title:>10}" for title in titles) + f" {'DALI/ref':>9}  "
-              + " ".join(f"{'CPU ' + title.split()[0]:>10}" for title in titles[:2]) + f" {'CPU ref/DALI':>13}")
-        resumes = []
-        for resolution, shard_dir in shards.items():
-            configs = [DataConfig(shards=str(shard_dir), resolution=resolution, backend=backend, num_threads=threads)
-                       for _, backend, threads, _ in runs]
-            measured = [throughput(cfg, run_device, args) for cfg, (*_, run_device) in zip(configs, runs, strict=True)]
-            rates = [rate for rate, _ in measured]
-            cpu = [cpu_ms for _, cpu_ms in measured]
-            print(f"{resolution:>9}² " + " ".join(f"{rate:>10.0f}" for rate in rates)
-                  + f" {max(rates[1:]) / rates[0]:>8.2f}×  " + " ".join(f"{ms:>10.2f}" for ms in cpu[:2])
-                  + f" {cpu[0] / cpu[1]:>12.2f}×")
+        rows, resumes = [], []
+        for resolution in args.resolutions:
+            shards = args.shards or synthetic_shards(Path(scratch) / str(resolution), args.images, resolution,
+                                                     workers=args.threads)
+            configs = [run.config(shards, resolution) for run in runs]
+            rows.append((resolution, [throughput(cfg, run.device, batch_size=args.batch_size, epochs=args.epochs)
+                                      for cfg, run in zip(configs, runs, strict=True)]))
             if args.resume_at is not None:
-                resumes += [(resolution, title, *resume_latency(cfg, run_device, args))
-                            for cfg, (title, *_, run_device) in zip(configs, runs, strict=True)]
-        if resumes:
-            print(f"\nresuming epoch 1 at {args.resume_at:g} of it: seconds from a new loader to its first batch")
-            print(f"{'resolution':>10} {'loader':>10} {'batch':>9} {'exact start':>12} {'replay':>9}")
-            for resolution, title, start, batches, exact, replay in resumes:
-                print(f"{resolution:>9}² {title:>10} {f'{start}/{batches}':>9} {exact:>12.3f} {replay:>9.3f}")
+                resumes += [[f"{resolution}²", run.title, *resume_latency(cfg, run.device, batch_size=args.batch_size,
+                                                                          fraction=args.resume_at)]
+                            for cfg, run in zip(configs, runs, strict=True)]
+    print(f"images/s and CPU ms per image, batch {args.batch_size}, {args.threads} DALI threads, "
+          f"{runs[0].threads} reference workers, device {runs[-1].device}, {os.cpu_count()} cores")
+    print(throughput_table([run.title for run in runs], rows))
+    if resumes:
+        print(f"\nresuming epoch 1 at {args.resume_at:g} of it: seconds from a new loader to its first batch")
+        print(tabulate([[res, title, f"{start}/{batches}", exact, replay]
+                        for res, title, start, batches, exact, replay in resumes],
+                       ["resolution", "loader", "batch", "exact start", "replay"], floatfmt=".3f",
+                       numalign="right", stralign="right"))
     return 0
 
 
-def throughput(cfg: DataConfig, device: torch.device, args: argparse.Namespace) -> tuple[float, float]:
-    """(images/s, CPU ms per image) over `args.epochs` epochs after a warm-up one, from one loader."""
+@dataclass(frozen=True)
+class LoaderRun:
+    """One loader column: which backend, with how many threads (DALI) or workers (reference), decoding where."""
+
+    title: str
+    backend: str
+    threads: int
+    device: torch.device
+
+    def config(self, shards: str | Path, resolution: int) -> DataConfig:
+        return DataConfig(shards=str(shards), resolution=resolution, backend=self.backend, num_threads=self.threads)
+
+
+def loader_runs(threads: int, *, on_gpu: bool) -> list[LoaderRun]:
+    """The reference loader (the baseline of the ratios), DALI on the CPU and, on a GPU, DALI with mixed (GPU)
+    decoding; on a GPU the reference loader gets every core, as it would in training there."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    runs = [LoaderRun("reference", "reference", (os.cpu_count() or 1) if on_gpu else threads, gpu if on_gpu else cpu),
+            LoaderRun("DALI cpu", "dali", threads, cpu)]
+    return [*runs, LoaderRun("DALI mixed", "dali", threads, gpu)] if on_gpu else runs
+
+
+def synthetic_shards(directory: Path, images: int, resolution: int, *, workers: int | None = None,
+                     val_fraction: float = 0.0) -> Path:
+    """`images` synthetic JPEG images at `resolution`²; `val_fraction` of them in the val split."""
+    return synth.write_synthetic_shards(directory, images, resolution,
+                                        options=ShardOptions(val_fraction=val_fraction, workers=workers))
+
+
+def throughput_table(titles: Sequence[str], rows: Sequence[tuple[int, Sequence[tuple[float, float] | None]]],
+                     *, tablefmt: str = "simple") -> str:
+    """One row per (resolution, (images/s, CPU ms per image) of each loader): images/s, the ratio of each to the
+    first loader's (the reference), CPU ms per image, and the reference's CPU time over each one's. A loader
+    that did not run (None) is "–"."""
+    names = [title if len(titles) > 2 or index == 0 else title.split()[0] for index, title in enumerate(titles)]
+    headers = ["resolution", *titles, *(f"{name}/ref" for name in names[1:]),
+               *(f"CPU {name}" for name in names), *(f"CPU ref/{name}" for name in names[1:])]
+
+    def ratio(a: float | None, b: float | None) -> str | None:
+        return f"{a / b:.2f}×" if a and b else None
+
+    table = []
+    for resolution, measured in rows:
+        rates = [m[0] if m else None for m in measured]
+        cpu_ms = [m[1] if m else None for m in measured]
+        table.append([f"{resolution}²", *rates, *(ratio(rate, rates[0]) for rate in rates[1:]),
+                      *cpu_ms, *(ratio(cpu_ms[0], ms) for ms in cpu_ms[1:])])
+    count = len(titles)
+    floatfmt = ["", *[".0f"] * count, *[""] * (count - 1), *[".2f"] * count, *[""] * (count - 1)]
+    return tabulate(table, headers, tablefmt=tablefmt, floatfmt=floatfmt, numalign="right", stralign="right",
+                    missingval="–")
+
+
+def throughput(cfg: DataConfig, device: torch.device, *, batch_size: int, epochs: int) -> tuple[float, float]:
+    """(images/s, CPU ms per image) over `epochs` epochs after a warm-up one, from one loader."""
     images = 0
-    with build_loader(cfg, "train", batch_size=args.batch_size, device=device) as loader:
-        for epoch in range(args.epochs + 1):
+    with build_loader(cfg, "train", batch_size=batch_size, device=device) as loader:
+        for epoch in range(epochs + 1):
             if epoch == 1:
                 start, cpu_start, images = time.perf_counter(), _cpu_seconds(), 0
             for batch in loader.epoch(epoch):
@@ -99,14 +141,15 @@ def throughput(cfg: DataConfig, device: torch.device, args: argparse.Namespace) 
         return images / (time.perf_counter() - start), (_cpu_seconds() - cpu_start) / images * 1e3
 
 
-def resume_latency(cfg: DataConfig, device: torch.device, args: argparse.Namespace) -> tuple[int, int, float, float]:
-    """(start batch, batches per epoch, seconds to the first batch of a resumed epoch 1, seconds to reach the same
-    batch by decoding the ones before it), each from a new loader."""
+def resume_latency(cfg: DataConfig, device: torch.device, *, batch_size: int,
+                   fraction: float) -> tuple[int, int, float, float]:
+    """(start batch, batches per epoch, seconds to the first batch of epoch 1 resumed at `fraction` of it, seconds
+    to reach the same batch by decoding the ones before it), each from a new loader."""
     timings = []
     for replay in (False, True):
         begin = time.perf_counter()
-        with build_loader(cfg, "train", batch_size=args.batch_size, device=device) as loader:
-            start_batch = round(args.resume_at * loader.batches_per_epoch)
+        with build_loader(cfg, "train", batch_size=batch_size, device=device) as loader:
+            start_batch = round(fraction * loader.batches_per_epoch)
             batches = loader.epoch(1, 0 if replay else start_batch)
             for _ in range(start_batch + 1 if replay else 1):
                 next(batches)

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tabulate import tabulate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from colorize_dist import cli
-from colorize_dist.bench.timing import format_table
 from colorize_dist.config import ConfigError
 from colorize_dist.study import costs
 from colorize_dist.training.config import Config, load_training_config
@@ -70,11 +70,12 @@ def main(args: argparse.Namespace) -> int:
             except VariantError as exc:
                 raise SystemExit(f"bench train: {exc}") from None
             rows.append([name, result.steps_per_s, result.images_per_s, result.data_wait,
-                         mfu(cfg, result.images_per_s, "fp32" not in name)])
+                         mfu(cfg, result.images_per_s, name)])
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"batch {cfg.train.batch_size}, {cfg.data.resolution}², {args.steps} steps ({args.warmup} warm-up), "
           f"one process on {device}")
-    print(format_table(["variant", "steps/s", "images/s", "data wait", "MFU"], rows))
+    print(tabulate(rows, ["variant", "steps/s", "images/s", "data wait", "MFU"],
+                   floatfmt=("", ".1f", ",.1f", ".3g", ".1%"), numalign="right", missingval="n/a"))
     return 0
 
 
@@ -136,10 +137,10 @@ def logged_rates(run_dir: Path, warmup: int) -> tuple[float, float]:
     return statistics.median(e.value for e in rates), statistics.median(e.value for e in waits)
 
 
-def mfu(cfg: Config, images_per_s: float, half_precision: bool) -> str:
-    """Model FLOPs utilisation of one process (study/costs.py: FLOPs per image and the GPU's data-sheet peak), or
-    "n/a" off a GPU we know the peak of."""
+def mfu(cfg: Config, images_per_s: float, variant: str, peak_tflops: float | None = None) -> float | None:
+    """Model FLOPs utilisation of one process running `variant` (study/costs.py: FLOPs per image; against
+    `peak_tflops` if given, else the GPU's data-sheet peak at the variant's precision); None off a GPU whose peak
+    we know."""
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    value = costs.mfu(images_per_s, costs.point_cost(cfg).flops_per_image, 1, device,
-                      "bf16" if half_precision else "no")
-    return "n/a" if value is None else f"{value:.1%}"
+    return costs.mfu(images_per_s, costs.point_cost(cfg).flops_per_image, 1, device,
+                     "no" if "fp32" in variant else "bf16", peak_tflops)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from tabulate import tabulate
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -95,20 +96,15 @@ def discriminator_cost(cfg: DiscriminatorConfig, color_channels: int, resolution
 
 
 def cost_table(cfg: ModelConfig, resolutions: list[int]) -> str:
-    rows = [("model", "resolution", "params", "GFLOP/sample", "act MiB/sample")]
     costs = {
         "generator": lambda r: generator_cost(cfg.generator, r),
         "discriminator": lambda r: discriminator_cost(cfg.discriminator, cfg.generator.out_channels, r),
     }
-    for name, cost in costs.items():
-        for resolution in resolutions:
-            c = cost(resolution)
-            rows.append((name, f"{resolution}²", f"{c.parameters:,}", f"{c.flops / 1e9:.3f}",
-                         f"{c.activation_bytes / 2**20:.1f}"))
-    widths = [max(len(cell) for cell in column) for column in zip(*rows, strict=True)]
-    lines = [[row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
-             for row in rows]
-    return "\n".join("  ".join(line) for line in lines)
+    rows = [(name, f"{resolution}²", c.parameters, c.flops / 1e9, c.activation_bytes / 2**20)
+            for name, cost in costs.items() for resolution in resolutions for c in [cost(resolution)]]
+    return tabulate(rows, ["model", "resolution", "params", "GFLOP/sample", "act MiB/sample"], tablefmt="plain",
+                    intfmt=",", floatfmt=("", "", "", ".3f", ".1f"), colalign=("left", "right", "right", "right",
+                                                                               "right"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

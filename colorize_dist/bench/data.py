@@ -150,7 +150,7 @@ def resume_latency(cfg: DataConfig, device: torch.device, *, batch_size: int,
         begin = time.perf_counter()
         with build_loader(cfg, "train", batch_size=batch_size, device=device) as loader:
             start_batch = round(fraction * loader.batches_per_epoch)
-            batches = loader.epoch(1, 0 if replay else start_batch)
+            batches = loader.epoch(1, 0 if replay else start_batch * batch_size)
             for _ in range(start_batch + 1 if replay else 1):
                 next(batches)
             batches.close()

@@ -13,18 +13,23 @@ exchanged once, at the start). When a collective fails, each rank asks every oth
 (PROBE_TIMEOUT_S at most) and raises PeerLostError naming the ranks, and their nodes, that did not answer. A rank
 that has given up leaves a stand-in answering for it for a while, so that ranks which notice the failure later do
 not count it as lost. The lowest remaining rank of each node reports the error (`PeerLostError.report`).
+
+Why a probe of our own: torch's means answer other questions. `monitored_barrier(wait_all_ranks=True)` names the
+ranks that miss a barrier, but it runs on a gloo group over the job's c10d store, which lives with rank 0 (the
+agent of node 0): when node 0 is the one lost there is no store to build that group on, and the group that just
+failed is broken. The launcher's failure handling (torch elastic) reports only its own node's workers, and
+`srun --kill-on-bad-exit` ends the job without saying who. Peer-to-peer answers need neither rank 0 nor a working
+group, which is the case to report.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import ipaddress
 import os
 import re
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -32,13 +37,13 @@ from collections.abc import Iterator, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import psutil
 import torch.distributed as dist
 
 from colorize_dist.config import ConfigError
 
 PROBE_TIMEOUT_S = 3.0  # how long a rank that gave up waits for each other rank to answer
 STAND_IN_S = 30.0  # how long a rank that gave up keeps answering (through a stand-in process) after it exits
-_SIOCGIFADDR = 0x8915  # Linux ioctl: an interface's IPv4 address
 
 
 class PeerLostError(RuntimeError):
@@ -100,15 +105,12 @@ def choose_gloo_interface(environ: MutableMapping[str, str] = os.environ) -> str
 
 
 def interface_addresses() -> dict[str, str]:
-    """Each network interface's (primary) IPv4 address, by interface name; interfaces without one are left out."""
+    """Each network interface's (first) IPv4 address, by interface name; interfaces without one are left out."""
     addresses = {}
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        for _, name in socket.if_nameindex():
-            try:
-                packed = fcntl.ioctl(sock.fileno(), _SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
-            except OSError:
-                continue
-            addresses[name] = socket.inet_ntoa(packed[20:24])
+    for name, entries in psutil.net_if_addrs().items():
+        ipv4 = [entry.address for entry in entries if entry.family == socket.AF_INET]
+        if ipv4:
+            addresses[name] = ipv4[0]
     return addresses
 
 

@@ -4,7 +4,7 @@
         --nodes 2 --gpus-per-node 8 --partition gpu --time 24:00:00
     colorize-dist submit ... --dry-run     # print the resolved config and the sbatch script, submit nothing
     colorize-dist submit --config tiny --run-dir runs/cpu --gpus-per-node 0 --tasks-per-node 2 \\
-        --partition debug --time 00:30:00  # CPU processes (gloo), e.g. on slurm/local_cluster.sh
+        --partition debug --time 00:30:00  # CPU processes (gloo), e.g. on tests/tools/local_cluster.sh
     colorize-dist submit --config res1024 --accelerate-config configs/accelerate/deepspeed_zero2.yaml ...
 
 The config, its overrides, --run-dir and --resume are the trainer's (`colorize-dist train`); the config is

@@ -1,4 +1,5 @@
-"""slurm/single_node.sbatch run as a user would submit it, on the local cluster's CPU node (slurm/local_cluster.sh).
+"""slurm/single_node.sbatch run as a user would submit it, on the local cluster's CPU node
+(tests/tools/local_cluster.sh).
 
 The template's own stop path, not submitit's: Slurm warns the batch script (B:USR1), the script passes SIGUSR1 to
 the trainers and requeues the job only after they saved; the requeued job resumes.

@@ -1,4 +1,4 @@
-"""`colorize-dist submit` against a real Slurm cluster (slurm/local_cluster.sh): 2 CPU tasks with gloo.
+"""`colorize-dist submit` against a real Slurm cluster (tests/tools/local_cluster.sh): 2 CPU tasks with gloo.
 
 The requeue tests interrupt jobs the ways a cluster does (the time-limit warning, the preemption signal,
 `scontrol requeue`) and check that the run ends at its last step with the weights of an uninterrupted run.

@@ -1,4 +1,4 @@
-"""`colorize-dist submit --nodes 2` on the local cluster's emulated nodes (`slurm/local_cluster.sh up --nodes 2`):
+"""`colorize-dist submit --nodes 2` on the local cluster's emulated nodes (`tests/tools/local_cluster.sh up --nodes 2`):
 a real two-node job, each node its own network namespace, hostname and address, preempted, requeued and resumed.
 """
 

@@ -1,5 +1,5 @@
-"""`colorize-dist study run` on the local Slurm cluster (slurm/local_cluster.sh): the smoke grid plus a failing point
-as one job array of 1-CPU tasks, waited for; a second run submits only the point that did not finish."""
+"""`colorize-dist study run` on the local Slurm cluster (tests/tools/local_cluster.sh): the smoke grid plus a failing
+point as one job array of 1-CPU tasks, waited for; a second run submits only the point that did not finish."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from submitit.core.utils import JobPaths
 from colorize_dist.launch.slurm import SlurmResources, submit_array, training_job
 from colorize_dist.study.config import LaunchConfig
 from colorize_dist.study.plan import Point
-from colorize_dist.study.status import FAILED, INCOMPLETE, PointState, last_error_line, write_record
+from colorize_dist.study.record import FAILED, INCOMPLETE, PointState, last_error_line, write_record
 
 SLURM_FOLDER = "slurm"  # OUT/slurm
 ACTIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",

@@ -11,10 +11,12 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
 
 from colorize_dist.config import ConfigError, save_config
 from colorize_dist.study.plan import Point
-from colorize_dist.study.status import LOG, last_error_line, write_record
+from colorize_dist.study.record import FAILED, INCOMPLETE, LOG, PointState, last_error_line, write_record
 from colorize_dist.training.stop import EXIT_RESUMABLE
 from colorize_dist.training.summary import SUMMARY, read_summary
 
@@ -90,3 +92,15 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait()
     except ProcessLookupError:
         pass
+
+
+def local_state(record: dict[str, Any], log: Path) -> PointState | None:
+    """A local launch's state from its record; None when the trainer ended well (its summary tells the rest)."""
+    status = record.get("returncode")
+    if status is None:
+        return PointState(INCOMPLETE, "started but not ended (interrupted, or running now)", log)
+    if status == EXIT_RESUMABLE:
+        return PointState(INCOMPLETE, "stopped early with a checkpoint; run the study again to resume", log)
+    if status != 0:
+        return PointState(FAILED, record.get("error") or f"the trainer exited with status {status}", log)
+    return None

@@ -26,7 +26,7 @@ from colorize_dist.study.collect import PointResult, collect, report_metrics
 from colorize_dist.study.command import add_study_arguments, load_plan
 from colorize_dist.study.plan import Plan, format_value, short_names
 from colorize_dist.study.plots import PLOTS, Plot, draw_all
-from colorize_dist.study.status import DONE
+from colorize_dist.study.record import DONE
 
 RESULTS, REPORT = "results.csv", "report.md"
 EXIT_USAGE = 2

@@ -32,7 +32,7 @@ from colorize_dist.data.synth import write_synthetic_shards
 from colorize_dist.launch.submit import time_limit_minutes
 from colorize_dist.study.command import add_study_arguments, load_plan
 from colorize_dist.study.plan import Plan
-from colorize_dist.study.status import DONE, read_record, write_study_args
+from colorize_dist.study.record import DONE, read_record, write_study_args
 from colorize_dist.study.status import is_done as point_is_done
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130

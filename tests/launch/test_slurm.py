@@ -22,17 +22,16 @@ from safetensors.torch import load_file
 
 from colorize_dist import cli
 from colorize_dist.config import ConfigError
+from colorize_dist.launch import slurm
+from colorize_dist.launch.resources import SlurmResources
 from colorize_dist.launch.slurm import (
     RENDEZVOUS_PORTS,
     SUBMITIT_FOLDER,
-    SlurmResources,
     TrainingOutcome,
     accelerate_env,
     rendezvous_port,
-    submit_array,
     training_job,
 )
-from colorize_dist.launch.submit import time_limit_minutes
 from colorize_dist.training.config import load_training_config
 from tests.training.helpers import tiny_overrides as training_tiny_overrides
 
@@ -286,13 +285,13 @@ def test_time_limit_checkpoints_requeues_and_resumes_to_the_uninterrupted_weight
 
 @pytest.mark.slurm
 def test_a_sweep_runs_as_one_job_array(partition: str, shards: Path, tmp_path: Path) -> None:
-    resources = SlurmResources(partition=partition, time_min=10, cpus_per_task=1, job_name="sweep")
+    resources = SlurmResources(partition=partition, time="10", cpus_per_task=1, job_name="sweep")
     runs = []
     for seed in (0, 1):
         overrides = tiny_overrides(shards, **{"train.seed": seed, "train.max_steps": 8})
         cfg = load_training_config(REPO / "configs" / "tiny.yaml", overrides)
         runs.append((cfg, training_job(cfg, tmp_path / f"seed{seed}", resources)))
-    jobs = submit_array(runs, resources, tmp_path / SUBMITIT_FOLDER)
+    jobs = slurm.submit(runs, resources, tmp_path / SUBMITIT_FOLDER)
     array_id = jobs[0].job_id.split("_")[0]
     assert [job.job_id for job in jobs] == [f"{array_id}_0", f"{array_id}_1"]
     for job, (_, training) in zip(jobs, runs, strict=True):
@@ -342,16 +341,6 @@ def test_bad_config_is_one_line_and_submits_nothing(shards: Path, tmp_path: Path
     status, _, err = run_cli(*submit_args(run_dir, "debug", shards, "--time", "00:10:00", **{"train.no_such": 1}))
     assert status == 2 and len(err.strip().splitlines()) == 1 and "no_such" in err, err
     assert not run_dir.exists()
-
-
-def test_signal_delay_must_leave_time_to_start(shards: Path, tmp_path: Path) -> None:
-    status, _, err = run_cli(*submit_args(tmp_path / "run", "debug", shards, "--time", "00:01:00"))
-    assert status == 2 and err.startswith("submit: --signal-delay 120 s must be at most half the time limit"), err
-
-
-def test_time_limits_become_whole_minutes() -> None:
-    assert [time_limit_minutes(text) for text in ("90", "00:01:00", "01:00:01", "2-00:00:00", "1-12:30:00")] == [
-        90, 1, 61, 2880, 2190]
 
 
 def test_every_restart_gets_a_new_rendezvous_port_outside_the_ephemeral_range() -> None:

@@ -12,8 +12,11 @@ queued or running are left alone). --local runs each point as a child process (t
 one failing point is recorded with its error and the study goes on. On Slurm, one submitit job array per set of
 resources; every point checkpoints and requeues itself at time limits. The Slurm options are `colorize-dist
 submit`'s (one SlurmResources; --time in any of Slurm's formats), each setting launch.<option> of the points.
-The report (`colorize-dist study report`) is written at the end of a local run and after --wait. Exit status:
-0 every point done (or submitted); 1 some point failed or Slurm refused the jobs; 2 bad study; 130 interrupted.
+The report (`colorize-dist study report`) is written at the end of a local run and after --wait.
+A killed `study run --local` leaves no trainer behind: the point's process gets SIGTERM, checkpoints and exits;
+run again, the study waits for it to release the run dir (up to 120 s) and resumes the point.
+Exit status: 0 every point done (or submitted, without --wait); 1 some point failed or did not finish (each with
+its reason in the report), or Slurm refused the jobs; 2 bad study; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -31,11 +34,12 @@ from colorize_dist.data.make import ShardOptions
 from colorize_dist.data.shards import MANIFEST
 from colorize_dist.data.synth import write_synthetic_shards
 from colorize_dist.launch.options import add_resource_arguments, given_resources
+from colorize_dist.study.cluster import SLURM_FOLDER
 from colorize_dist.study.command import add_study_arguments, load_plan
 from colorize_dist.study.config import LAUNCH_PREFIX
 from colorize_dist.study.plan import Plan
 from colorize_dist.study.record import DONE, read_record, write_study_args
-from colorize_dist.study.status import is_done as point_is_done
+from colorize_dist.study.status import is_done
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -87,7 +91,8 @@ def main(args: argparse.Namespace) -> int:
 
         results = write_report(plan)
         print(f"study run: {summary_line(results)}; report {plan.out / REPORT}")
-        status = 0 if all(result.state.status == DONE for result in results) else EXIT_FAILED
+        if any(result.state.status != DONE for result in results):
+            status = EXIT_FAILED  # a failure of this run stays one, whatever the report finds
     return status
 
 
@@ -100,7 +105,7 @@ def print_plan(plan: Plan, local: bool) -> None:
         slurm = "" if local else f", partition {launch.partition or '(default)'}, {launch.time} per allocation"
         print(f"  {point.name}: {point.run_dir.name}, {cfg.data.resolution}², batch {cfg.train.batch_size}, "
               f"{length}, {point.num_processes} process(es) on {launch.nodes} node(s){slurm}"
-              + (" (done)" if point_is_done(point) else ""))
+              + (" (done)" if is_done(point, plan.out / SLURM_FOLDER) else ""))
 
 
 def make_synthetic(plan: Plan) -> None:
@@ -115,38 +120,43 @@ def make_synthetic(plan: Plan) -> None:
 
 
 def run_local(plan: Plan) -> int:
-    from colorize_dist.study.local import run_point
+    """Every point not done, one after another: 0 when each ended done, else EXIT_FAILED."""
+    from colorize_dist.study.local import STOP_TIMEOUT_S, lock_holder, run_point
 
-    failures = 0
+    unfinished = 0
     for index, point in enumerate(plan.points, 1):
         prefix = f"[{index}/{len(plan.points)}] {point.name}"
-        if point_is_done(point):
+        if is_done(point, plan.out / SLURM_FOLDER):
             print(f"{prefix}: done, skipped", flush=True)
             continue
+        if (holder := lock_holder(point.run_dir)) is not None:
+            print(f"{prefix}: waiting up to {STOP_TIMEOUT_S} s for the run dir, locked by {holder} (a trainer "
+                  "still stopping?)", flush=True)
         print(f"{prefix}: training in {point.run_dir} (log: {point.run_dir / 'study.log'})", flush=True)
         started = time.monotonic()
         status, error = run_point(point)
         took = f"{time.monotonic() - started:.0f} s"
+        unfinished += status != 0
         if error is not None:
-            failures += 1
-            print(f"{prefix}: FAILED after {took} (exit status {status}): {error}", flush=True)
+            print(f"{prefix}: FAILED after {took}" + (f" (exit status {status})" if status is not None else "")
+                  + f": {error}", flush=True)
         else:
             print(f"{prefix}: {'done' if status == 0 else 'stopped early'} after {took}", flush=True)
-    return EXIT_FAILED if failures else 0
+    return EXIT_FAILED if unfinished else 0
 
 
 def run_slurm(plan: Plan, wait: bool, poll_s: float) -> int | None:
     """Submit what is not done nor queued; with `wait`, until every job has ended (then 0), else None."""
     from colorize_dist.launch.slurm import SlurmError
-    from colorize_dist.study.cluster import SLURM_FOLDER, active_jobs, submit_points, wait_for
+    from colorize_dist.study.cluster import active_jobs, submit_points, wait_for
 
-    active = active_jobs() or set()
+    active = active_jobs()
     waiting, to_submit = [], []
     for point in plan.points:
         job_id = (read_record(point.run_dir) or {}).get("job_id")
-        if point_is_done(point):
+        if is_done(point, plan.out / SLURM_FOLDER, active):
             print(f"{point.name}: done, skipped")
-        elif job_id in active:
+        elif job_id in (active or set()):
             print(f"{point.name}: Slurm job {job_id} still queued or running, left alone")
             waiting.append(job_id)
         else:

@@ -2,8 +2,10 @@
 
 Put together from the trainer's RUN/summary.json and the study's record of its last launch, whose outcome the
 launcher that made it reads back (`local.local_state`: the trainer's exit status; `cluster.job_state`: submitit's
-result pickles and Slurm's queue). A point is done when its summary says it finished and it ran with the config
-the study plans for it now (a study whose budget grew runs its finished points on, from their last checkpoint).
+result pickles and Slurm's queue). A point is done when its summary says it finished, it ran with the config the
+study plans for it now (a study whose budget grew runs its finished points on, from their last checkpoint) and
+the study's last launch of it did not fail: a point whose launch failed (its trainer's error, a run dir locked by
+another trainer) is failed, whatever summary.json another or an earlier run left.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from colorize_dist.study.local import local_state
 from colorize_dist.study.plan import Point
 from colorize_dist.study.record import (
     DONE,
+    FAILED,
     INCOMPLETE,
     LOG,
     NOT_STARTED,
@@ -41,25 +44,26 @@ def config_matches(point: Point) -> bool:
     return saved == planned_config(point)
 
 
-def is_done(point: Point) -> bool:
-    summary = read_summary(point.run_dir)
-    return bool(summary and summary.get("finished")) and config_matches(point)
+def is_done(point: Point, slurm_folder: Path, active_jobs: set[str] | None = None) -> bool:
+    return point_state(point, slurm_folder, active_jobs).status == DONE
 
 
 def point_state(point: Point, slurm_folder: Path, active_jobs: set[str] | None = None) -> PointState:
     """The point's state. `active_jobs`: Slurm job ids still queued or running (None: Slurm not asked)."""
     summary = read_summary(point.run_dir)
     finished = bool(summary and summary.get("finished"))
+    record = read_record(point.run_dir)
+    launch = None  # the last launch's state: None when it ended well (or the study never launched the point)
+    if record is not None and record.get("launcher") == "slurm":
+        launch = job_state(record["job_id"], slurm_folder, active_jobs)
+    elif record is not None:
+        launch = local_state(record, point.run_dir / LOG)
+    if launch is not None and launch.status == FAILED:
+        return launch
     if finished and config_matches(point):
         return PointState(DONE)
-    record = read_record(point.run_dir)
-    state = None
-    if record is not None and record.get("launcher") == "slurm":
-        state = job_state(record["job_id"], slurm_folder, active_jobs)
-    elif record is not None:
-        state = local_state(record, point.run_dir / LOG)
-    if state is not None:  # failed, or not ended
-        return state
+    if launch is not None:  # not ended
+        return launch
     if finished:
         return PointState(OUTDATED, "finished with other settings than the study's now; run the study again")
     if record is None:

@@ -34,6 +34,7 @@ def task_logs(run_dir: Path) -> str:
 
 @pytest.mark.slurm
 @pytest.mark.multinode
+@pytest.mark.slow
 def test_submit_on_two_nodes_is_preempted_requeued_and_resumes(multinode_partition: str, shards: Path,
                                                                 tmp_path: Path) -> None:
     run_dir = tmp_path / "run"

@@ -15,6 +15,7 @@ SLURM_ARGS = ["--time", "00:15:00", "--cpus-per-task", 1, "--signal-delay", 60, 
 
 
 @pytest.mark.slurm
+@pytest.mark.slow
 def test_study_runs_as_a_job_array_and_reruns_only_what_did_not_finish(partition: str, smoke_with_failure: Path,
                                                                        tmp_path: Path) -> None:
     out = tmp_path / "study"

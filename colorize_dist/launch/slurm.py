@@ -7,7 +7,7 @@ child process, so that this process's signal handler can wait for the trainer to
 variables that `accelerate launch --config_file FILE` gives the processes it starts (DeepSpeed and its ZeRO stage,
 offload, mixed precision), computed by Accelerate's own launcher code; the process count and machines are Slurm's.
 
-Before a time limit (Slurm's `--signal=USR2@signal_delay_s`) or on preemption (`scancel --signal=USR2 JOB`):
+Before a time limit (Slurm's `--signal=USR2@signal_delay`) or on preemption (`scancel --signal=USR2 JOB`):
   1. Slurm sends submitit's warning signal (USR2) to the job's processes; the trainers ignore it.
   2. submitit's handler on global rank 0 calls `TrainingJob.checkpoint()`, which sends SIGUSR1 to its trainer.
   3. The trainer's ranks agree to stop at the next step boundary (one all-reduce per step), all save the step
@@ -241,8 +241,8 @@ def submit(runs: Sequence[tuple[Config, TrainingJob]], resources: SlurmResources
     """Write each run's RUN/config.yaml and submit the runs with the same resources: one run as one Slurm job, several
     as one job array (each element checkpoints and requeues on its own). submitit's files and logs go to `folder`
     (RUN/slurm for one run). SlurmError, in one line, when Slurm refuses the job or is not installed."""
+    executor = make_executor(folder, resources, array_parallelism)  # first: without Slurm, nothing is written
     jobs = [_write_config(cfg, job) for cfg, job in runs]
-    executor = make_executor(folder, resources, array_parallelism)
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's error itself before raising
             return [executor.submit(jobs[0])] if len(jobs) == 1 else executor.submit_array(jobs)

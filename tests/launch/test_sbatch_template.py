@@ -61,7 +61,7 @@ def test_single_node_template_checkpoints_before_the_time_limit_requeues_and_res
 
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text
-    warning = re.search(rf"^time limit near: .*job {job_id} requeues$", text, re.MULTILINE).start()
+    warning = re.search(rf"time limit near: [^\n]*job {job_id} requeues", text).start()
     stopped_at = stopped_at_step(text)
     assert stopped_at < MAX_STEPS
     saved = text.index(f"stop requested: checkpoint at step {stopped_at} saved")

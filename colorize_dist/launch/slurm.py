@@ -7,7 +7,7 @@ child process, so that this process's signal handler can wait for the trainer to
 variables that `accelerate launch --config_file FILE` gives the processes it starts (DeepSpeed and its ZeRO stage,
 offload, mixed precision), computed by Accelerate's own launcher code; the process count and machines are Slurm's.
 
-Before a time limit (Slurm's `--signal=USR2@signal_delay_s`) or on preemption (`scancel --signal=USR2 JOB`):
+Before a time limit (Slurm's `--signal=USR2@signal_delay`) or on preemption (`scancel --signal=USR2 JOB`):
   1. Slurm sends submitit's warning signal (USR2) to the job's processes; the trainers ignore it.
   2. submitit's handler on global rank 0 calls `TrainingJob.checkpoint()`, which sends SIGUSR1 to its trainer.
   3. The trainer's ranks agree to stop at the next step boundary (one all-reduce per step), all save the step
@@ -22,6 +22,8 @@ the trainers save on it, and the restarted job resumes because every start after
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shlex
 import shutil
@@ -35,9 +37,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import submitit
+from submitit.core.utils import FailedJobError, FailedSubmissionError
 
 from colorize_dist.config import ConfigError, save_config
 from colorize_dist.files import first_line
+from colorize_dist.launch.resources import SlurmResources
 from colorize_dist.training.config import Config, check_launch
 from colorize_dist.training.stop import EXIT_RESUMABLE
 
@@ -53,35 +57,14 @@ class TrainerFailedError(RuntimeError):
     """The trainer exited with an error; its message is in the task's log."""
 
 
+class SlurmError(RuntimeError):
+    """Slurm refused the job, or is not installed here; the message is one line."""
+
+
 @dataclass(frozen=True)
 class TrainingOutcome:
     run_dir: Path
     finished: bool  # False: stopped early with a checkpoint (e.g. cancelled); resubmitting continues it
-
-
-@dataclass
-class SlurmResources:
-    """What to ask Slurm for; each field becomes one sbatch option (None: the cluster's default)."""
-
-    partition: str | None
-    time_min: int  # time limit of each allocation; the job is requeued as often as it takes
-    nodes: int = 1
-    gpus_per_node: int = 0  # 0: CPU training (gloo), tasks_per_node processes per node
-    tasks_per_node: int = 1  # one per GPU when there are GPUs
-    cpus_per_task: int | None = None
-    mem: str | None = None  # per node, sbatch syntax (e.g. 64G)
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
-    exclusive: bool = False
-    signal_delay_s: int = 120  # the warning comes this long (Slurm: up to 60 s more) before the limit
-    max_timeouts: int = 20  # requeues after hitting the time limit before giving up; preemptions do not count
-    job_name: str = "colorize"
-    array_parallelism: int = 256  # job arrays: elements running at once
-
-    @property
-    def num_tasks(self) -> int:
-        return self.nodes * self.tasks_per_node
 
 
 @dataclass
@@ -214,14 +197,18 @@ def _ignore_warning_signal() -> None:
     signal.signal(signal.Signals["SIG" + submitit.JobEnvironment.USR_SIG], signal.SIG_IGN)
 
 
-def make_executor(folder: Path, resources: SlurmResources) -> submitit.AutoExecutor:
-    """A Slurm executor whose sbatch scripts, pickles and logs go to `folder`; RuntimeError without Slurm."""
-    executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=resources.max_timeouts)
+def make_executor(folder: Path, resources: SlurmResources, array_parallelism: int = 256) -> submitit.AutoExecutor:
+    """A Slurm executor whose sbatch scripts, pickles and logs go to `folder` (`array_parallelism`: elements of a
+    job array running at once); SlurmError without Slurm."""
+    try:
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=resources.max_timeouts)
+    except RuntimeError as exc:  # submitit's 'Could not detect "srun"'
+        raise SlurmError(f"no Slurm here: {first_line(exc)}") from None
     executor.update_parameters(
-        name=resources.job_name,
+        name=resources.job_name or "colorize",
         timeout_min=resources.time_min,
         nodes=resources.nodes,
-        tasks_per_node=resources.tasks_per_node,
+        tasks_per_node=resources.processes_per_node,
         gpus_per_node=resources.gpus_per_node or None,
         cpus_per_task=resources.cpus_per_task,
         slurm_partition=resources.partition,
@@ -230,8 +217,8 @@ def make_executor(folder: Path, resources: SlurmResources) -> submitit.AutoExecu
         slurm_qos=resources.qos,
         slurm_constraint=resources.constraint,
         slurm_exclusive=resources.exclusive or None,
-        slurm_signal_delay_s=resources.signal_delay_s,
-        slurm_array_parallelism=resources.array_parallelism,
+        slurm_signal_delay_s=resources.signal_delay,
+        slurm_array_parallelism=array_parallelism,
     )
     return executor
 
@@ -241,27 +228,27 @@ def training_job(cfg: Config, run_dir: Path, resources: SlurmResources, resume: 
     """The job that trains `cfg` in `run_dir`, its processes as `accelerate launch --config_file accelerate_config`
     starts them; ConfigError when the global batch does not split over its tasks or the accelerate config is
     unusable. The accelerate config is copied to RUN/accelerate.yaml on submission."""
-    check_launch(cfg.train, resources.num_tasks)
+    check_launch(cfg.train, resources.num_processes)
     if accelerate_config is not None:
         accelerate_env(accelerate_config)  # a broken file fails here, in one line, not in the job
     return TrainingJob(run_dir.absolute(), resume, use_cpu=resources.gpus_per_node == 0,
-                       save_timeout_s=max(10, resources.signal_delay_s - 20),
+                       save_timeout_s=max(10, resources.signal_delay - 20),
                        accelerate_config=accelerate_config.absolute() if accelerate_config is not None else None)
 
 
-def submit(cfg: Config, job: TrainingJob, resources: SlurmResources) -> submitit.Job:
-    """Write `cfg` as RUN/config.yaml and submit one Slurm job for the run; its submitit files and logs go to
-    RUN/slurm. submitit's FailedJobError carries sbatch's message when Slurm refuses the job."""
-    job = _write_config(cfg, job)
-    return make_executor(job.run_dir / SUBMITIT_FOLDER, resources).submit(job)
-
-
-def submit_array(runs: Sequence[tuple[Config, TrainingJob]], resources: SlurmResources,
-                 folder: Path) -> list[submitit.Job]:
-    """A sweep as one Slurm job array: the same resources for every run, submitit files and logs in `folder`.
-    Each element checkpoints and requeues on its own."""
+def submit(runs: Sequence[tuple[Config, TrainingJob]], resources: SlurmResources, folder: Path,
+           array_parallelism: int = 256) -> list[submitit.Job]:
+    """Write each run's RUN/config.yaml and submit the runs with the same resources: one run as one Slurm job, several
+    as one job array (each element checkpoints and requeues on its own). submitit's files and logs go to `folder`
+    (RUN/slurm for one run). SlurmError, in one line, when Slurm refuses the job or is not installed."""
+    executor = make_executor(folder, resources, array_parallelism)  # first: without Slurm, nothing is written
     jobs = [_write_config(cfg, job) for cfg, job in runs]
-    return make_executor(folder, resources).submit_array(jobs)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's error itself before raising
+            return [executor.submit(jobs[0])] if len(jobs) == 1 else executor.submit_array(jobs)
+    except (FailedJobError, FailedSubmissionError) as exc:
+        message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise SlurmError(f"Slurm refused the job: {message}") from None
 
 
 def _write_config(cfg: Config, job: TrainingJob) -> TrainingJob:

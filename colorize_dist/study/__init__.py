@@ -4,8 +4,9 @@
     colorize-dist study run node_ladder data.shards=/data/ffhq --partition gpu --time 24:00:00
     colorize-dist study report node_ladder         # results.csv, report.md and plots/ from what the runs wrote
 
-Modules: `config` (the study file's schema), `plan` (points → resolved training configs and run dirs), `costs`
-(parameters, training FLOPs, budgets, MFU), `local` and `cluster` (running points here or as Slurm job arrays),
-`status` (what each point's run dir says about it), `collect` (one row of results per point), `plots`,
-`run` and `report` (the two commands) and `command` (what their command lines share).
+Modules, each importing only those before it: `config` (the study file's schema), `costs` (parameters, training
+FLOPs, budgets, MFU), `plan` (points → resolved training configs and run dirs), `record` (what the study keeps
+about each point: RUN/study.json, RUN/study.log), `local` and `cluster` (running points here or as Slurm job
+arrays, and reading back how a launch ended), `status` (a point's state from those), `collect` (one row of
+results per point), `plots`, `command` (what the command lines share), then the two commands, `report` and `run`.
 """

@@ -15,10 +15,10 @@ from pathlib import Path
 
 from submitit.core.utils import JobPaths
 
-from colorize_dist.launch.slurm import SlurmResources, submit_array, training_job
-from colorize_dist.study.config import LaunchConfig
+from colorize_dist.launch.resources import SlurmResources
+from colorize_dist.launch.slurm import submit, training_job
 from colorize_dist.study.plan import Point
-from colorize_dist.study.status import FAILED, INCOMPLETE, PointState, last_error_line, write_record
+from colorize_dist.study.record import FAILED, INCOMPLETE, PointState, last_error_line, write_record
 
 SLURM_FOLDER = "slurm"  # OUT/slurm
 ACTIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
@@ -27,28 +27,21 @@ ACTIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", 
 _LAUNCHER_LINES = re.compile(r"^srun: |^submitit (INFO|WARNING|ERROR)|TrainerFailedError")
 
 
-def slurm_resources(launch: LaunchConfig, job_name: str) -> SlurmResources:
-    return SlurmResources(
-        partition=launch.partition, time_min=launch.time_min, nodes=launch.nodes, gpus_per_node=launch.gpus_per_node,
-        tasks_per_node=launch.processes_per_node, cpus_per_task=launch.cpus_per_task, mem=launch.mem,
-        account=launch.account, qos=launch.qos, constraint=launch.constraint, exclusive=launch.exclusive,
-        signal_delay_s=launch.signal_delay, max_timeouts=launch.max_timeouts, job_name=job_name,
-        array_parallelism=launch.array_parallelism)
+def submit_points(points: Iterable[Point], folder: Path, job_name: str, array_parallelism: int) -> dict[str, str]:
+    """Submit the points, one job array per distinct set of resources: {point name: Slurm job id}. SlurmError
+    when Slurm refuses them.
 
-
-def submit_points(points: Iterable[Point], folder: Path, job_name: str) -> dict[str, str]:
-    """Submit the points, one job array per distinct set of resources: {point name: Slurm job id}.
-
-    Every point resumes from its last checkpoint, if it has one (`--resume auto`).
+    Every point resumes from its last checkpoint, if it has one (`--resume auto`); a point's `launch.job_name`
+    wins over `job_name`.
     """
     groups: dict[tuple, tuple[SlurmResources, list[Point]]] = {}
     for point in points:
-        resources = slurm_resources(point.launch, job_name)
+        resources = dataclasses.replace(point.launch, job_name=point.launch.job_name or job_name)
         groups.setdefault(dataclasses.astuple(resources), (resources, []))[1].append(point)
     job_ids = {}
     for resources, group in groups.values():
         runs = [(point.cfg, training_job(point.cfg, point.run_dir, resources)) for point in group]
-        for point, job in zip(group, submit_array(runs, resources, folder), strict=True):
+        for point, job in zip(group, submit(runs, resources, folder, array_parallelism), strict=True):
             write_record(point, launcher="slurm", job_id=job.job_id, folder=str(folder.absolute()))
             job_ids[point.name] = job.job_id
     return job_ids

@@ -8,7 +8,7 @@ from pathlib import Path
 from colorize_dist.config import read_yaml
 from colorize_dist.study.config import load_study, resolve_study, study_names
 from colorize_dist.study.plan import Plan, make_plan
-from colorize_dist.study.status import read_study_args
+from colorize_dist.study.record import read_study_args
 
 
 def add_study_arguments(parser: argparse.ArgumentParser) -> None:

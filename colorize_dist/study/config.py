@@ -10,10 +10,11 @@
       data.resolution: [64, 128]    # crossed points, every combination is a point)
     budget: {epochs: 100}           # one of steps | epochs | images | flops
     metrics: [psnr_lab, ssim_lab, psnr_rgb, ssim_rgb]
-    launch: {gpus_per_node: 8, partition: gpu, time_min: 1440}
+    launch: {gpus_per_node: 8, partition: gpu, time: "24:00:00"}   # SlurmResources, as `colorize-dist submit`'s
 
 Override keys are the trainer's dotted keys (`model.generator.depth`) or `launch.*` (nodes, gpus_per_node,
-tasks_per_node, … per point: a node ladder). A value of `???` must be given on the command line
+tasks_per_node, … per point: a node ladder). `launch.time` is text in one of Slurm's formats, quoted in YAML
+(which reads an unquoted 24:00:00 as the number 86400). A value of `???` must be given on the command line
 (`colorize-dist study run FILE data.shards=/data/ffhq`). A study file may start from another with `base:`
 (config.py's composition), and is named by its path or, for the shipped ones, by its name (`smoke`).
 Unknown keys and wrong types stop with one line, before anything runs.
@@ -22,17 +23,20 @@ Unknown keys and wrong types stop with one line, before anything runs.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from colorize_dist.config import ConfigError, load_config, preset_dir
+from colorize_dist.config import ConfigError, load_config, preset_dir, read_yaml
 from colorize_dist.eval.names import INCEPTION_METRICS, LPIPS_METRICS, PER_IMAGE_METRICS
+from colorize_dist.launch.resources import STUDY_PREFIX, TIME_FORMATS, SlurmResources
 
 STUDIES = "studies"  # the shipped study files: configs/studies/*.yaml (colorize_dist/configs/studies installed)
 DEFAULT_METRICS = ["psnr_lab", "ssim_lab", "psnr_ab", "ssim_ab", "psnr_rgb", "ssim_rgb"]
-LAUNCH_PREFIX = "launch."
+LAUNCH_PREFIX = STUDY_PREFIX  # launch.<field> keys set the points' SlurmResources
+TIME_KEY = f"{LAUNCH_PREFIX}time"
 
 
 @dataclass
@@ -62,41 +66,6 @@ class BudgetConfig:
 
 
 @dataclass
-class LaunchConfig:
-    """Processes per point, here and on Slurm, and what to ask Slurm for (the command line's options win)."""
-
-    nodes: int = 1
-    gpus_per_node: int = 0  # 0: CPU processes (gloo)
-    tasks_per_node: int | None = None  # None: one per GPU, or 1 without GPUs
-    partition: str | None = None
-    time_min: int = 1440  # time limit per allocation, in minutes; a point requeues itself as often as it needs
-    cpus_per_task: int | None = None
-    mem: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
-    exclusive: bool = False
-    signal_delay: int = 120
-    max_timeouts: int = 20
-    array_parallelism: int = 256  # points of one job array running at once
-
-    @property
-    def processes_per_node(self) -> int:
-        return self.tasks_per_node or max(1, self.gpus_per_node)
-
-    @property
-    def num_processes(self) -> int:
-        return self.nodes * self.processes_per_node
-
-    def validate(self) -> None:
-        for name in ("nodes", "time_min", "signal_delay", "array_parallelism"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"launch.{name} must be at least 1, got {getattr(self, name)}")
-        if self.gpus_per_node < 0 or (self.tasks_per_node is not None and self.tasks_per_node < 1):
-            raise ConfigError("launch.gpus_per_node must be ≥ 0 and launch.tasks_per_node ≥ 1")
-
-
-@dataclass
 class PointConfig:
     name: str = ""  # the point's label in the report (its run dir is a file-safe form of it)
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -115,11 +84,14 @@ class StudyConfig:
     metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))  # reported final and best
     synthetic_images: int | None = None  # without data.shards: images of the shared synthetic set (None: the
     # training config's train.synth_images), made once at the largest resolution of the study
-    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    launch: SlurmResources = field(default_factory=SlurmResources)  # processes per point, here and on Slurm
+    array_parallelism: int = 256  # on Slurm: points of one job array running at once
 
     def validate(self) -> None:
         self.budget.validate()
-        self.launch.validate()
+        self.launch.validate(LAUNCH_PREFIX)
+        if self.array_parallelism < 1:
+            raise ConfigError(f"array_parallelism must be at least 1, got {self.array_parallelism}")
         known = (*PER_IMAGE_METRICS, *LPIPS_METRICS, *INCEPTION_METRICS)
         for metric in self.metrics:
             if metric not in known:
@@ -157,12 +129,15 @@ def load_study(ref: str | Path, overrides: Sequence[str] = ()) -> tuple[StudyCon
     any other (`data.shards=/data/ffhq`) is a training override added to every point's.
     """
     path = resolve_study(ref)
+    check_time_text(read_yaml(path).get("launch", {}).get("time"), f"study {path}: {TIME_KEY}")
     study_fields = {item.name for item in dataclasses.fields(StudyConfig)}
     dotlist = []
     for item in overrides:
         key, equals, value = item.partition("=")
         if not equals:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. data.shards=/data/ffhq)")
+        if key == TIME_KEY and not value.startswith('"'):  # text as given, not YAML's reading of it
+            item = f"{key}={json.dumps(value)}"
         dotlist.append(item if key.split(".")[0] in study_fields else f"overrides[{key}]={value}")
     try:
         study = load_config(StudyConfig, path, dotlist)
@@ -174,3 +149,10 @@ def load_study(ref: str | Path, overrides: Sequence[str] = ()) -> tuple[StudyCon
         raise
     study.name = study.name or path.stem
     return study, path
+
+
+def check_time_text(value: object, where: str) -> None:
+    """A time limit from YAML must be text: YAML reads an unquoted 24:00:00 as 86400 and 30:00 as 1800."""
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{where}={value!r} is a number: give the time limit as quoted text in one of Slurm's "
+                          f"formats ({TIME_FORMATS}), e.g. \"24:00:00\" (YAML reads an unquoted 24:00:00 as 86400)")

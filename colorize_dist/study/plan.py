@@ -16,7 +16,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from colorize_dist.config import ConfigError, resolve_config
 from colorize_dist.files import first_line
-from colorize_dist.study.config import LAUNCH_PREFIX, LaunchConfig, PointConfig, StudyConfig
+from colorize_dist.launch.resources import SlurmResources
+from colorize_dist.study.config import LAUNCH_PREFIX, TIME_KEY, PointConfig, StudyConfig, check_time_text
 from colorize_dist.study.costs import point_cost
 from colorize_dist.training.config import Config, check_launch, load_training_config
 
@@ -30,7 +31,7 @@ class Point:
     slug: str  # its run dir's name
     settings: dict[str, Any]  # what this point sets (named point + grid), by dotted key
     cfg: Config  # resolved: the study's and the point's overrides, the budget, the shards
-    launch: LaunchConfig
+    launch: SlurmResources
     run_dir: Path
 
     @property
@@ -106,12 +107,13 @@ def _point(study: StudyConfig, config: Path, name: str, settings: dict[str, Any]
     overrides = {**study.overrides, **settings}
     launch_items = {key.removeprefix(LAUNCH_PREFIX): value for key, value in overrides.items()
                     if key.startswith(LAUNCH_PREFIX)}
+    check_time_text(overrides.get(TIME_KEY), TIME_KEY)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(study.launch), launch_items)
         launch = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"launch: {first_line(exc)}") from None
-    launch.validate()
+    launch.validate(LAUNCH_PREFIX)
     launch.tasks_per_node = launch.processes_per_node  # resolved, so that the report shows what ran
     dotlist = [f"{key}={json.dumps(value)}" for key, value in overrides.items() if not key.startswith(LAUNCH_PREFIX)]
     cfg = load_training_config(config, dotlist)

@@ -19,6 +19,8 @@ import sys
 from datetime import datetime, timezone
 from typing import Any
 
+from tabulate import tabulate
+
 from colorize_dist.config import ConfigError
 from colorize_dist.eval.names import LABELS
 from colorize_dist.files import atomic_write
@@ -26,7 +28,7 @@ from colorize_dist.study.collect import PointResult, collect, report_metrics
 from colorize_dist.study.command import add_study_arguments, load_plan
 from colorize_dist.study.plan import Plan, format_value, short_names
 from colorize_dist.study.plots import PLOTS, Plot, draw_all
-from colorize_dist.study.status import DONE
+from colorize_dist.study.record import DONE
 
 RESULTS, REPORT = "results.csv", "report.md"
 EXIT_USAGE = 2
@@ -205,7 +207,10 @@ def count(value: int) -> str:
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
-    def cells(values: list[str]) -> str:
-        return "| " + " | ".join(str(value).replace("|", "\\|").replace("\n", " ") for value in values) + " |"
+    """A GitHub markdown table; cells as given (no number parsing), `|` escaped, one line each."""
+    def cell(value: str) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
 
-    return [cells(header), "|" + "|".join("---" for _ in header) + "|", *[cells(row) for row in rows]]
+    text = tabulate([[cell(value) for value in row] for row in rows], headers=[cell(value) for value in header],
+                    tablefmt="github", disable_numparse=True)
+    return text.splitlines()

@@ -10,9 +10,13 @@ launch.gpus_per_node=…). Every point is checked before anything runs. Running 
 skips its finished points and resumes the others from their last checkpoint (points whose Slurm job is still
 queued or running are left alone). --local runs each point as a child process (torchrun for several processes);
 one failing point is recorded with its error and the study goes on. On Slurm, one submitit job array per set of
-resources; every point checkpoints and requeues itself at time limits. The report (`colorize-dist study report`)
-is written at the end of a local run and after --wait. Exit status: 0 every point done (or submitted); 1 some
-point failed or Slurm refused the jobs; 2 bad study; 130 interrupted.
+resources; every point checkpoints and requeues itself at time limits. The Slurm options are `colorize-dist
+submit`'s (one SlurmResources; --time in any of Slurm's formats), each setting launch.<option> of the points.
+The report (`colorize-dist study report`) is written at the end of a local run and after --wait.
+A killed `study run --local` leaves no trainer behind: the point's process gets SIGTERM, checkpoints and exits;
+run again, the study waits for it to release the run dir (up to 120 s) and resumes the point.
+Exit status: 0 every point done (or submitted, without --wait); 1 some point failed or did not finish (each with
+its reason in the report), or Slurm refused the jobs; 2 bad study; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -29,18 +33,15 @@ from colorize_dist.config import ConfigError
 from colorize_dist.data.make import ShardOptions
 from colorize_dist.data.manifest import MANIFEST
 from colorize_dist.data.synth import write_synthetic_shards
-from colorize_dist.launch.submit import time_limit_minutes
+from colorize_dist.launch.options import add_resource_arguments, given_resources
+from colorize_dist.study.cluster import SLURM_FOLDER
 from colorize_dist.study.command import add_study_arguments, load_plan
+from colorize_dist.study.config import LAUNCH_PREFIX
 from colorize_dist.study.plan import Plan
-from colorize_dist.study.status import DONE, read_record, write_study_args
-from colorize_dist.study.status import is_done as point_is_done
+from colorize_dist.study.record import DONE, read_record, write_study_args
+from colorize_dist.study.status import is_done
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
-SLURM_OPTIONS = {  # --option: its type; each sets launch.<option>
-    "partition": str, "gpus_per_node": int, "tasks_per_node": int, "cpus_per_task": int, "mem": str,
-    "account": str, "qos": str, "constraint": str, "signal_delay": int, "max_timeouts": int,
-    "array_parallelism": int,
-}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,22 +49,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local", action="store_true", help="run the points here, one after another")
     parser.add_argument("--dry-run", action="store_true", help="print the points and their run dirs; run nothing")
     parser.add_argument("--no-report", action="store_true", help="do not write the report at the end")
-    group = parser.add_argument_group("Slurm (without --local; defaults from the study's launch: section)")
-    group.add_argument("--time", type=time_limit_minutes, dest="slurm_time_min", metavar="[D-]HH:MM:SS",
-                       help="time limit of each allocation (launch.time_min); points requeue themselves")
-    for name, kind in SLURM_OPTIONS.items():
-        group.add_argument(f"--{name.replace('_', '-')}", type=kind, dest=f"slurm_{name}", metavar=name.upper(),
-                           help=f"launch.{name} of every point that does not set its own")
-    group.add_argument("--exclusive", action="store_true", dest="slurm_exclusive", help="whole nodes only")
+    add_resource_arguments(parser, "Slurm (without --local; each sets launch.<option> where a point sets none)")
+    group = parser.add_argument_group("Slurm job arrays")
+    group.add_argument("--array-parallelism", type=int, metavar="N",
+                       help="points of one job array running at once (the study's array_parallelism, default 256)")
     group.add_argument("--wait", action="store_true", help="wait for the jobs to end, then write the report")
     group.add_argument("--poll", type=float, default=10.0, metavar="SECONDS", help="squeue interval for --wait")
 
 
 def main(args: argparse.Namespace) -> int:
-    launch = [f"launch.{name}={json.dumps(getattr(args, f'slurm_{name}'))}" for name in [*SLURM_OPTIONS, "time_min"]
-              if getattr(args, f"slurm_{name}") is not None]
-    launch += ["launch.exclusive=true"] if args.slurm_exclusive else []
     try:
+        launch = [f"{LAUNCH_PREFIX}{name}={json.dumps(value)}" for name, value in given_resources(args).items()]
+        launch += [] if args.array_parallelism is None else [f"array_parallelism={args.array_parallelism}"]
         plan, overrides = load_plan(args.study, [*args.overrides, *launch], args.out)
         if args.local:
             from colorize_dist.study.local import check_local
@@ -77,7 +74,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"study run: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.dry_run:
-        print_plan(plan)
+        print_plan(plan, args.local)
         return 0
     plan.out.mkdir(parents=True, exist_ok=True)
     write_study_args(plan.out, plan.path, overrides)
@@ -94,19 +91,21 @@ def main(args: argparse.Namespace) -> int:
 
         results = write_report(plan)
         print(f"study run: {summary_line(results)}; report {plan.out / REPORT}")
-        status = 0 if all(result.state.status == DONE for result in results) else EXIT_FAILED
+        if any(result.state.status != DONE for result in results):
+            status = EXIT_FAILED  # a failure of this run stays one, whatever the report finds
     return status
 
 
-def print_plan(plan: Plan) -> None:
+def print_plan(plan: Plan, local: bool) -> None:
     print(f"study {plan.study.name}: {len(plan.points)} points in {plan.out}/points"
           + (f"; synthetic data {plan.synthetic}" if plan.synthetic else ""))
     for point in plan.points:
-        cfg = point.cfg
+        cfg, launch = point.cfg, point.launch
         length = f"{cfg.train.max_steps} steps" if cfg.train.max_steps else f"{cfg.train.epochs} epochs"
+        slurm = "" if local else f", partition {launch.partition or '(default)'}, {launch.time} per allocation"
         print(f"  {point.name}: {point.run_dir.name}, {cfg.data.resolution}², batch {cfg.train.batch_size}, "
-              f"{length}, {point.num_processes} process(es) on {point.launch.nodes} node(s)"
-              + (" (done)" if point_is_done(point) else ""))
+              f"{length}, {point.num_processes} process(es) on {launch.nodes} node(s){slurm}"
+              + (" (done)" if is_done(point, plan.out / SLURM_FOLDER) else ""))
 
 
 def make_synthetic(plan: Plan) -> None:
@@ -121,52 +120,51 @@ def make_synthetic(plan: Plan) -> None:
 
 
 def run_local(plan: Plan) -> int:
-    from colorize_dist.study.local import run_point
+    """Every point not done, one after another: 0 when each ended done, else EXIT_FAILED."""
+    from colorize_dist.study.local import STOP_TIMEOUT_S, lock_holder, run_point
 
-    failures = 0
+    unfinished = 0
     for index, point in enumerate(plan.points, 1):
         prefix = f"[{index}/{len(plan.points)}] {point.name}"
-        if point_is_done(point):
+        if is_done(point, plan.out / SLURM_FOLDER):
             print(f"{prefix}: done, skipped", flush=True)
             continue
+        if (holder := lock_holder(point.run_dir)) is not None:
+            print(f"{prefix}: waiting up to {STOP_TIMEOUT_S} s for the run dir, locked by {holder} (a trainer "
+                  "still stopping?)", flush=True)
         print(f"{prefix}: training in {point.run_dir} (log: {point.run_dir / 'study.log'})", flush=True)
         started = time.monotonic()
         status, error = run_point(point)
         took = f"{time.monotonic() - started:.0f} s"
+        unfinished += status != 0
         if error is not None:
-            failures += 1
-            print(f"{prefix}: FAILED after {took} (exit status {status}): {error}", flush=True)
+            print(f"{prefix}: FAILED after {took}" + (f" (exit status {status})" if status is not None else "")
+                  + f": {error}", flush=True)
         else:
             print(f"{prefix}: {'done' if status == 0 else 'stopped early'} after {took}", flush=True)
-    return EXIT_FAILED if failures else 0
+    return EXIT_FAILED if unfinished else 0
 
 
 def run_slurm(plan: Plan, wait: bool, poll_s: float) -> int | None:
     """Submit what is not done nor queued; with `wait`, until every job has ended (then 0), else None."""
-    from submitit.core.utils import FailedJobError, FailedSubmissionError
+    from colorize_dist.launch.slurm import SlurmError
+    from colorize_dist.study.cluster import active_jobs, submit_points, wait_for
 
-    from colorize_dist.study.cluster import SLURM_FOLDER, active_jobs, submit_points, wait_for
-
-    active = active_jobs() or set()
+    active = active_jobs()
     waiting, to_submit = [], []
     for point in plan.points:
         job_id = (read_record(point.run_dir) or {}).get("job_id")
-        if point_is_done(point):
+        if is_done(point, plan.out / SLURM_FOLDER, active):
             print(f"{point.name}: done, skipped")
-        elif job_id in active:
+        elif job_id in (active or set()):
             print(f"{point.name}: Slurm job {job_id} still queued or running, left alone")
             waiting.append(job_id)
         else:
             to_submit.append(point)
     folder = (plan.out / SLURM_FOLDER).absolute()
     try:
-        with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's error itself before raising
-            submitted = submit_points(to_submit, folder, job_name=f"study-{plan.study.name}") if to_submit else {}
-    except (FailedJobError, FailedSubmissionError) as exc:
-        message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        print(f"study run: Slurm refused the jobs: {message}", file=sys.stderr)
-        return EXIT_FAILED
-    except RuntimeError as exc:  # submitit's "Could not detect srun": no Slurm here
+        submitted = submit_points(to_submit, folder, f"study-{plan.study.name}", plan.study.array_parallelism)
+    except SlurmError as exc:
         print(f"study run: {exc}", file=sys.stderr)
         return EXIT_FAILED
     for name, job_id in submitted.items():

@@ -1,5 +1,5 @@
 """Several machines on this host: `machines` (two network namespaces, tests/multinode/netns.py) for the trainer
-launched by hand, and `multinode_partition` (slurm/local_cluster.sh up --nodes 2) for Slurm jobs.
+launched by hand, and `multinode_partition` (tests/tools/local_cluster.sh up --nodes 2) for Slurm jobs.
 
 Tests marked `multinode` skip, saying why, where these cannot be made (not root, no `ip netns`, no emulated Slurm
 nodes), unless COLORIZE_DIST_REQUIRE_MULTINODE=1 (set by CI, which runs as root and brings the nodes up), where
@@ -18,7 +18,7 @@ import pytest
 from tests.multinode import netns
 
 REQUIRE_MULTINODE = "COLORIZE_DIST_REQUIRE_MULTINODE"
-MULTINODE_PARTITION = "multinode"  # slurm/local_cluster.sh's partition of emulated nodes
+MULTINODE_PARTITION = "multinode"  # tests/tools/local_cluster.sh's partition of emulated nodes
 
 
 def skip_or_fail(problem: str) -> None:
@@ -40,7 +40,7 @@ def machines() -> Iterator[netns.Machines]:
 
 def partition_problem(partition: str, nodes: int) -> str | None:
     """Why `partition` cannot run a job of `nodes` nodes now, or None."""
-    fix = f"run: bash slurm/local_cluster.sh up --nodes {nodes}"
+    fix = f"run: bash tests/tools/local_cluster.sh up --nodes {nodes}"
     if shutil.which("sbatch") is None:
         return f"Slurm's commands are not installed ({fix})"
     ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)

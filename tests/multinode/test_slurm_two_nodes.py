@@ -1,4 +1,4 @@
-"""`colorize-dist submit --nodes 2` on the local cluster's emulated nodes (`slurm/local_cluster.sh up --nodes 2`):
+"""`colorize-dist submit --nodes 2` on the local cluster's emulated nodes (`tests/tools/local_cluster.sh up --nodes 2`):
 a real two-node job, each node its own network namespace, hostname and address, preempted, requeued and resumed.
 """
 
@@ -34,6 +34,7 @@ def task_logs(run_dir: Path) -> str:
 
 @pytest.mark.slurm
 @pytest.mark.multinode
+@pytest.mark.slow
 def test_submit_on_two_nodes_is_preempted_requeued_and_resumes(multinode_partition: str, shards: Path,
                                                                 tmp_path: Path) -> None:
     run_dir = tmp_path / "run"

@@ -128,6 +128,7 @@ def rerun_resumes_and_finishes(machines: Machines, launcher: Callable[..., list[
 
 
 @pytest.mark.multinode
+@pytest.mark.slow
 def test_accelerate_launch_on_two_nodes_outlives_a_killed_node_and_resumes(machines: Machines, shards: Path,
                                                                             tmp_path: Path) -> None:
     run_dir, settings = tmp_path / "run", overrides(shards)
@@ -141,7 +142,7 @@ def test_accelerate_launch_on_two_nodes_outlives_a_killed_node_and_resumes(machi
     assert status != 0, tails(first)
     lines = LOST_LINE.findall(survivor)
     assert len(lines) == 1, tails(first)
-    assert lines[0].startswith("train: lost rank 1 (node colorize-node1, 10.231.0.2) of 2 ranks: no answer"), lines
+    assert lines[0].startswith("train: lost rank 1 (node colorize-node1, 10.231.0.2) of 2 ranks"), lines
     assert "gloo: interface eth0 (10.231.0.1) towards MASTER_ADDR=10.231.0.1" in survivor
     last = intact_checkpoints(run_dir)
     assert lines[0].endswith(f"rerun every node to resume from {last}"), lines
@@ -151,6 +152,7 @@ def test_accelerate_launch_on_two_nodes_outlives_a_killed_node_and_resumes(machi
 
 
 @pytest.mark.multinode
+@pytest.mark.slow
 def test_torchrun_on_two_nodes_of_two_outlives_a_frozen_node_and_resumes(machines: Machines, shards: Path,
                                                                           tmp_path: Path) -> None:
     """SIGSTOP: no connection breaks, the peers just stop answering; train.collective_timeout_s ends the wait."""
@@ -170,7 +172,7 @@ def test_torchrun_on_two_nodes_of_two_outlives_a_frozen_node_and_resumes(machine
     assert elapsed > FROZEN_TIMEOUT_S - 5, tails(first)  # it was the timeout that ended the wait
     lines = LOST_LINE.findall(survivor)
     assert len(lines) == 1, tails(first)  # one line for the node, from its lowest rank
-    assert lines[0].startswith("train: lost ranks 2-3 (node colorize-node1, 10.231.0.2) of 4 ranks: no answer"), lines
+    assert lines[0].startswith("train: lost ranks 2-3 (node colorize-node1, 10.231.0.2) of 4 ranks"), lines
     assert f"Timed out waiting {FROZEN_TIMEOUT_S * 1000}ms" in lines[0]
     last = intact_checkpoints(run_dir)
     assert lines[0].endswith(f"rerun every node to resume from {last}"), lines
@@ -191,6 +193,7 @@ def test_a_master_addr_that_no_interface_reaches_is_one_line(machines: Machines,
     process = machines[1].popen([sys.executable, str(TRAIN_SCRIPT), "--run-dir", str(tmp_path / "run"),
                                  *overrides(shards)], log=log, env=env, cwd=REPO)
     assert process.wait(timeout=120) == 2, log.read_text()
-    assert log.read_text().strip().splitlines()[-1] == (
-        "train: MASTER_ADDR='203.0.113.7' does not resolve to an IPv4 address this node can reach; set it to the "
-        "first node's address, or set GLOO_SOCKET_IFNAME to the interface the nodes share")
+    last = log.read_text().strip().splitlines()[-1]
+    errors = [line for line in log.read_text().splitlines() if line.startswith("train: ")]
+    assert errors == [last], log.read_text()  # one line, the last
+    assert "MASTER_ADDR='203.0.113.7'" in last and "GLOO_SOCKET_IFNAME" in last, last  # the value and the fix

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,22 @@ def run_cli(*argv: object) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         status = cli.main([str(arg) for arg in argv])
     return status, out.getvalue(), err.getvalue()
+
+
+def markdown_tables(text: str) -> dict[str, list[dict[str, str]]]:
+    """The tables of a markdown document by the heading above them: one {column: cell} per row."""
+    tables: dict[str, list[dict[str, str]]] = {}
+    heading, header = "", None
+    for line in text.splitlines():
+        if line.startswith("#"):
+            heading, header = line.lstrip("#").strip(), None
+        elif line.startswith("|"):
+            cells = [cell.strip().replace("\\|", "|") for cell in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+            if header is None:
+                header = cells
+            elif not all(set(cell) <= set("-:") for cell in cells):
+                tables.setdefault(heading, []).append(dict(zip(header, cells, strict=True)))
+    return tables
 
 
 @pytest.fixture(scope="session")

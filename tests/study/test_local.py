@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.study.conftest import BROKEN, MISSING_WEIGHTS, run_cli
+from tests.study.conftest import BROKEN, MISSING_WEIGHTS, markdown_tables, run_cli
 
 GRID = ["resolution=16, theta=0.0", "resolution=16, theta=0.2", "resolution=32, theta=0.0", "resolution=32, theta=0.2"]
 PLOTS = ["quality_vs_resolution", "quality_vs_compute", "throughput_memory_vs_resolution", "learning_curves"]
@@ -62,8 +62,14 @@ def test_local_study_trains_every_point_and_reports_the_failing_one(first_run) -
     report = (out / "report.md").read_text()
     assert report.startswith("# Study: smoke_with_failure")
     assert "4 done, 1 failed" in report and "## Failed and unfinished points" in report
-    assert f"| {BROKEN} | failed | " in report and MISSING_WEIGHTS in report
-    assert "Not drawn: weak scaling (one number of GPUs (processes) only)" in report
+    tables = markdown_tables(report)
+    assert [(row["point"], row["status"]) for row in tables["Quality"]] == [
+        *[(name, "done") for name in GRID], (BROKEN, "failed")]
+    (trouble,) = tables["Failed and unfinished points"]
+    assert (trouble["point"], trouble["status"]) == (BROKEN, "failed") and MISSING_WEIGHTS in trouble["error"]
+    assert [row["steps"] for row in tables["Quality"][:4]] == [f"{STEPS}/{STEPS}"] * 4
+    (not_drawn,) = [line for line in report.splitlines() if line.startswith("Not drawn: ")]
+    assert "weak scaling" in not_drawn and "quality vs resolution" not in not_drawn, not_drawn
     for name in PLOTS:
         png = out / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000, png

@@ -1,5 +1,5 @@
-"""`colorize-dist study run` on the local Slurm cluster (slurm/local_cluster.sh): the smoke grid plus a failing point
-as one job array of 1-CPU tasks, waited for; a second run submits only the point that did not finish."""
+"""`colorize-dist study run` on the local Slurm cluster (tests/tools/local_cluster.sh): the smoke grid plus a failing
+point as one job array of 1-CPU tasks, waited for; a second run submits only the point that did not finish."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ SLURM_ARGS = ["--time", "00:15:00", "--cpus-per-task", 1, "--signal-delay", 60, 
 
 
 @pytest.mark.slurm
+@pytest.mark.slow
 def test_study_runs_as_a_job_array_and_reruns_only_what_did_not_finish(partition: str, smoke_with_failure: Path,
                                                                        tmp_path: Path) -> None:
     out = tmp_path / "study"

@@ -3,10 +3,10 @@
 # local development: `up` installs what is missing and starts it, `status` shows it, `down` stops it and
 # removes everything `up` made. Idempotent; run as root (or with sudo).
 #
-#   bash slurm/local_cluster.sh up              # one node, this host; then: sinfo; srun hostname; colorize-dist submit
-#   bash slurm/local_cluster.sh up --nodes 2    # also 2 emulated nodes, for multi-node jobs (srun -p multinode -N 2)
-#   bash slurm/local_cluster.sh status
-#   bash slurm/local_cluster.sh down
+#   bash tests/tools/local_cluster.sh up              # one node, this host; then: sinfo; srun hostname; colorize-dist submit
+#   bash tests/tools/local_cluster.sh up --nodes 2    # also 2 emulated nodes, for multi-node jobs (srun -p multinode -N 2)
+#   bash tests/tools/local_cluster.sh status
+#   bash tests/tools/local_cluster.sh down
 #
 # This host is node `$(hostname)`, alone in partition `debug` (the default), with all its CPUs. `--nodes N` adds N
 # emulated nodes, colorize-n1 … colorize-nN, in partition `multinode`: each is one slurmd in its own network
@@ -28,6 +28,8 @@ STATE_DIR=${COLORIZE_DIST_SLURM_DIR:-/tmp/colorize-dist-slurm}
 export SLURM_CONF=${SLURM_CONF:-/etc/slurm/slurm.conf}
 PORT=${COLORIZE_DIST_SLURM_PORT:-6817}
 SUBNET=${COLORIZE_DIST_SLURM_SUBNET:-10.232.0}
+# Marks the files `up` writes; its text predates the script's move to tests/tools, so that a config written by an
+# earlier checkout is still recognised as ours.
 MARKER="# written by colorize_dist slurm/local_cluster.sh"
 PARTITION=debug
 MULTINODE_PARTITION=multinode
@@ -172,7 +174,7 @@ write_conf() {  # write_conf N; prints "changed" when the file is new or differe
     mkdir -p "$(dirname "$SLURM_CONF")" "$STATE_DIR/ctld" "$STATE_DIR/d/$host"
     cat >"$SLURM_CONF.tmp" <<EOF
 $MARKER
-# state in $STATE_DIR; remove with: bash slurm/local_cluster.sh down
+# state in $STATE_DIR; remove with: bash tests/tools/local_cluster.sh down
 ClusterName=colorize-local
 SlurmctldHost=$host
 SlurmctldPort=$PORT
@@ -207,7 +209,7 @@ EOF
     if [ "$nodes" -gt 0 ]; then
         last=$((10 + nodes))
         cat >>"$SLURM_CONF.tmp" <<EOF
-# Emulated nodes: one slurmd each in network + UTS namespaces (slurm/local_cluster.sh up --nodes $nodes)
+# Emulated nodes: one slurmd each in network + UTS namespaces (tests/tools/local_cluster.sh up --nodes $nodes)
 NodeName=colorize-n[1-$nodes] NodeAddr=$SUBNET.[11-$last] CPUs=$cpus RealMemory=$memory_mb State=UNKNOWN
 PartitionName=$MULTINODE_PARTITION Nodes=colorize-n[1-$nodes] MaxTime=INFINITE State=UP
 EOF

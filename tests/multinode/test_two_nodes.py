@@ -197,3 +197,38 @@ def test_a_master_addr_that_no_interface_reaches_is_one_line(machines: Machines,
     errors = [line for line in log.read_text().splitlines() if line.startswith("train: ")]
     assert errors == [last], log.read_text()  # one line, the last
     assert "MASTER_ADDR='203.0.113.7'" in last and "GLOO_SOCKET_IFNAME" in last, last  # the value and the fix
+
+
+@pytest.mark.slow
+@pytest.mark.multinode
+def test_a_killed_launcher_on_one_node_stops_every_trainer_and_the_rerun_resumes(machines: Machines, shards: Path,
+                                                                                 tmp_path: Path) -> None:
+    """SIGKILL of node 1's torchrun (2 × 2 processes) alone, as the OOM killer or a `kill -9` of that node's job
+    step does: node 1's trainers, orphaned, stop as on SIGTERM; the ranks agree at their next logging step, every
+    rank of both nodes checkpoints and exits, and nothing is left running on either node."""
+    run_dir = tmp_path / "run"
+    settings = overrides(shards, **{"train.batch_size": 8, "train.max_steps": 100000, "train.checkpoint_every": 10000,
+                                    "train.sample_every": 4})
+    first = start(machines, torchrun, run_dir, settings, tmp_path / "first")
+    deadline = time.monotonic() + 300
+    while not (run_dir / "samples" / "step-0000004.png").exists():  # the loop has taken 4 steps
+        if any(node.process.poll() is not None for node in first) or time.monotonic() > deadline:
+            pytest.fail(f"the loop did not get to step 4\n{tails(first)}")
+        time.sleep(0.2)
+    killed = time.monotonic()
+    first[1].process.kill()  # node 1's launcher alone; its trainers live on, in sessions of their own
+    while (machines[0].pids() or machines[1].pids()) and time.monotonic() < killed + 60:
+        time.sleep(0.2)
+    elapsed = time.monotonic() - killed
+    assert not machines[0].pids() and not machines[1].pids(), tails(first)
+    match = re.search(r"launcher gone \(a rank's parent process died\): checkpoint at step (\d+) saved",
+                      first[0].output() + first[1].output())
+    assert match, tails(first)
+    last = run_dir / checkpoint.CHECKPOINTS / checkpoint.step_name(int(match.group(1)))
+    assert checkpoint.check(last) is None
+    print(f"\nkilled launcher of node 1: every process of both nodes gone {elapsed:.1f} s later")
+
+    finish = overrides(shards, **{"train.batch_size": 8, "train.max_steps": int(match.group(1)) + 4})
+    nodes = start(machines, torchrun, run_dir, finish, tmp_path / "second")
+    assert wait(nodes, 600) == [0, 0], tails(nodes)
+    assert f"resumed from {last} at step {int(match.group(1))}" in nodes[0].output()

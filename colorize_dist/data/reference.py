@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
+import functools
 import gc
 import io
 import os
@@ -37,8 +37,8 @@ from colorize_dist.data.manifest import ShardDataError, verify_hint
 from colorize_dist.data.reading import BatchReading, EncodedBatch, ReadAhead
 from colorize_dist.data.sharding import Layout, micro_batches
 from colorize_dist.files import first_line
+from colorize_dist.processes import dies_with_parent
 
-PR_SET_PDEATHSIG = 1
 WORKER_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # the job's stop signals, which the trainer handles
 _workers: weakref.WeakSet = weakref.WeakSet()  # every worker process started here, to kill at exit
 
@@ -58,7 +58,8 @@ class ReferenceSource:
         encoded = ReadAhead(self.reading.read, plan, depth=self.cfg.prefetch * self.cfg.num_threads + 1)
         loader = DataLoader(Decoder(str(self.reading.directory)), sampler=encoded, batch_size=None,
                             collate_fn=collate, num_workers=self.cfg.num_threads, prefetch_factor=self.cfg.prefetch,
-                            pin_memory=self.device.type == "cuda", worker_init_fn=_worker_init)
+                            pin_memory=self.device.type == "cuda",
+                            worker_init_fn=functools.partial(_worker_init, parent=os.getpid()))
         # Workers are forked: objects frozen here are never collected in them. Unreachable DALI pipelines (reference
         # cycles a loader left behind) would otherwise be finalised in the child, waiting forever for DALI threads
         # that only exist in this process.
@@ -116,16 +117,14 @@ def collate(item: tuple[np.ndarray | None, EncodedBatch]) -> tuple[torch.Tensor,
     return (torch.empty(0, dtype=torch.uint8) if images is None else torch.from_numpy(images)), batch
 
 
-def _worker_init(worker_id: int) -> None:
+def _worker_init(worker_id: int, *, parent: int) -> None:
     """Slurm's SIGTERM/SIGUSR1 reach the workers too: the trainer checkpoints on them, which needs the workers
-    alive until then (they exit with the trainer, and die with it if it is killed)."""
+    alive until then (they exit with the trainer, and die with it if it is killed; not on Linux, the exit hook
+    below still kills them)."""
     for stop_signal in WORKER_IGNORED_SIGNALS:
         signal.signal(stop_signal, signal.SIG_IGN)  # discards one that arrived while blocked
     signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_IGNORED_SIGNALS)
-    with contextlib.suppress(OSError, AttributeError):  # not Linux: the exit hook below still kills them
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() == 1:  # the parent died before prctl took effect
-        os._exit(1)
+    dies_with_parent(signal.SIGKILL, parent)()
 
 
 def stop_workers(iterator) -> None:

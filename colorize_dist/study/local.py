@@ -9,7 +9,6 @@ exits. A study run again at once waits, up to STOP_TIMEOUT_S, for such a trainer
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import os
 import shlex
@@ -17,12 +16,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from colorize_dist.config import ConfigError, save_config
+from colorize_dist.processes import dies_with_parent
 from colorize_dist.study.plan import Point
 from colorize_dist.study.record import FAILED, INCOMPLETE, LOG, PointState, last_error_line, write_record
 from colorize_dist.training.rundir import LOCK_NAME
@@ -34,7 +33,6 @@ CONFIG_NAME = "config.yaml"
 # waits for the run dir lock of a trainer still stopping (one of a study run that was killed).
 STOP_TIMEOUT_S = 120
 LOCK_POLL_S = 0.5
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def check_local(point: Point) -> None:
@@ -83,7 +81,7 @@ def run_point(point: Point) -> tuple[int | None, str | None]:
         start, started = log.tell(), time.time()
         # Its own session: Ctrl-C here is ours to pass on (as SIGTERM, in _stop).
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=trainer_env(point),
-                                   start_new_session=True, preexec_fn=_terminate_with(os.getpid()))
+                                   start_new_session=True, preexec_fn=dies_with_parent(signal.SIGTERM, os.getpid()))
         try:
             status = process.wait()
         except KeyboardInterrupt:
@@ -126,20 +124,6 @@ def wait_for_run_dir(run_dir: Path, timeout_s: float) -> str | None:
     while (holder := lock_holder(run_dir)) is not None and time.monotonic() < deadline:
         time.sleep(LOCK_POLL_S)
     return holder
-
-
-def _terminate_with(study_pid: int) -> Callable[[], None]:
-    """What the point's process runs before exec: SIGTERM to it when the study dies (PR_SET_PDEATHSIG, which
-    survives exec), and an exit at once if the study died before that call. The signal follows the thread that
-    started the process: `run_point` runs on the study's main thread, which lives as long as the study."""
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
-
-    def terminate_with_study() -> None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != study_pid:
-            os._exit(1)
-
-    return terminate_with_study
 
 
 def _stop(process: subprocess.Popen) -> None:

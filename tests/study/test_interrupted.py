@@ -171,11 +171,11 @@ def test_the_point_process_gets_sigterm_when_the_study_dies(tmp_path: Path) -> N
     the study that is then killed with SIGKILL."""
     marker = tmp_path / "signal"
     starter = (
-        "import os, subprocess, sys\n"
-        "from colorize_dist.study.local import _terminate_with\n"
+        "import os, signal, subprocess, sys\n"
+        "from colorize_dist.processes import dies_with_parent\n"
         f"child = subprocess.Popen(['bash', '-c', 'trap \"echo TERM > {marker}; exit 0\" TERM; echo $$; "
         "while :; do sleep 0.1; done'], stdout=subprocess.PIPE, text=True, start_new_session=True, "
-        "preexec_fn=_terminate_with(os.getpid()))\n"
+        "preexec_fn=dies_with_parent(signal.SIGTERM, os.getpid()))\n"
         "print(child.stdout.readline().strip(), flush=True)\n"
         "os.kill(os.getpid(), 9)\n")
     study = subprocess.run([sys.executable, "-c", starter], capture_output=True, text=True, cwd=REPO,

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,10 +73,11 @@ log = logging.getLogger(__name__)
 _WARNED_COUNTS: set[int] = set()
 
 
-def colorize_batch(generator: nn.Module, l: torch.Tensor,
+def colorize_batch(generator: Callable[[torch.Tensor], torch.Tensor], l: torch.Tensor,
                    color_space: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The generator's colourisation of normalised L (N, 1, H, W): (normalised Lab (N, 3, H, W), RGB in [0, 1]).
 
+    `generator`: the PyTorch module or an `OnnxGenerator` (colorize_dist.models.export).
     The output's space follows from its channels (2: ab, 3: rgb); `color_space`, if given, must agree.
     """
     output = generator(l).float()

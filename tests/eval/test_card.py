@@ -11,7 +11,7 @@ from colorize_dist import cli
 from colorize_dist.eval import PER_IMAGE_METRICS, intervals, strata
 from colorize_dist.eval.card import FORMAT, RESIZE_RULE
 from colorize_dist.files import sha256_of
-from tests.eval.conftest import RESOLUTION
+from tests.eval.conftest import RESOLUTION, unwritable_folder_runs
 
 
 def run_eval(generator_file: Path, shards: Path, out: Path, *extra: str) -> int:
@@ -97,6 +97,17 @@ def test_bad_output_folders_are_one_line_before_any_scoring(val_shards: Path, ge
         line = capsys.readouterr().err.strip()
         assert "\n" not in line and line.startswith(f"eval: --out {out} {reason}")
     assert a_file.read_text() == ""
+
+
+def test_out_without_permission_or_on_a_read_only_file_system_is_one_line(val_shards: Path, generator_file: Path,
+                                                                         tmp_path: Path):
+    out = tmp_path / "locked" / "eval"
+    runs = unwritable_folder_runs(out.parent, ["eval", "--checkpoint", str(generator_file), "--shards",
+                                               str(val_shards), "--backend", "reference", "--out", str(out)])
+    for reason, result in [("Permission denied", runs["permission"]), ("Read-only file system", runs["read-only"])]:
+        assert result.returncode == 2, result.stderr
+        line = result.stderr.strip()
+        assert "\n" not in line and line.startswith(f"eval: --out {out} cannot be written ({reason})")
 
 
 def test_eval_of_a_set_without_a_validation_split_is_one_line(generator_file: Path, tmp_path: Path,

@@ -199,6 +199,7 @@ class Evaluation:
     metrics: dict[str, float]  # compute_metrics' dict
     per_image: dict[str, np.ndarray] | None  # each per-image metric (n,) float64, images in the split's order
     ita: np.ndarray | None  # (n,) each ground truth's ITA in degrees (`strata`), NaN where no skin was found
+    # (both None on the other ranks, and everywhere when evaluate(per_image=False), as for compute_metrics)
     fid_se: float | None = None  # FID's jackknife standard error, when asked for (every rank)
 
 
@@ -214,15 +215,15 @@ def compute_metrics(generator: nn.Module, loader: ColorLoader, *, device: torch.
     `colorize_dist.eval.names`.
     """
     return evaluate(generator, loader, device=device, fid_weights=fid_weights, fid_reference=fid_reference,
-                    lpips_weights=lpips_weights, progress=progress).metrics
+                    lpips_weights=lpips_weights, per_image=False, progress=progress).metrics
 
 
 def evaluate(generator: nn.Module, loader: ColorLoader, *, device: torch.device | str,
              fid_weights: str | Path | None = None, fid_reference: str | Path | None = None,
-             lpips_weights: str | Path | None = None, fid_standard_error: bool = False,
+             lpips_weights: str | Path | None = None, per_image: bool = True, fid_standard_error: bool = False,
              progress: bool = False) -> Evaluation:
-    """`compute_metrics`, with each image's per-image metrics and ITA gathered to rank 0 (scalars, never images),
-    and with `fid_standard_error` (and Inception weights) FID's jackknife standard error."""
+    """`compute_metrics`, with (`per_image`) each image's per-image metrics and ITA gathered to rank 0 (scalars,
+    never images), and with `fid_standard_error` (and Inception weights) FID's jackknife standard error."""
     device = torch.device(device)
     inception = fid.load_inception(fid_weights, device) if fid_weights is not None else None
     lpips_net = load_lpips(lpips_weights, device) if lpips_weights is not None else None
@@ -254,8 +255,9 @@ def evaluate(generator: nn.Module, loader: ColorLoader, *, device: torch.device 
                     scores = torch.cat([scores, lpips_scores(lpips_net, pred_rgb, true_rgb)[:, None]], dim=1)
                 sums["count"] += len(l)
                 sums["per_image"] += scores.sum(dim=0)
-                ita = individual_typology_angle(denormalise_lab(torch.cat([l, ab], dim=1)))
-                image_rows.append(torch.cat([scores, ita[:, None]], dim=1))
+                if per_image:
+                    ita = individual_typology_angle(denormalise_lab(torch.cat([l, ab], dim=1)))
+                    image_rows.append(torch.cat([scores, ita[:, None]], dim=1))
                 if inception is not None:
                     outputs = list(fid.inception_outputs(inception, pred_rgb))
                     fid.accumulate(_stats(sums, "fake"), outputs[0])  # in place: the views share sums' tensors
@@ -269,8 +271,8 @@ def evaluate(generator: nn.Module, loader: ColorLoader, *, device: torch.device 
     sums = _all_reduce_sum(sums)
     count = int(sums["count"].item())  # at least 1: a loader refuses a split with fewer images than ranks
     metrics = dict(zip(names, (sums["per_image"] / count).tolist(), strict=True))
-    gathered = _gather_to_rank0(_rows(image_rows, len(names) + 1, torch.float64, device))
-    per_image = None if gathered is None else dict(zip(names, gathered[:, :-1].cpu().numpy().T, strict=True))
+    gathered = _gather_to_rank0(_rows(image_rows, len(names) + 1, torch.float64, device)) if per_image else None
+    values = None if gathered is None else dict(zip(names, gathered[:, :-1].cpu().numpy().T, strict=True))
     ita = None if gathered is None else gathered[:, -1].cpu().numpy()
     fid_se = None
     if inception is not None:
@@ -279,7 +281,7 @@ def evaluate(generator: nn.Module, loader: ColorLoader, *, device: torch.device 
         inception_metrics, fid_se = _inception_metrics(sums, features, fid_weights, fid_reference, reuse_reference,
                                                        count, image_size, fid_standard_error)
         metrics.update(inception_metrics)
-    return Evaluation(metrics=metrics, per_image=per_image, ita=ita, fid_se=fid_se)
+    return Evaluation(metrics=metrics, per_image=values, ita=ita, fid_se=fid_se)
 
 
 def _rows(parts: list[torch.Tensor], width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

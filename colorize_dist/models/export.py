@@ -12,12 +12,12 @@ A training run writes `RUN/export/generator_final.safetensors` and `RUN/export/g
 (EMA weights); `resolve_checkpoint` maps a run directory to the best one (falling back to final), and
 `init_from_export` starts another run's generator from it (`train.init_generator`).
 
-ONNX (`export_onnx`, the `onnx` extra): torch's dynamo exporter at opset ONNX_OPSET, input "l" (N, 1, H, W)
+ONNX (`export_onnx`, the `onnx` extra): torch's dynamo exporter at opset 18, input "l" (N, 1, H, W)
 normalised L, output "color" (N, 2 or 3, H, W); N, H and W are dynamic, H and W multiples of 2^depth from
 2·2^depth up. The file's metadata repeats the safetensors fields and adds the opset, the size multiple, the
 source file and its SHA-256, and the largest |Δ| between onnxruntime and PyTorch measured at export (CIELAB
 ab units for an ab generator) on three inputs, one square at the resolution and two non-square; an export
-over ONNX_TOLERANCE is refused, nothing written.
+over 0.05 is refused, nothing written.
 
   colorize-dist export --onnx runs/00003                 # → runs/00003/export/generator_best.onnx
   colorize-dist export --onnx runs/00003/export/generator_final.safetensors --out final.onnx

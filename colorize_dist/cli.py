@@ -25,6 +25,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("train",): ("colorize_dist.training.command", "train the colorization GAN (one process; see accelerate launch)"),
     ("eval",): ("colorize_dist.eval.evaluate", "evaluate an exported generator on a shard set"),
     ("colorize",): ("colorize_dist.eval.colorize", "colorize images of any size with an exported generator"),
+    ("export",): ("colorize_dist.models.export", "write a run's EMA generator as ONNX (checked against PyTorch)"),
 }
 
 

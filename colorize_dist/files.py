@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,3 +50,22 @@ def sha256_of(path: Path) -> str:
     """The file's SHA-256 (hex), read in blocks."""
     with path.open("rb") as file:
         return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def writable_directory(path: str | Path, option: str) -> Path:
+    """`path` as a directory that exists (made if missing) and takes new files, checked before any work is done.
+
+    Raises OSError with one line naming `option`, the path, the reason (an existing file, no permission, a
+    read-only file system) and the fix.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{option} {path} is an existing file; name a folder (it is made if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise OSError(f"{option} {path} cannot be written ({exc.strerror or first_line(exc)}); choose a folder "
+                      "on a writable file system that you may write to") from None
+    return path

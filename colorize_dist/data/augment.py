@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from colorize_dist.data.config import ASPECT_RATIO_RANGE
 
+EVALUATION_CROP = "the largest centred square of each image, no random crop, no flip"  # what `eval` scores
 CROP_ATTEMPTS = 10  # then the whole image, as DALI's and torchvision's random crops do
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom (pixels; right and bottom excluded)

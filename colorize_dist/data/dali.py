@@ -103,6 +103,11 @@ class DaliSource:
     def on_gpu(self) -> bool:
         return self.device.type == "cuda"
 
+    @property
+    def resize_filter(self) -> str:
+        return ("DALI's antialiased linear resize" if self.resize_in_dali
+                else "torch's antialiased bilinear interpolate")
+
     def describe(self) -> str:
         resize = "DALI" if self.resize_in_dali else "torch"
         if not self.on_gpu:

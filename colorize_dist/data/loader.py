@@ -68,6 +68,11 @@ class ColorLoader:
         """Micro-batches this rank yields in a whole epoch."""
         return self.steps_per_epoch * self.layout.accumulation
 
+    @property
+    def resize_filter(self) -> str:
+        """What resizes each crop to the resolution (the loaders' filters differ by rounding)."""
+        return self.source.resize_filter
+
     def describe(self) -> str:
         """Which loader and decoder path this is, in one line (for the log)."""
         return self.source.describe()

@@ -49,6 +49,8 @@ class ReferenceSource:
     def __init__(self, reading: BatchReading, layout: Layout, cfg: DataConfig, *, device: torch.device):
         self.reading, self.layout, self.cfg, self.device = reading, layout, cfg, device
 
+    resize_filter = "PIL's BILINEAR (antialiased)"
+
     def describe(self) -> str:
         return (f"reference loader: PIL decodes, crops and resizes in {self.cfg.num_threads} DataLoader worker "
                 "process(es)")

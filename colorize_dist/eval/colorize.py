@@ -1,13 +1,22 @@
-"""Colorize images of any size with an exported generator; writes DIR/<name>.png for every input.
+"""Colorize images of any size with an exported generator (PyTorch, or ONNX with onnxruntime); writes
+DIR/<name>.png for every input.
 
 Each image (grayscale or colour; colour is reduced to its L channel) keeps its size and its full-resolution
 lightness. The generator sees L at its training resolution: scaled so the longer side fits, centred and
-padded to a square (replicating the border), never stretched. Its ab prediction for the image area is
-upsampled bilinearly to the original size, combined with the original L, and each pixel's chroma is reduced
-just enough for (L, a, b) to be a displayable sRGB colour, so L and hue survive the conversion to RGB and no
-colour clips or wraps. An alpha channel is kept. Unreadable files are reported and skipped (exit status 1).
+padded to a square (replicating the border), never stretched — the whole face, as in training. Its ab
+prediction for the image area is upsampled bilinearly to the original size, combined with the original L,
+and each pixel's chroma is reduced just enough for (L, a, b) to be a displayable sRGB colour, so L and hue
+survive the conversion to RGB and no colour clips or wraps. An alpha channel is kept. Unreadable files are
+reported and skipped (exit status 1); an --out that cannot be written is one line (exit status 2).
+
+Memory: the full-resolution work (L, the upsampled ab, the gamut mapping, RGB) is done in bands of whole rows
+of at most --max-pixels pixels, so a 6000×6000 photo needs the decoded image, the output and one band rather
+than ~120 bytes per pixel. Every step is per pixel or per row and column (the antialiased downscale for the
+model runs along rows, band by band, then along columns; the bilinear upsampling takes each output pixel's
+two rows and two columns of the prediction), so banded output is identical to a single band, whatever N.
 
   colorize-dist colorize --checkpoint runs/00003 photos/ 'scans/*.jpg' old.png --out colorized/
+  colorize-dist colorize --onnx runs/00003/export/generator_best.onnx photos/ --out colorized/
   accelerate launch --num_processes 4 -m colorize_dist colorize --checkpoint FILE photos/ --out DIR  # 4 GPUs
 """
 
@@ -16,7 +25,7 @@ from __future__ import annotations
 import argparse
 import glob
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,15 +34,16 @@ import torch
 import torch.nn.functional as F
 from accelerate import PartialState
 from PIL import Image, ImageOps
-from torch import nn
 from tqdm import tqdm
 
 from colorize_dist.color import AB_SCALE, L_SCALE, L_SHIFT, lab_to_linear_rgb, lab_to_rgb, rgb_to_lab
 from colorize_dist.data.images import to_8bit
 from colorize_dist.eval.metrics import colorize_batch
-from colorize_dist.models.export import load_generator, resolve_checkpoint
+from colorize_dist.files import atomic_path, first_line, writable_directory
+from colorize_dist.models.export import load_generator, load_onnx_generator, resolve_checkpoint
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+DEFAULT_MAX_PIXELS = 1 << 20  # pixels per band of the full-resolution work (about 180 bytes each)
 GAMUT_STEPS = 10  # bisection steps on the chroma scale: within 110 / 2^10 ≈ 0.1 of the gamut boundary
 GAMUT_TOLERANCE = 1e-4  # linear RGB may exceed [0, 1] by float rounding
 
@@ -50,18 +60,64 @@ class Picture:
     alpha: np.ndarray | None  # (H, W) uint8, or None when the input has no transparency
 
 
-def fit_into_square(l: torch.Tensor, size: int) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
-    """(1, 1, H, W) → (1, 1, size, size): scaled to fit with the aspect kept, centred, border replicated.
+def row_bands(height: int, width: int, max_pixels: int) -> list[tuple[int, int]]:
+    """[start, stop) rows of the bands that cover an image, each of at most `max_pixels` pixels (at least one row)."""
+    rows = max(1, max_pixels // width)
+    return [(start, min(start + rows, height)) for start in range(0, height, rows)]
+
+
+def model_input(rgb: np.ndarray, size: int, max_pixels: int,
+                device: torch.device) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """Normalised L (1, 1, size, size) of uint8 RGB (H, W, 3): scaled to fit with the aspect kept (bilinear,
+    antialiased: along rows band by band, then along columns), centred, border replicated.
 
     Also returns the image's box (top, left, height, width) in the square.
     """
-    height, width = l.shape[-2:]
+    height, width = rgb.shape[:2]
     scale = size / max(height, width)
     inner_h, inner_w = max(1, round(height * scale)), max(1, round(width * scale))
-    resized = F.interpolate(l, size=(inner_h, inner_w), mode="bilinear", antialias=True, align_corners=False)
+    narrowed = torch.cat([_resize(_lightness(rgb[start:stop], device) * L_SCALE + L_SHIFT, stop - start, inner_w)
+                          for start, stop in row_bands(height, width, max_pixels)], dim=2)
+    resized = _resize(narrowed, inner_h, inner_w)
     top, left = (size - inner_h) // 2, (size - inner_w) // 2
     padded = F.pad(resized, (left, size - inner_w - left, top, size - inner_h - top), mode="replicate")
     return padded, (top, left, inner_h, inner_w)
+
+
+def _lightness(rgb: np.ndarray, device: torch.device) -> torch.Tensor:
+    """CIELAB L (1, 1, h, w) float32 of uint8 RGB rows (h, w, 3)."""
+    return rgb_to_lab(torch.from_numpy(np.ascontiguousarray(rgb))[None].to(device))[:, :1]
+
+
+def _resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    if image.shape[-2:] == (height, width):
+        return image
+    return F.interpolate(image, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+
+
+def _bilinear_taps(source: int, target: int, start: int, stop: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(first index, second index, weight of the second) into `source` samples of target samples start..stop−1,
+    as `F.interpolate(mode="bilinear", align_corners=False)` places them (clamped at the borders)."""
+    position = ((torch.arange(start, stop, dtype=torch.float64) + 0.5) * (source / target) - 0.5).clamp(min=0.0)
+    first = position.floor().long().clamp(max=source - 1)
+    second = (first + 1).clamp(max=source - 1)
+    return first.to(device), second.to(device), (position - first).float().to(device)
+
+
+def render(rgb: np.ndarray, ab: torch.Tensor, max_pixels: int, device: torch.device) -> np.ndarray:
+    """uint8 RGB (H, W, 3): the image's own L with the prediction `ab` (1, 2, h, w, normalised) upsampled
+    bilinearly to H × W and mapped into the sRGB gamut, computed in bands of at most `max_pixels` pixels."""
+    height, width = rgb.shape[:2]
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    x0, x1, wx = _bilinear_taps(ab.shape[-1], width, 0, width, device)
+    for start, stop in row_bands(height, width, max_pixels):
+        y0, y1, wy = _bilinear_taps(ab.shape[-2], height, start, stop, device)
+        rows = ab[:, :, y0] * (1 - wy)[:, None] + ab[:, :, y1] * wy[:, None]
+        band_ab = rows[..., x0] * (1 - wx) + rows[..., x1] * wx
+        lab = clamp_to_srgb_gamut(torch.cat([_lightness(rgb[start:stop], device), band_ab / AB_SCALE], dim=1))
+        out[start:stop] = lab_to_rgb(lab, dtype=torch.uint8)[0].permute(1, 2, 0).cpu().numpy()
+    return out
 
 
 def clamp_to_srgb_gamut(lab: torch.Tensor) -> torch.Tensor:
@@ -90,21 +146,19 @@ def _in_srgb_gamut(pixels: torch.Tensor) -> torch.Tensor:
     return ((linear >= -GAMUT_TOLERANCE) & (linear <= 1.0 + GAMUT_TOLERANCE)).all(dim=1)
 
 
-def colorize_images(generator: nn.Module, resolution: int, images: list[np.ndarray],
-                    device: torch.device | str = "cpu") -> list[np.ndarray]:
-    """Colourised uint8 RGB (H, W, 3) of each uint8 RGB (H, W, 3) image, any size; one generator batch for all."""
+def colorize_images(generator: Callable[[torch.Tensor], torch.Tensor], resolution: int, images: list[np.ndarray],
+                    device: torch.device | str = "cpu", max_pixels: int = DEFAULT_MAX_PIXELS) -> list[np.ndarray]:
+    """Colourised uint8 RGB (H, W, 3) of each uint8 RGB (H, W, 3) image, any size; one generator batch for all.
+
+    `generator`: a PyTorch generator or an `OnnxGenerator`; the full-resolution work runs in bands of at most
+    `max_pixels` pixels.
+    """
     device = torch.device(device)
-    lightness = [rgb_to_lab(torch.from_numpy(np.ascontiguousarray(rgb))[None].to(device))[:, :1] for rgb in images]
-    fitted = [fit_into_square(l * L_SCALE + L_SHIFT, resolution) for l in lightness]
+    fitted = [model_input(rgb, resolution, max_pixels, device) for rgb in images]
     with torch.no_grad():
         ab_small = colorize_batch(generator, torch.cat([square for square, _ in fitted]))[0][:, 1:]
-    colourised = []
-    for l, ab, (_, (top, left, inner_h, inner_w)) in zip(lightness, ab_small, fitted, strict=True):
-        ab = F.interpolate(ab[None, :, top:top + inner_h, left:left + inner_w], size=l.shape[-2:],
-                           mode="bilinear", align_corners=False)
-        lab = clamp_to_srgb_gamut(torch.cat([l, ab / AB_SCALE], dim=1))
-        colourised.append(lab_to_rgb(lab, dtype=torch.uint8)[0].permute(1, 2, 0).contiguous().cpu().numpy())
-    return colourised
+    return [render(rgb, ab[None, :, top:top + inner_h, left:left + inner_w], max_pixels, device)
+            for rgb, ab, (_, (top, left, inner_h, inner_w)) in zip(images, ab_small, fitted, strict=True)]
 
 
 def read_picture(path: Path) -> Picture:
@@ -115,13 +169,15 @@ def read_picture(path: Path) -> Picture:
         if image.mode == "P":
             image = image.convert("RGBA" if "transparency" in image.info else "RGB")
         alpha = np.asarray(image.getchannel("A")) if "A" in image.getbands() else None
-        return Picture(rgb=np.array(image.convert("RGB")), alpha=alpha)
+        return Picture(rgb=np.array(image if image.mode == "RGB" else image.convert("RGB")), alpha=alpha)
 
 
 def write_picture(path: Path, rgb: np.ndarray, alpha: np.ndarray | None) -> None:
+    """Write the PNG atomically: an interrupted run leaves no truncated image under the final name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     pixels = rgb if alpha is None else np.dstack([rgb, alpha])
-    Image.fromarray(pixels).save(path)
+    with atomic_path(path) as temporary:
+        Image.fromarray(pixels).save(temporary, format="PNG")
 
 
 def collect_jobs(inputs: list[str], out_dir: Path) -> tuple[list[Job], list[str]]:
@@ -152,24 +208,37 @@ def collect_jobs(inputs: list[str], out_dir: Path) -> tuple[list[Job], list[str]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or globs")
-    parser.add_argument("--checkpoint", required=True,
-                        help="exported generator (.safetensors) or a run directory (uses export/generator_best)")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint",
+                       help="exported generator (.safetensors) or a run directory (uses export/generator_best)")
+    model.add_argument("--onnx", metavar="MODEL",
+                       help="an ONNX generator from `colorize-dist export --onnx`, run with onnxruntime")
     parser.add_argument("--out", type=Path, required=True, help="output folder (PNG files)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per generator batch (default 8)")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                        help="do the full-resolution work in bands of at most N pixels, bounding memory; the "
+                             f"output does not depend on N (default {DEFAULT_MAX_PIXELS:,})")
     parser.add_argument("--side-by-side", action="store_true",
                         help="also write <name>_side_by_side.png: the input next to its colourisation")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is available")
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
-        raise SystemExit("colorize: --batch-size must be at least 1")
+    for option, value in (("--batch-size", args.batch_size), ("--max-pixels", args.max_pixels)):
+        if value < 1:
+            print(f"colorize: {option} must be at least 1, got {value}", file=sys.stderr)
+            return 2
     # One process per GPU under `accelerate launch` or torchrun; CPU when asked or without a GPU (then gloo).
     state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
     try:
-        generator, _, resolution = load_generator(resolve_checkpoint(args.checkpoint), device=state.device)
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"colorize: {exc}") from None
+        writable_directory(args.out, "--out")
+        if args.onnx is not None:
+            generator, _, resolution = load_onnx_generator(args.onnx, device=state.device)
+        else:
+            generator, _, resolution = load_generator(resolve_checkpoint(args.checkpoint), device=state.device)
+    except (OSError, ValueError, ModuleNotFoundError) as exc:
+        print(f"colorize: {first_line(exc)}", file=sys.stderr)
+        return 2
     jobs, problems = collect_jobs(args.inputs, args.out)
     if state.is_main_process:
         for problem in problems:
@@ -182,14 +251,19 @@ def main(args: argparse.Namespace) -> int:
             for message in unreadable:
                 print(f"colorize: {message}", file=sys.stderr)
             colourised = colorize_images(generator, resolution, [picture.rgb for _, picture in batch],
-                                         state.device) if batch else []
-            for (job, picture), rgb in zip(batch, colourised, strict=True):
-                write_picture(job.output, rgb, picture.alpha)
-                if args.side_by_side:
-                    write_picture(job.output.with_name(f"{job.output.stem}_side_by_side.png"),
-                                  np.hstack([picture.rgb, rgb]), None if picture.alpha is None
-                                  else np.hstack([picture.alpha, picture.alpha]))
-            written += len(batch)
+                                         state.device, args.max_pixels) if batch else []
+            try:
+                for (job, picture), rgb in zip(batch, colourised, strict=True):
+                    write_picture(job.output, rgb, picture.alpha)
+                    if args.side_by_side:
+                        write_picture(job.output.with_name(f"{job.output.stem}_side_by_side.png"),
+                                      np.hstack([picture.rgb, rgb]), None if picture.alpha is None
+                                      else np.hstack([picture.alpha, picture.alpha]))
+                    written += 1
+            except OSError as exc:
+                print(f"colorize: cannot write {job.output} ({exc.strerror or first_line(exc)}); free space or "
+                      f"choose another --out; {written} images written before it are complete", file=sys.stderr)
+                return 2
             progress.update(len(batch) + len(unreadable))
         progress.close()
     print(f"colorize: rank {state.process_index}: wrote {written} images to {args.out}"

@@ -20,6 +20,11 @@ in float64 matches `PIL.Image.resize(..., BICUBIC)` on float images to 2e-5 of 2
   float64. It needs the features themselves: they are gathered exactly, in the global sample order.
 - IS (Salimans et al. 2016): exp(E_x KL(p(y|x) ‖ p(y))) over 10 splits of the shuffled predictions, mean
   and std over splits — torch-fidelity's protocol and seed, from the gathered logits.
+- FID's standard error (`colorize-dist eval`): the delete-a-group jackknife. The images are dealt into 10
+  groups by RandomState(2020).permutation (each image's prediction and ground truth together); FID₋g is the
+  FID (pytorch-fid's, as the value itself) of the sums less group g's, and SE = √((G − 1)/G · Σ_g (FID₋g −
+  mean)²): ten more 2048² matrix square roots, on rank 0. KID reports the std over its 100 subsets instead,
+  the spread of one 1000-image estimate.
 
 FID is biased upward at small N (Chong & Forsyth 2020): below 10,000 images the values are not comparable
 with published ones, and below 2,048 (the feature dimension) the covariance is singular.
@@ -55,6 +60,9 @@ LOGITS_DIM = 1008  # the 2015 graph's classifier: 1000 ImageNet classes and 8 un
 INPUT_SIZE = 299
 RESIZE_FILTER = "PIL bicubic (antialiased, a = -0.5) of the 8-bit image to 299×299, clamped to [0, 255]"
 KID_SUBSETS, KID_SUBSET_SIZE, IS_SPLITS, SEED = 100, 1000, 10, 2020  # torch-fidelity's defaults
+JACKKNIFE_GROUPS = 10  # FID's standard error
+FID_SE_METHOD = (f"delete-a-group jackknife over {JACKKNIFE_GROUPS} groups of images (RandomState({SEED}) "
+                 "permutation, prediction and ground truth of an image together)")
 MIN_IMAGES = FEATURE_DIM  # fewer: the feature covariance is singular
 RECOMMENDED_IMAGES = 10_000  # fewer: FID is biased upward and not comparable with published values
 
@@ -183,9 +191,46 @@ def gaussian_from_sums(sums: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.nd
     return mean, covariance
 
 
+def sums_from_gaussian(mean: np.ndarray, covariance: np.ndarray, count: int,
+                       device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The sums (count, Σx, XᵀX) that `gaussian_from_sums` turns into (μ, Σ): for reference statistics."""
+    mean64 = torch.from_numpy(np.asarray(mean, dtype=np.float64)).to(device)
+    covariance64 = torch.from_numpy(np.asarray(covariance, dtype=np.float64)).to(device)
+    return {"count": torch.tensor(float(count), dtype=torch.float64, device=device), "sum": count * mean64,
+            "gram": (count - 1) * covariance64 + count * torch.outer(mean64, mean64)}
+
+
 def frechet_distance(fake: tuple[np.ndarray, np.ndarray], real: tuple[np.ndarray, np.ndarray]) -> float:
     """FID between two Gaussians (μ, Σ), by pytorch-fid's own implementation."""
     return float(calculate_frechet_distance(fake[0], fake[1], real[0], real[1]))
+
+
+def frechet_standard_error(fake_sums: dict[str, torch.Tensor], real_sums: dict[str, torch.Tensor],
+                           fake: torch.Tensor, real: torch.Tensor, groups: int = JACKKNIFE_GROUPS,
+                           seed: int = SEED) -> float:
+    """FID's delete-a-group jackknife standard error, from the full sums and the features (n, d) they sum.
+
+    Row i of `fake` and of `real` leave together (the prediction and the ground truth of image i); groups
+    are the `groups` near-equal parts of RandomState(seed).permutation(n).
+    """
+    count = len(fake)
+    if len(real) != count:
+        raise ValueError(f"FID's jackknife pairs predictions with ground truths; got {count} and {len(real)}")
+    if count < max(groups, 3):
+        raise ValueError(f"FID's jackknife over {groups} groups needs at least {max(groups, 3)} images, got {count}")
+    replicates = []
+    for part in np.array_split(np.random.RandomState(seed).permutation(count), groups):
+        rows = torch.from_numpy(part).to(fake.device)
+        kept = [_without(sums, features[rows]) for sums, features in ((fake_sums, fake), (real_sums, real))]
+        replicates.append(frechet_distance(*(gaussian_from_sums(sums) for sums in kept)))
+    spread = np.asarray(replicates) - np.mean(replicates)
+    return float(np.sqrt((groups - 1) / groups * (spread @ spread)))
+
+
+def _without(sums: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    left_out = empty_sums(sums["sum"].device, dim=sums["sum"].shape[0])
+    accumulate(left_out, rows)
+    return {name: sums[name] - left_out[name] for name in ("count", "sum", "gram")}
 
 
 def kernel_inception_distance(fake: torch.Tensor, real: torch.Tensor, subsets: int = KID_SUBSETS,

@@ -30,19 +30,24 @@ An RGB-output generator (color_space "rgb") predicts its own lightness: its Lab 
 
 Each rank scores its own samples (padding copies, `valid == False`, are skipped) into float64 sums — per-image
 metric sums, and for FID the count, Σx and XᵀX — that are reduced with one all-reduce. KID and IS need the
-Inception outputs themselves: they are gathered exactly (float32, as computed) in the global sample order,
-which the contiguous rank ranges make the same for any number of ranks. Rank 0 then computes FID, KID and IS
-once and broadcasts them. torchmetrics' functional PSNR/SSIM give the per-image values (in float64); we keep
-the sums rather than torchmetrics' stateful metrics so that the result does not depend on how samples are
-split over ranks.
+Inception outputs themselves: they are gathered to rank 0 only (float32, as computed; a gather, not an
+all-gather, so no other rank holds them) with each image's place in the split, and put in the split's order, so
+they are the same for any number of ranks. Rank 0 then computes FID, KID and IS once and broadcasts them.
+`evaluate` also gathers each image's per-image metrics and the ITA of its ground truth (`strata`) to rank 0, as float64
+scalars, for the bootstrap intervals and skin-tone strata of the evaluation card (`card`). torchmetrics'
+functional PSNR/SSIM give the per-image values (in float64); we keep the sums rather than torchmetrics'
+stateful metrics so that the result does not depend on how samples are split over ranks.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -54,6 +59,7 @@ from colorize_dist.data.loader import ColorLoader
 from colorize_dist.eval import fid
 from colorize_dist.eval.lpips import load_lpips, lpips_scores
 from colorize_dist.eval.names import INCEPTION_METRICS, LPIPS_METRICS, PER_IMAGE_METRICS
+from colorize_dist.eval.strata import individual_typology_angle
 from colorize_dist.models.spaces import CHANNELS, to_rgb
 
 LAB_DATA_RANGE = 2.0  # every normalised Lab channel spans [−1, 1]
@@ -67,10 +73,11 @@ log = logging.getLogger(__name__)
 _WARNED_COUNTS: set[int] = set()
 
 
-def colorize_batch(generator: nn.Module, l: torch.Tensor,
+def colorize_batch(generator: Callable[[torch.Tensor], torch.Tensor], l: torch.Tensor,
                    color_space: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The generator's colourisation of normalised L (N, 1, H, W): (normalised Lab (N, 3, H, W), RGB in [0, 1]).
 
+    `generator`: the PyTorch module or an `OnnxGenerator` (colorize_dist.models.export).
     The output's space follows from its channels (2: ab, 3: rgb); `color_space`, if given, must agree.
     """
     output = generator(l).float()
@@ -185,6 +192,17 @@ def per_image_scores(l: torch.Tensor, ab: torch.Tensor, pred_lab: torch.Tensor, 
     return torch.stack([scores[name] for name in PER_IMAGE_METRICS], dim=1)
 
 
+@dataclass
+class Evaluation:
+    """One pass of `evaluate`: the metrics on every rank; each image's values on rank 0 alone (None elsewhere)."""
+
+    metrics: dict[str, float]  # compute_metrics' dict
+    per_image: dict[str, np.ndarray] | None  # each per-image metric (n,) float64, images in the split's order
+    ita: np.ndarray | None  # (n,) each ground truth's ITA in degrees (`strata`), NaN where no skin was found
+    # (both None on the other ranks, and everywhere when evaluate(per_image=False), as for compute_metrics)
+    fid_se: float | None = None  # FID's jackknife standard error, when asked for (every rank)
+
+
 def compute_metrics(generator: nn.Module, loader: ColorLoader, *, device: torch.device | str,
                     fid_weights: str | Path | None = None, fid_reference: str | Path | None = None,
                     lpips_weights: str | Path | None = None, progress: bool = False) -> dict[str, float]:
@@ -196,6 +214,16 @@ def compute_metrics(generator: nn.Module, loader: ColorLoader, *, device: torch.
     skips LPIPS. The generator is scored in eval mode and put back as it was. Keys come in the order of
     `colorize_dist.eval.names`.
     """
+    return evaluate(generator, loader, device=device, fid_weights=fid_weights, fid_reference=fid_reference,
+                    lpips_weights=lpips_weights, per_image=False, progress=progress).metrics
+
+
+def evaluate(generator: nn.Module, loader: ColorLoader, *, device: torch.device | str,
+             fid_weights: str | Path | None = None, fid_reference: str | Path | None = None,
+             lpips_weights: str | Path | None = None, per_image: bool = True, fid_standard_error: bool = False,
+             progress: bool = False) -> Evaluation:
+    """`compute_metrics`, with (`per_image`) each image's per-image metrics and ITA gathered to rank 0 (scalars,
+    never images), and with `fid_standard_error` (and Inception weights) FID's jackknife standard error."""
     device = torch.device(device)
     inception = fid.load_inception(fid_weights, device) if fid_weights is not None else None
     lpips_net = load_lpips(lpips_weights, device) if lpips_weights is not None else None
@@ -207,7 +235,9 @@ def compute_metrics(generator: nn.Module, loader: ColorLoader, *, device: torch.
         sums.update({f"fake_{name}": value for name, value in fid.empty_sums(device).items()})
         if not reuse_reference:
             sums.update({f"real_{name}": value for name, value in fid.empty_sums(device).items()})
-    rows: list[torch.Tensor] = []  # per batch: fake pool features | fake logits [| real pool features]
+    image_rows: list[torch.Tensor] = []  # per batch, float64: the per-image metrics | ITA
+    inception_rows: list[torch.Tensor] = []  # per batch, float32: fake pool features | fake logits [| real pool]
+    positions: list[torch.Tensor] = []  # per batch: each image's place in the split, to put the rows in its order
 
     was_training = generator.training
     generator.eval()
@@ -226,52 +256,81 @@ def compute_metrics(generator: nn.Module, loader: ColorLoader, *, device: torch.
                     scores = torch.cat([scores, lpips_scores(lpips_net, pred_rgb, true_rgb)[:, None]], dim=1)
                 sums["count"] += len(l)
                 sums["per_image"] += scores.sum(dim=0)
+                positions.append(torch.from_numpy(batch.positions[batch.slots.valid]).to(device))
+                if per_image:
+                    ita = individual_typology_angle(denormalise_lab(torch.cat([l, ab], dim=1)))
+                    image_rows.append(torch.cat([scores, ita[:, None]], dim=1))
                 if inception is not None:
                     outputs = list(fid.inception_outputs(inception, pred_rgb))
                     fid.accumulate(_stats(sums, "fake"), outputs[0])  # in place: the views share sums' tensors
                     if not reuse_reference:
                         outputs.append(fid.inception_outputs(inception, true_rgb)[0])
                         fid.accumulate(_stats(sums, "real"), outputs[-1])
-                    rows.append(torch.cat(outputs, dim=1))
+                    inception_rows.append(torch.cat(outputs, dim=1))
     finally:
         generator.train(was_training)
 
     sums = _all_reduce_sum(sums)
-    count = sums["count"].item()
+    count = int(sums["count"].item())  # at least 1: a loader refuses a split with fewer images than ranks
     metrics = dict(zip(names, (sums["per_image"] / count).tolist(), strict=True))
+    order = None  # on rank 0: the gathered rows → the split's order, the same for any number of ranks
+    if per_image or inception is not None:
+        gathered_positions = _gather_to_rank0(_rows(positions, 0, torch.int64, device))
+        order = None if gathered_positions is None else torch.argsort(gathered_positions)
+    gathered = _in_order(_gather_to_rank0(_rows(image_rows, len(names) + 1, torch.float64, device)), order) \
+        if per_image else None
+    values = None if gathered is None else dict(zip(names, gathered[:, :-1].cpu().numpy().T, strict=True))
+    ita = None if gathered is None else gathered[:, -1].cpu().numpy()
+    fid_se = None
     if inception is not None:
         width = _LOGITS + (0 if reuse_reference else fid.FEATURE_DIM)
-        gathered = _gather_rows(torch.cat(rows) if rows else torch.zeros(0, width, device=device))
-        metrics.update(_inception_metrics(sums, gathered, fid_weights, fid_reference, reuse_reference, int(count),
-                                          image_size))
-    return metrics
+        features = _in_order(_gather_to_rank0(_rows(inception_rows, width, torch.float32, device)), order)
+        inception_metrics, fid_se = _inception_metrics(sums, features, fid_weights, fid_reference, reuse_reference,
+                                                       count, image_size, fid_standard_error)
+        metrics.update(inception_metrics)
+    return Evaluation(metrics=metrics, per_image=values, ita=ita, fid_se=fid_se)
+
+
+def _rows(parts: list[torch.Tensor], width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The batches' rows (n, width) in one tensor; `width` 0: a column of scalars (n,)."""
+    if parts:
+        return torch.cat(parts)
+    return torch.zeros((0, width) if width else (0,), dtype=dtype, device=device)
+
+
+def _in_order(rows: torch.Tensor | None, order: torch.Tensor | None) -> torch.Tensor | None:
+    return rows if rows is None or order is None else rows[order]
 
 
 def _stats(sums: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {name: sums[f"{prefix}_{name}"] for name in ("count", "sum", "gram")}
 
 
-def _inception_metrics(sums: dict[str, torch.Tensor], gathered: torch.Tensor, weights: str | Path,
-                       reference: str | Path | None, reuse_reference: bool, count: int,
-                       image_size: tuple[int, int]) -> dict[str, float]:
-    """FID, KID and IS from the reduced sums and gathered rows: rank 0 computes them (and reads or writes the
-    reference file), every rank gets the values, or the same error."""
-    rank = dist.get_rank() if _distributed() else 0
-    outcome: list[dict[str, float] | str | None] = [None]
-    if rank == 0:
+def _inception_metrics(sums: dict[str, torch.Tensor], gathered: torch.Tensor | None, weights: str | Path,
+                       reference: str | Path | None, reuse_reference: bool, count: int, image_size: tuple[int, int],
+                       standard_error: bool) -> tuple[dict[str, float], float | None]:
+    """FID, KID and IS (and FID's standard error if asked) from the reduced sums and the rows gathered on rank 0:
+    rank 0 computes them (and reads or writes the reference file), every rank gets the values, or the same error."""
+    outcome: list[tuple[dict[str, float], float | None] | str | None] = [None]
+    if gathered is not None:  # rank 0
         try:
             sha256 = fid.weights_info(weights)["weights_sha256"]
             if reuse_reference:
                 *real, real_features = fid.load_reference(reference, count=count, image_size=image_size,
                                                           weights_sha256=sha256)
+                real_features = real_features.to(gathered.device)
+                real_sums = fid.sums_from_gaussian(*real, count, device=gathered.device)
             else:
                 real, real_features = fid.gaussian_from_sums(_stats(sums, "real")), gathered[:, _LOGITS:]
+                real_sums = _stats(sums, "real")
                 if reference is not None:
                     fid.save_reference(reference, *real, real_features, image_size=image_size, weights_sha256=sha256)
-            kid = fid.kernel_inception_distance(gathered[:, :_POOL], real_features.to(gathered.device))
+            kid = fid.kernel_inception_distance(gathered[:, :_POOL], real_features)
             score = fid.inception_score(gathered[:, _POOL:_LOGITS])
             values = (fid.frechet_distance(fid.gaussian_from_sums(_stats(sums, "fake")), tuple(real)), *kid, *score)
-            outcome = [dict(zip(INCEPTION_METRICS, values, strict=True))]
+            fid_se = (fid.frechet_standard_error(_stats(sums, "fake"), real_sums, gathered[:, :_POOL], real_features)
+                      if standard_error else None)
+            outcome = [(dict(zip(INCEPTION_METRICS, values, strict=True)), fid_se)]
             if (warning := fid.sample_size_warning(count)) is not None and count not in _WARNED_COUNTS:
                 _WARNED_COUNTS.add(count)  # once per process and set size, not at every validation
                 log.warning(warning)
@@ -301,8 +360,11 @@ def _all_reduce_sum(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return reduced
 
 
-def _gather_rows(rows: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows (n_r, D), concatenated in rank order on every rank: exact, whatever the n_r."""
+def _gather_to_rank0(rows: torch.Tensor) -> torch.Tensor | None:
+    """Every rank's rows (n_r, ...), concatenated in rank order on rank 0 (None on the others): exact, whatever the
+    n_r. A gather, not an all-gather: only rank 0 uses them, and at 70,000 images the Inception rows alone are
+    1.4 GB. The ranks' rows are padded to the longest (their shares differ by less than a micro-batch).
+    """
     if not _distributed():
         return rows
     world_size = dist.get_world_size()
@@ -310,8 +372,11 @@ def _gather_rows(rows: torch.Tensor) -> torch.Tensor:
     counts = [torch.zeros_like(count) for _ in range(world_size)]
     dist.all_gather(counts, count)
     sizes = [int(c.item()) for c in counts]
-    padded = rows.new_zeros((max(sizes), rows.shape[1]))
+    padded = rows.new_zeros((max(sizes), *rows.shape[1:]))
     padded[:len(rows)] = rows
+    if dist.get_rank() != 0:
+        dist.gather(padded, dst=0)
+        return None
     parts = [torch.empty_like(padded) for _ in range(world_size)]
-    dist.all_gather(parts, padded)
+    dist.gather(padded, parts, dst=0)
     return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])

@@ -1,4 +1,5 @@
-"""Exported generators: one `.safetensors` file holding the weights, the generator config and the resolution.
+"""Exported generators: one `.safetensors` file holding the weights, the generator config and the resolution;
+and `colorize-dist export --onnx RUN`, the same generator as an ONNX model for onnxruntime.
 
 Everything needed to rebuild the model travels inside the file, in the safetensors header's string metadata
 (no sidecar file to lose when copying it):
@@ -10,25 +11,48 @@ Everything needed to rebuild the model travels inside the file, in the safetenso
 A training run writes `RUN/export/generator_final.safetensors` and `RUN/export/generator_best.safetensors`
 (EMA weights); `resolve_checkpoint` maps a run directory to the best one (falling back to final), and
 `init_from_export` starts another run's generator from it (`train.init_generator`).
+
+ONNX (`export_onnx`, the `onnx` extra): torch's dynamo exporter at opset 18, input "l" (N, 1, H, W)
+normalised L, output "color" (N, 2 or 3, H, W); N, H and W are dynamic, H and W multiples of 2^depth from
+2·2^depth up. The file's metadata repeats the safetensors fields and adds the opset, the size multiple, the
+source file and its SHA-256, and the largest |Δ| between onnxruntime and PyTorch measured at export (CIELAB
+ab units for an ab generator) on three inputs, one square at the resolution and two non-square; an export
+over 0.05 is refused, nothing written.
+
+  colorize-dist export --onnx runs/00003                 # → runs/00003/export/generator_best.onnx
+  colorize-dist export --onnx runs/00003/export/generator_final.safetensors --out final.onnx
+  colorize-dist colorize --onnx runs/00003/export/generator_best.onnx photos/ --out colorized/
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from colorize_dist.color import AB_SCALE
 from colorize_dist.config import ConfigError
-from colorize_dist.files import atomic_path, first_line
+from colorize_dist.files import atomic_path, first_line, sha256_of
 from colorize_dist.models.config import GeneratorConfig
 from colorize_dist.models.generator import build_generator
 
 FORMAT = "colorize_dist.generator/1"
+ONNX_FORMAT = "colorize_dist.generator.onnx/1"
+ONNX_OPSET = 18
+ONNX_TOLERANCE = 0.05  # largest |Δ| accepted at export, in output units (CIELAB ab: 1/20 of a just-noticeable ΔE)
+ONNX_MAX_SIDE = 16384  # the dynamic height and width go up to this many pixels
+ONNX_EXTRA_HINT = "pip install 'colorize-dist[onnx]' (onnx, onnxscript and onnxruntime; onnxruntime-gpu for CUDA)"
+# Output units of the |Δ| check: CIELAB ab units for ab (×110), 8-bit levels for rgb ((x + 1)/2 · 255).
+_UNITS = {"ab": (1.0 / AB_SCALE, "CIELAB ab units"), "rgb": (127.5, "8-bit RGB levels")}
 EXPORT_DIR = "export"
 EXPORT_NAMES = ("generator_best.safetensors", "generator_final.safetensors")  # preference order in a run dir
 
@@ -111,3 +135,145 @@ def init_from_export(model: nn.Module, cfg: GeneratorConfig, run_or_file: str | 
                           "to match it")
     model.load_state_dict(loaded.state_dict())
     return path
+
+
+@dataclass(frozen=True)
+class OnnxExport:
+    path: Path
+    opset: int
+    max_delta: float  # largest |onnxruntime − PyTorch| over the checked inputs, in `unit`
+    unit: str
+    sizes: tuple[tuple[int, int], ...]  # the (height, width) checked
+    size_multiple: int  # height and width must be multiples of it
+
+
+class OnnxGenerator:
+    """An exported ONNX generator run by onnxruntime, called as the PyTorch one: normalised L (N, 1, H, W) → colour.
+
+    It runs on CUDA when `device` is a GPU and this onnxruntime has CUDA (onnxruntime-gpu), else on the CPU."""
+
+    def __init__(self, path: str | Path, device: torch.device | str = "cpu"):
+        ort = _onnxruntime()
+        wanted = ["CUDAExecutionProvider"] if torch.device(device).type == "cuda" else []
+        providers = [p for p in wanted if p in ort.get_available_providers()] + ["CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(path), providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types, not exported in one place
+            raise GeneratorFileError(f"{path} is not a readable ONNX model ({first_line(exc)}); export it again "
+                                     "with `colorize-dist export --onnx RUN`") from None
+        self.metadata = self.session.get_modelmeta().custom_metadata_map
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, l: torch.Tensor) -> torch.Tensor:
+        color = self.session.run(None, {self.input_name: l.detach().float().cpu().numpy()})[0]
+        return torch.from_numpy(color).to(l.device)
+
+
+def load_onnx_generator(path: str | Path, device: torch.device | str = "cpu") -> tuple[OnnxGenerator,
+                                                                                       GeneratorConfig, int]:
+    """(generator, its config, its training resolution) from an `export_onnx` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX model {path} does not exist: write one with `colorize-dist export --onnx RUN`")
+    generator = OnnxGenerator(path, device)
+    if generator.metadata.get("format") != ONNX_FORMAT:
+        raise GeneratorFileError(f"{path} was not written by `colorize-dist export --onnx` (format "
+                                 f"{generator.metadata.get('format')!r}, expected {ONNX_FORMAT!r}); export it again")
+    try:
+        cfg = GeneratorConfig(**json.loads(generator.metadata["generator_config"]))
+        resolution = int(generator.metadata["resolution"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise GeneratorFileError(f"{path}: its generator config does not fit this version of colorize_dist "
+                                 f"({first_line(exc)}); export it again with this version") from None
+    return generator, cfg, resolution
+
+
+def check_sizes(cfg: GeneratorConfig, resolution: int) -> tuple[tuple[int, int], ...]:
+    """The (height, width) the export is checked on: the resolution square, one wider and one taller."""
+    multiple = 2**cfg.depth
+    wide = -(-resolution * 3 // 2 // multiple) * multiple
+    short = max(2 * multiple, resolution // 2 // multiple * multiple)
+    return (resolution, resolution), (resolution, wide), (wide, short)
+
+
+def export_onnx(source: str | Path, out: str | Path, opset: int = ONNX_OPSET) -> OnnxExport:
+    """Write the generator of `source` (a save_generator file) as ONNX to `out`, atomically, once its outputs
+    match PyTorch's within ONNX_TOLERANCE on `check_sizes`; GeneratorFileError (nothing written) otherwise."""
+    source, out = Path(source), Path(out)
+    ort, onnx = _onnxruntime(), _onnx()
+    model, cfg, resolution = load_generator(source)
+    multiple = 2**cfg.depth
+    sides = {axis: torch.export.Dim(f"{axis}_blocks", min=2, max=ONNX_MAX_SIDE // multiple) for axis in ("h", "w")}
+    dynamic = {0: torch.export.Dim("batch", min=1, max=4096), 2: multiple * sides["h"], 3: multiple * sides["w"]}
+    example = torch.zeros(1, 1, resolution, resolution)
+    program = torch.onnx.export(model, (example,), input_names=["l"], output_names=["color"], opset_version=opset,
+                                dynamo=True, dynamic_shapes=(dynamic,), verbose=False)
+    proto = program.model_proto
+    scale, unit = _UNITS[cfg.color_space]
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(0)
+    max_delta = 0.0
+    sizes = check_sizes(cfg, resolution)
+    for height, width in sizes:
+        l = torch.rand(2, 1, height, width, generator=generator) * 2 - 1
+        with torch.no_grad():
+            expected = model(l).numpy()
+        produced = session.run(None, {"l": l.numpy()})[0]
+        max_delta = max(max_delta, float(np.abs(produced - expected).max()) * scale)
+    if not max_delta <= ONNX_TOLERANCE:
+        raise GeneratorFileError(f"the ONNX model of {source} differs from PyTorch by up to {max_delta:.3g} {unit} "
+                                 f"(tolerance {ONNX_TOLERANCE}); nothing written — report it with the versions of "
+                                 "torch and onnxruntime")
+    metadata = {"format": ONNX_FORMAT, "generator_config": json.dumps(dataclasses.asdict(cfg)),
+                "resolution": str(resolution), "opset": str(opset), "size_multiple": str(multiple),
+                "source": str(source), "source_sha256": sha256_of(source),
+                "max_abs_delta_vs_pytorch": f"{max_delta:.6g} {unit}", "exporter": f"torch {torch.__version__} dynamo"}
+    onnx.helper.set_model_props(proto, metadata)
+    proto.doc_string = (f"colorize_dist generator: input l (N, 1, H, W) = L/50 − 1, output color (N, "
+                        f"{cfg.out_channels}, H, W) {cfg.color_space} in (−1, 1); H, W multiples of {multiple}")
+    with atomic_path(out) as temporary:
+        onnx.save_model(proto, str(temporary))
+    return OnnxExport(path=out, opset=opset, max_delta=max_delta, unit=unit, sizes=sizes, size_multiple=multiple)
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(f"onnxruntime is not installed: {ONNX_EXTRA_HINT}") from None
+    return onnxruntime
+
+
+def _onnx():
+    try:
+        import onnx
+        import onnxscript  # noqa: F401 (torch's dynamo exporter needs it)
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(f"{exc.name} is not installed: {ONNX_EXTRA_HINT}") from None
+    return onnx
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--onnx", required=True, metavar="RUN",
+                        help="the run directory (its export/generator_best, else generator_final) or a .safetensors "
+                             "file, exported as ONNX")
+    parser.add_argument("--out", type=Path, metavar="FILE",
+                        help="the ONNX file (default: beside the .safetensors file, with the suffix .onnx)")
+    parser.add_argument("--opset", type=int, default=ONNX_OPSET, help=f"ONNX opset (default {ONNX_OPSET})")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        source = resolve_checkpoint(args.onnx)
+        out = args.out or source.with_suffix(".onnx")
+        if out.is_dir():
+            raise IsADirectoryError(f"--out {out} is a folder; name the .onnx file to write")
+        result = export_onnx(source, out, args.opset)
+    except (OSError, ValueError, ModuleNotFoundError) as exc:
+        print(f"export: {first_line(exc)}", file=sys.stderr)
+        return 2
+    sizes = ", ".join(f"{height}×{width}" for height, width in result.sizes)
+    print(f"export: wrote {result.path} (ONNX opset {result.opset}; dynamic batch, height and width in multiples "
+          f"of {result.size_multiple}); onnxruntime vs PyTorch on {sizes}: max |Δ| {result.max_delta:.2g} "
+          f"{result.unit}")
+    return 0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -91,3 +94,22 @@ def lpips_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path.parent.mkdir(parents=True)
     torch.save(torchvision.models.alexnet(weights=None).state_dict(), path)
     return path
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def unwritable_folder_runs(folder: Path, argv: list[str]) -> dict[str, subprocess.CompletedProcess]:
+    """`python -m colorize_dist *argv` run twice where `folder` cannot be written: as an unmapped user in a user
+    namespace with `folder` read-only by its mode ("permission"), and as root with a read-only tmpfs mounted
+    on `folder` ("read-only"). Skips where user and mount namespaces cannot be made."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("needs unshare with user and mount namespaces (util-linux)")
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o555)
+    command = [sys.executable, "-m", "colorize_dist", *argv]
+    runs = {"permission": ["unshare", "-U", *command],
+            "read-only": ["unshare", "-rm", "sh", "-c", 'mount -t tmpfs -o ro tmpfs "$0" && exec "$@"', str(folder),
+                          *command]}
+    return {name: subprocess.run(run, capture_output=True, text=True, cwd=REPO, timeout=300)
+            for name, run in runs.items()}

@@ -1,7 +1,10 @@
-"""`colorize-dist colorize`: sizes, lightness, image modes, unreadable files, and aspect ratio kept."""
+"""`colorize-dist colorize`: sizes, lightness, image modes, unreadable files, aspect ratio kept, banded
+full-resolution work (identical output, bounded memory) and output folders that cannot be written."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +15,9 @@ from PIL import Image
 from colorize_dist import cli
 from colorize_dist.color import rgb_to_lab
 from colorize_dist.data import synth_image
-from colorize_dist.eval.colorize import colorize_images
+from colorize_dist.eval.colorize import colorize_images, row_bands
 from colorize_dist.models.export import load_generator
+from tests.eval.conftest import REPO, unwritable_folder_runs
 
 L_ROUNDING = 0.5  # L units: the output is 8-bit RGB
 
@@ -85,3 +89,63 @@ def test_extreme_aspect_ratios_are_not_stretched(generator_file: Path, orientati
     ab, ab_in_square = lab_of(coloured)[1:, :, 10:-10], lab_of(coloured_square[:, 260:380])[1:, :, 10:-10]
     assert (ab - ab_in_square).abs().mean() < 0.01
     assert (ab - ab_in_square).abs().max() <= 1.0  # 8-bit rounding
+
+
+def test_banded_output_is_identical_to_one_band(generator_file: Path):
+    """Bands of 7 rows, of 1 row (fewer pixels than a row) and one band give the same bytes, on a non-square photo."""
+    generator, _, resolution = load_generator(generator_file)
+    photo = np.array(Image.fromarray(synth_image(11, 200)).resize((470, 301), Image.BILINEAR))
+    single = colorize_images(generator, resolution, [photo], max_pixels=photo.shape[0] * photo.shape[1])[0]
+    assert len(row_bands(301, 470, 7 * 470 + 3)) == 43 and row_bands(301, 470, 100)[:2] == [(0, 1), (1, 2)]
+    for max_pixels in (7 * 470 + 3, 100):
+        np.testing.assert_array_equal(colorize_images(generator, resolution, [photo], max_pixels=max_pixels)[0],
+                                      single)
+
+
+PEAK_SCRIPT = """
+import resource, sys
+from colorize_dist import cli
+from colorize_dist.eval import colorize  # noqa: F401 (imported before the baseline)
+baseline = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS"))
+status = cli.main(["colorize", *sys.argv[1:]])
+print(status, baseline, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB
+"""
+PEAK_BOUND_MB = 800  # over the process's size before colorizing (measured 500); in one band it is 3,160 MB
+
+
+@pytest.mark.slow  # about 20 s, and 6000² images in memory
+def test_max_pixels_bounds_the_memory_of_a_6000_square_photo(generator_file: Path, tmp_path: Path):
+    source = tmp_path / "photo.jpg"
+    Image.fromarray(synth_image(3, 600)).resize((6000, 6000), Image.BILINEAR).save(source, quality=90)
+    result = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, "--checkpoint", str(generator_file), str(source),
+                             "--out", str(tmp_path / "out"), "--max-pixels", "1048576"],
+                            capture_output=True, text=True, cwd=REPO, timeout=600)
+    status, baseline_kib, peak_kib = map(int, result.stdout.split("\n")[-2].split())
+    assert status == 0, result.stderr
+    assert (peak_kib - baseline_kib) / 1024 < PEAK_BOUND_MB
+    with Image.open(tmp_path / "out" / "photo.png") as output:
+        assert output.size == (6000, 6000)
+
+
+def test_out_that_is_a_file_is_one_line(generator_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    source = tmp_path / "photo.png"
+    Image.fromarray(synth_image(4, 40)).save(source)
+    taken = tmp_path / "taken.png"
+    taken.write_bytes(b"keep me")
+    for out, reason in [(taken, "is an existing file"), (taken / "below", "cannot be written (Not a directory)")]:
+        assert cli.main(["colorize", "--checkpoint", str(generator_file), str(source), "--out", str(out)]) == 2
+        line = capsys.readouterr().err.strip()
+        assert "\n" not in line and line.startswith(f"colorize: --out {out} {reason}")
+    assert taken.read_bytes() == b"keep me"
+
+
+def test_out_without_permission_or_on_a_read_only_file_system_is_one_line(generator_file: Path, tmp_path: Path):
+    source = tmp_path / "photo.png"
+    Image.fromarray(synth_image(5, 40)).save(source)
+    out = tmp_path / "locked" / "colorized"
+    runs = unwritable_folder_runs(out.parent, ["colorize", "--checkpoint", str(generator_file), str(source),
+                                               "--out", str(out)])
+    for reason, result in [("Permission denied", runs["permission"]), ("Read-only file system", runs["read-only"])]:
+        assert result.returncode == 2, result.stderr
+        line = result.stderr.strip()
+        assert "\n" not in line and line.startswith(f"colorize: --out {out} cannot be written ({reason})")

@@ -1,17 +1,20 @@
-"""Metrics over 2 processes (gloo) equal those of 1 process on the same, unevenly split, data."""
+"""Metrics over 2 processes (gloo) equal those of 1 process on the same, unevenly split, data: the means, each
+image's values and ITA gathered to rank 0, and the card's intervals and strata made from them."""
 
 from __future__ import annotations
 
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from colorize_dist.data import DataConfig, build_loader
-from colorize_dist.eval.metrics import compute_metrics
+from colorize_dist.eval.card import summarise
+from colorize_dist.eval.metrics import Evaluation, compute_metrics, evaluate
 from colorize_dist.eval.names import INCEPTION_METRICS
 from colorize_dist.models.export import load_generator
 from tests.eval.conftest import RESOLUTION
@@ -27,26 +30,39 @@ def val_metrics(shards: Path, generator_file: Path, rank: int = 0, world_size: i
     return compute_metrics(model, loader, device="cpu", **weights)
 
 
-def _rank_metrics(rank: int, world_size: int, port: int, args: tuple, weights: dict, results) -> None:
+def val_evaluation(shards: Path, generator_file: Path, rank: int = 0, world_size: int = 1, **weights) -> Evaluation:
+    model, _, _ = load_generator(generator_file)
+    cfg = DataConfig(shards=str(shards), resolution=RESOLUTION, backend="reference", num_threads=1)
+    loader = build_loader(cfg, "val", batch_size=BATCH_SIZE, rank=rank, world_size=world_size)
+    return evaluate(model, loader, device="cpu", **weights)
+
+
+def _rank_evaluation(rank: int, world_size: int, port: int, args: tuple, weights: dict, results) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
-        results.put((rank, val_metrics(*args, rank=rank, world_size=world_size, **weights)))
+        results.put((rank, val_evaluation(*args, rank=rank, world_size=world_size, **weights)))
     finally:
         dist.destroy_process_group()
 
 
-def two_process_metrics(shards: Path, generator_file: Path, **weights) -> dict[str, float]:
-    """Metrics computed by 2 gloo processes; asserts both ranks return the same dict."""
+def two_process_evaluation(shards: Path, generator_file: Path, **weights) -> Evaluation:
+    """Rank 0's evaluation by 2 gloo processes; asserts both ranks have the same metrics and only rank 0 the
+    per-image values."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     results = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_rank_metrics, args=(2, port, (shards, generator_file), weights, results), nprocs=2,
+    mp.start_processes(_rank_evaluation, args=(2, port, (shards, generator_file), weights, results), nprocs=2,
                        start_method="spawn")
     by_rank = dict(results.get() for _ in range(2))
-    assert by_rank[0] == by_rank[1]
+    assert by_rank[0].metrics == by_rank[1].metrics and by_rank[0].fid_se == by_rank[1].fid_se
+    assert by_rank[1].per_image is None and by_rank[1].ita is None  # gathered to rank 0 only
     return by_rank[0]
+
+
+def two_process_metrics(shards: Path, generator_file: Path, **weights) -> dict[str, float]:
+    return two_process_evaluation(shards, generator_file, **weights).metrics
 
 
 def assert_metrics_close(actual: dict[str, float], expected: dict[str, float]) -> None:
@@ -60,9 +76,25 @@ def assert_metrics_close(actual: dict[str, float], expected: dict[str, float]) -
 
 
 def test_two_processes_equal_one_on_an_uneven_split(val_shards: Path, generator_file: Path, lpips_weights: Path):
-    single = val_metrics(val_shards, generator_file, lpips_weights=lpips_weights)
-    assert {"psnr_ab", "ssim_ab", "delta_e", "lpips"} <= single.keys()
-    assert_metrics_close(two_process_metrics(val_shards, generator_file, lpips_weights=lpips_weights), single)
+    single = val_evaluation(val_shards, generator_file, lpips_weights=lpips_weights)
+    assert {"psnr_ab", "ssim_ab", "delta_e", "lpips"} <= single.metrics.keys()
+    double = two_process_evaluation(val_shards, generator_file, lpips_weights=lpips_weights)
+    assert_metrics_close(double.metrics, single.metrics)
+    # Each image's values arrive in the split's order (15 images: 7 from rank 0, then 8 from rank 1).
+    assert list(double.per_image) == list(single.per_image) == list(single.metrics)
+    for name, values in single.per_image.items():
+        assert values.shape == (15,) and values.mean() == pytest.approx(single.metrics[name], rel=1e-12)
+        # float32 inference differs with the batch's composition (see assert_metrics_close); SSIM ab is near 0
+        np.testing.assert_allclose(double.per_image[name], values, rtol=1e-6, atol=1e-7, err_msg=name)
+    np.testing.assert_array_equal(double.ita, single.ita)  # from the ground truth alone: exact
+    assert np.isfinite(single.ita).any()
+    one, two = summarise(single.per_image, single.ita, 2), summarise(double.per_image, double.ita, 2)
+    assert [entry["images"] for entry in two["strata"]] == [entry["images"] for entry in one["strata"]]
+    pairs = [(two["metrics"], one["metrics"]),
+             *((a["metrics"], b["metrics"]) for a, b in zip(two["strata"], one["strata"], strict=True))]
+    for figures, expected in pairs:
+        for name, entry in expected.items():
+            assert figures[name] == pytest.approx(entry, rel=1e-6, abs=1e-7), name
 
 
 @pytest.mark.slow

@@ -47,6 +47,13 @@ def test_eval_with_inception_records_how_fid_was_computed(val_shards: Path, gene
     assert "singular below 2,048 images" in inception["warning"]
     out = capsys.readouterr().out
     assert "KID ↓" in out and "Inception Score ↑" in out
+    card = json.loads((tmp_path / "card.json").read_text())
+    assert card["protocol"]["inception"]["weights_sha256"] == inception["weights_sha256"]
+    assert card["protocol"]["inception"]["reference_sha256"] is None  # computed in the same pass
+    set_metrics = card["results"]["set_metrics"]
+    assert set_metrics["fid"]["value"] == report["metrics"]["fid"] and set_metrics["fid"]["spread"] > 0
+    assert set_metrics["kid"]["spread"] == report["metrics"]["kid_std"]
+    assert "FID ↓" in out and "jackknife SE" in out
 
 
 def test_too_few_images_for_fid_is_one_clear_line(val_shards: Path, generator_file: Path, fid_weights: Path,

@@ -128,6 +128,30 @@ def test_frechet_distance_from_sums_equals_pytorch_fid():
     assert ours == pytest.approx(expected, rel=1e-6)
 
 
+def test_fid_standard_error_is_the_delete_a_group_jackknife_of_pytorch_fids_fid():
+    """The SE equals the jackknife over the same groups of pytorch-fid's FID of the features, with the prediction
+    and the ground truth of an image left out together, from the sums or from a reference's (μ, Σ)."""
+    rng = np.random.default_rng(0)
+    fake_features, real_features = rng.gamma(2.0, 0.3, size=(120, 32)), rng.gamma(2.2, 0.3, size=(120, 32))
+    fake, real = fid.empty_sums("cpu", dim=32), fid.empty_sums("cpu", dim=32)
+    fid.accumulate(fake, torch.from_numpy(fake_features))
+    fid.accumulate(real, torch.from_numpy(real_features))
+
+    replicates = []
+    for part in np.array_split(np.random.RandomState(fid.SEED).permutation(120), fid.JACKKNIFE_GROUPS):
+        kept = np.setdiff1d(np.arange(120), part)
+        x, y = fake_features[kept], real_features[kept]
+        replicates.append(calculate_frechet_distance(x.mean(0), np.cov(x, rowvar=False), y.mean(0),
+                                                     np.cov(y, rowvar=False)))
+    expected = np.sqrt((fid.JACKKNIFE_GROUPS - 1) / fid.JACKKNIFE_GROUPS
+                       * ((np.array(replicates) - np.mean(replicates)) ** 2).sum())
+    ours = fid.frechet_standard_error(fake, real, torch.from_numpy(fake_features), torch.from_numpy(real_features))
+    assert ours == pytest.approx(expected, rel=1e-7) and ours > 0
+    from_reference = fid.sums_from_gaussian(*fid.gaussian_from_sums(real), 120)  # a cached reference's (μ, Σ)
+    assert fid.frechet_standard_error(fake, from_reference, torch.from_numpy(fake_features),
+                                      torch.from_numpy(real_features)) == pytest.approx(expected, rel=1e-7)
+
+
 def test_missing_fid_weights_name_the_file_and_where_to_put_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     expected = tmp_path / "hub" / "checkpoints" / fid.FID_WEIGHTS_FILENAME

@@ -1,0 +1,300 @@
+"""The evaluation card: what `colorize-dist eval` measured, how, with what uncertainty, and for whom.
+
+`RUN/eval/card.json` (for programs) and `card.md` (for people) hold
+
+- the protocol, which fixes what the numbers mean: the shard set (its manifest's SHA-256), the split and its
+  number of images, the resolution and resize rule, the metrics and their implementations (library versions,
+  weight files' SHA-256), the FID reference statistics' SHA-256, and every seed and resampling count;
+- the model (file, SHA-256, config) and the run (processes, device, loader), which the protocol leaves out:
+  the numbers do not depend on them beyond float rounding;
+- each per-image metric's mean with its 95 % bootstrap interval (`intervals`); FID with its jackknife
+  standard error, KID and IS with their spread over subsets and splits (`fid`);
+- the same per skin-tone stratum (ITA of the ground truth, `strata`) with its count, and per metric the largest
+  gap between two strata of at least `min_stratum_images` images, with the interval of that difference.
+
+`colorize-dist eval --compare A B` prints two cards side by side, and refuses (one line, exit status 2) when
+their protocols differ, naming the first field that does: numbers from different protocols are not comparable.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tabulate import tabulate
+
+from colorize_dist.data.augment import EVALUATION_CROP
+from colorize_dist.data.manifest import MANIFEST
+from colorize_dist.eval import fid, intervals, strata
+from colorize_dist.eval.lpips import LPIPS_NET
+from colorize_dist.eval.names import LABELS, LPIPS_METRICS
+from colorize_dist.files import atomic_write, sha256_of
+
+FORMAT = "colorize_dist.eval_card/1"
+CARD_JSON, CARD_MD = "card.json", "card.md"
+MIN_STRATUM_IMAGES = 20  # strata with fewer images show their figures but take no part in the largest gap
+SPREAD_LABELS = {"fid": "jackknife SE", "kid": f"std over {fid.KID_SUBSETS} subsets",
+                 "inception_score": f"std over {fid.IS_SPLITS} splits"}
+
+
+class CardError(ValueError):
+    """A card that cannot be read or compared; the message is one line naming the file or the field."""
+
+
+def protocol(*, shards: str | Path, split: str, images: int, resolution: int, resize_filter: str, metrics: list[str],
+             lpips_weights: str | Path | None, fid_weights: str | Path | None, fid_reference: str | Path | None,
+             min_stratum_images: int) -> dict[str, Any]:
+    """The fields two evaluations must share for their numbers to be comparable (FID's reference after it is
+    written)."""
+    implementations: dict[str, Any] = {
+        "colorize_dist": _version("colorize-dist"),
+        "psnr_ssim": f"torchmetrics {_version('torchmetrics')} functional, float64; SSIM over the valid windows",
+        "delta_e": "CIEDE2000 (Sharma et al. 2005; k_L = k_C = k_H = 1), colorize_dist.eval.metrics",
+    }
+    inception: dict[str, Any] | None = None
+    if LPIPS_METRICS[0] in metrics:
+        implementations["lpips"] = {"implementation": f"torchmetrics {_version('torchmetrics')} LPIPS v0.1",
+                                    "net": LPIPS_NET, "weights_sha256": sha256_of(Path(lpips_weights))}
+    if fid_weights is not None:
+        inception = {
+            "implementation": f"pytorch-fid {_version('pytorch-fid')} FID Inception",
+            "weights_sha256": fid.weights_info(fid_weights)["weights_sha256"],
+            "resize": fid.RESIZE_FILTER,
+            "reference_sha256": sha256_of(Path(fid_reference)) if fid_reference is not None else None,
+            "fid_standard_error": {"method": fid.FID_SE_METHOD, "groups": fid.JACKKNIFE_GROUPS, "seed": fid.SEED},
+            "kid": {"subsets": fid.KID_SUBSETS, "subset_size": min(fid.KID_SUBSET_SIZE, images), "seed": fid.SEED},
+            "inception_score": {"splits": min(fid.IS_SPLITS, images), "seed": fid.SEED},
+        }
+    return {
+        "format": FORMAT,
+        "shards": {"manifest_sha256": sha256_of(Path(shards) / MANIFEST), "split": split, "images": images},
+        "images": {"resolution": resolution, "crop": EVALUATION_CROP, "resize": resize_filter},
+        "metrics": list(metrics),
+        "implementations": implementations,
+        "inception": inception,
+        "intervals": {"method": intervals.METHOD, "confidence": intervals.CONFIDENCE,
+                      "resamples": intervals.RESAMPLES, "seed": intervals.SEED},
+        "strata": {"ita": strata.ITA_STATISTIC, "skin_mask": strata.SKIN_MASK,
+                   "categories": [[name, _finite(lower), _finite(upper)] for name, lower, upper in strata.CATEGORIES],
+                   "min_stratum_images": min_stratum_images},
+    }
+
+
+def summarise(per_image: dict[str, np.ndarray], ita: np.ndarray,
+              min_stratum_images: int = MIN_STRATUM_IMAGES) -> dict[str, Any]:
+    """Means with intervals over all images and per stratum, and each metric's largest gap between strata."""
+    names = list(per_image)
+    values = np.stack([np.asarray(per_image[name], dtype=np.float64) for name in names], axis=1)
+    index = strata.stratum_of(ita)
+    resampled = {}
+    stratum_rows = []
+    for position, name in enumerate(strata.STRATA):
+        rows = values[index == position]
+        entry: dict[str, Any] = {"stratum": name, "ita": _ita_range(position), "images": len(rows), "metrics": {}}
+        if len(rows):
+            resampled[name] = intervals.bootstrap_means(rows, stream=1 + position)
+            entry["metrics"] = _with_intervals(names, rows.mean(axis=0), resampled[name])
+        stratum_rows.append(entry)
+    eligible = [entry["stratum"] for entry in stratum_rows
+                if entry["stratum"] != strata.NO_SKIN and entry["images"] >= min_stratum_images]
+    gaps = {}
+    if len(eligible) >= 2:
+        by_name = {entry["stratum"]: entry for entry in stratum_rows}
+        for column, metric in enumerate(names):
+            highest = max(eligible, key=lambda name: by_name[name]["metrics"][metric]["mean"])
+            lowest = min(eligible, key=lambda name: by_name[name]["metrics"][metric]["mean"])
+            difference = resampled[highest][:, column] - resampled[lowest][:, column]
+            low, high = intervals.percentile_interval(difference[:, None])
+            gaps[metric] = {"gap": by_name[highest]["metrics"][metric]["mean"]
+                            - by_name[lowest]["metrics"][metric]["mean"],
+                            "low": float(low[0]), "high": float(high[0]), "highest": highest, "lowest": lowest}
+    return {"images": len(values),
+            "metrics": _with_intervals(names, values.mean(axis=0), intervals.bootstrap_means(values, stream=0)),
+            "strata": stratum_rows, "largest_gap": gaps}
+
+
+def _with_intervals(names: list[str], means: np.ndarray, resampled: np.ndarray) -> dict[str, dict[str, float]]:
+    low, high = intervals.percentile_interval(resampled)
+    return {name: {"mean": float(mean), "low": float(lo), "high": float(hi)}
+            for name, mean, lo, hi in zip(names, means, low, high, strict=True)}
+
+
+def _finite(bound: float) -> float | None:
+    return None if math.isinf(bound) else bound  # JSON has no infinity
+
+
+def _ita_range(position: int) -> str:
+    if position == len(strata.CATEGORIES):
+        return "no ITA"
+    _, lower, upper = strata.CATEGORIES[position]
+    if math.isinf(upper):
+        return f"> {lower:g}°"
+    if math.isinf(lower):
+        return f"≤ {upper:g}°"
+    return f"{lower:g}° to {upper:g}°"
+
+
+def build_card(*, protocol: dict[str, Any], summary: dict[str, Any], metrics: dict[str, float],
+               fid_se: float | None, model: dict[str, Any], run: dict[str, Any],
+               warnings: list[str]) -> dict[str, Any]:
+    """The card: protocol, model, run, the summary's figures and the set-level metrics with their spreads."""
+    spreads = {"fid": fid_se, "kid": metrics.get("kid_std"), "inception_score": metrics.get("inception_score_std")}
+    set_level = {name: {"value": metrics[name], "spread": spread, "spread_kind": SPREAD_LABELS[name]}
+                 for name, spread in spreads.items() if name in metrics}
+    return {"protocol": protocol, "model": model, "run": run,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "results": {**summary, "set_metrics": set_level}, "warnings": warnings}
+
+
+def write_card(card: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    """Write card.json and card.md into `out`, atomically."""
+    atomic_write(out / CARD_JSON, json.dumps(card, indent=2, ensure_ascii=False) + "\n")
+    atomic_write(out / CARD_MD, markdown(card))
+    return out / CARD_JSON, out / CARD_MD
+
+
+def load_card(path: str | Path) -> dict[str, Any]:
+    """A card from its card.json, the eval folder holding it, or the run directory (RUN/eval/card.json)."""
+    path = Path(path)
+    candidates = [path] if path.suffix == ".json" else [path / CARD_JSON, path / "eval" / CARD_JSON]
+    file = next((candidate for candidate in candidates if candidate.is_file()), None)
+    if file is None:
+        raise CardError(f"no evaluation card at {' or '.join(map(str, candidates))}; run `colorize-dist eval` first")
+    try:
+        card = json.loads(file.read_text(encoding="utf-8"))
+        card_format = card["protocol"]["format"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CardError(f"{file} is not an evaluation card ({exc!r}); run `colorize-dist eval` again") from None
+    if card_format != FORMAT:
+        raise CardError(f"{file} is a card of format {card_format!r}, not {FORMAT!r}; run `colorize-dist eval` again")
+    return card
+
+
+def first_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:
+    """The first protocol field whose values differ, as "field: A value vs B value", or None."""
+    flat_a, flat_b = _flatten(a["protocol"]), _flatten(b["protocol"])
+    for key in [*flat_a, *(key for key in flat_b if key not in flat_a)]:
+        if flat_a.get(key) != flat_b.get(key):
+            return f"{key}: {flat_a.get(key)!r} vs {flat_b.get(key)!r}"
+    return None
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: value}
+
+
+def results_table(card: dict[str, Any], tablefmt: str = "simple") -> str:
+    """Every metric's mean and 95 % interval, then the set-level metrics with their spreads."""
+    results = card["results"]
+    rows = [[LABELS[name], _number(entry["mean"]), _interval(entry)] for name, entry in results["metrics"].items()]
+    rows += [[LABELS[name], _number(entry["value"]), f"± {_number(entry['spread'])} ({entry['spread_kind']})"]
+             for name, entry in results["set_metrics"].items()]
+    return tabulate(rows, headers=["metric", "mean", f"{intervals.CONFIDENCE:.0%} interval"], tablefmt=tablefmt,
+                    disable_numparse=True)
+
+
+def strata_table(card: dict[str, Any], tablefmt: str = "simple") -> str:
+    """One row per metric, one column per stratum: mean [interval]; the first row counts the images."""
+    stratum_rows = card["results"]["strata"]
+    headers = ["", *(f"{entry['stratum']} ({entry['ita']})" for entry in stratum_rows)]
+    rows = [["images", *(str(entry["images"]) for entry in stratum_rows)]]
+    for name in card["results"]["metrics"]:
+        rows.append([LABELS[name], *(f"{_number(entry['metrics'][name]['mean'])} {_interval(entry['metrics'][name])}"
+                                     if entry["images"] else "–" for entry in stratum_rows)])
+    return tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
+
+
+def gap_table(card: dict[str, Any], tablefmt: str = "simple") -> str:
+    gaps = card["results"]["largest_gap"]
+    rows = [[LABELS[name], _number(gap["gap"]), _interval(gap), gap["highest"], gap["lowest"]]
+            for name, gap in gaps.items()]
+    return tabulate(rows, headers=["metric", "largest gap", f"{intervals.CONFIDENCE:.0%} interval", "highest",
+                                   "lowest"], tablefmt=tablefmt, disable_numparse=True)
+
+
+def strata_line(card: dict[str, Any]) -> str:
+    """The images per skin-tone stratum and the largest PSNR Lab gap, in one line for the terminal."""
+    results = card["results"]
+    counts = ", ".join(f"{entry['stratum']} {entry['images']}" for entry in results["strata"] if entry["images"])
+    line = f"skin-tone strata (ITA of the ground truth): {counts}"
+    if (gap := results["largest_gap"].get("psnr_lab")) is not None:
+        line += (f"; largest PSNR Lab gap {gap['gap']:.2f} dB {_interval(gap)} ({gap['highest']} − "
+                 f"{gap['lowest']})")
+    return line
+
+
+def markdown(card: dict[str, Any]) -> str:
+    protocol, results = card["protocol"], card["results"]
+    minimum = protocol["strata"]["min_stratum_images"]
+    lines = [
+        f"# Evaluation card: {card['model']['checkpoint']}", "",
+        f"{results['images']:,} images of the {protocol['shards']['split']} split at "
+        f"{protocol['images']['resolution']}², {card['created']}. Intervals: {intervals.METHOD}.", "",
+        "## Results", "", results_table(card, "github"), "",
+        "## Skin-tone strata (ITA of the ground truth)", "",
+        f"ITA = {protocol['strata']['ita']}; skin pixels: {protocol['strata']['skin_mask']}.", "",
+        strata_table(card, "github"), "",
+        f"Largest gap between two strata of at least {minimum} images, with the {intervals.CONFIDENCE:.0%} interval "
+        "of that difference (stratified bootstrap):", "",
+        gap_table(card, "github") if results["largest_gap"] else f"(fewer than two strata have {minimum} images)", "",
+        "## Protocol", "",
+        tabulate([[key, _cell(value)] for key, value in _flatten(protocol).items()], headers=["field", "value"],
+                 tablefmt="github", disable_numparse=True), "",
+        "## Model and run (not part of the protocol)", "",
+        tabulate([[key, _cell(value)] for key, value in _flatten({"model": card["model"], "run": card["run"]}).items()],
+                 headers=["field", "value"], tablefmt="github", disable_numparse=True), "",
+    ]
+    if card["warnings"]:
+        lines += ["## Warnings", "", *(f"- {warning}" for warning in card["warnings"]), ""]
+    return "\n".join(lines)
+
+
+def comparison(a: dict[str, Any], b: dict[str, Any], names: tuple[str, str]) -> str:
+    """Two cards of the same protocol side by side: means with intervals, B − A, then the largest gaps."""
+    rows = []
+    for name, entry in a["results"]["metrics"].items():
+        other = b["results"]["metrics"][name]
+        rows.append([LABELS[name], f"{_number(entry['mean'])} {_interval(entry)}",
+                     f"{_number(other['mean'])} {_interval(other)}", _number(other["mean"] - entry["mean"])])
+    for name, entry in a["results"]["set_metrics"].items():
+        other = b["results"]["set_metrics"][name]
+        rows.append([LABELS[name], f"{_number(entry['value'])} ± {_number(entry['spread'])}",
+                     f"{_number(other['value'])} ± {_number(other['spread'])}",
+                     _number(other["value"] - entry["value"])])
+    text = [tabulate(rows, headers=["metric", f"A: {names[0]}", f"B: {names[1]}", "B − A"], disable_numparse=True)]
+    gap_names = [name for name in a["results"]["largest_gap"] if name in b["results"]["largest_gap"]]
+    if gap_names:
+        gap_rows = [[LABELS[name], *(f"{_number(card['results']['largest_gap'][name]['gap'])} "
+                                     f"{_interval(card['results']['largest_gap'][name])} "
+                                     f"({card['results']['largest_gap'][name]['highest']} − "
+                                     f"{card['results']['largest_gap'][name]['lowest']})" for card in (a, b))]
+                    for name in gap_names]
+        text += ["", tabulate(gap_rows, headers=["largest gap between strata", "A", "B"], disable_numparse=True)]
+    return "\n".join(text)
+
+
+def _number(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+def _interval(entry: dict[str, float]) -> str:
+    return f"[{entry['low']:.4f}, {entry['high']:.4f}]"
+
+
+def _cell(value: Any) -> str:
+    return "–" if value is None else str(value)
+
+
+def _version(distribution: str) -> str:
+    return importlib.metadata.version(distribution)
+

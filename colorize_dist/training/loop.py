@@ -56,6 +56,7 @@ from colorize_dist.training.update import Outcome, Update
 
 log = logging.getLogger(__name__)
 
+FEW_VALIDATION_IMAGES = 100  # below: the choice of the best checkpoint is warned about
 STEP_RNG_STREAM = 2  # spawn key of the per-step torch seeds, apart from the data's (see data.sharding, augment)
 
 
@@ -407,10 +408,6 @@ def check_inputs(cfg: Config, loader: ColorLoader, val_loader: ColorLoader, devi
     if cfg.train.batch_size > loader.samples:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the training split "
                           f"({loader.samples} images in {cfg.data.shards}); lower train.batch_size or add images")
-    if val_loader.samples < 100:
-        log.warning("the validation split of %s has %d images: the best checkpoint (train.best_metric) and its "
-                    "export are chosen on so few that the choice is mostly noise; make the set with a larger "
-                    "--val-fraction", cfg.data.shards, val_loader.samples)
     if cfg.train.fid_weights is not None:
         load_inception(cfg.train.fid_weights, device)  # missing: FileNotFoundError naming it; cached for validation
     if "wandb" in cfg.train.trackers and importlib.util.find_spec("wandb") is None:
@@ -447,6 +444,10 @@ def validate(state: State) -> dict[str, float]:
     accelerator.log({f"val/{name}": value for name, value in metrics.items()}, step=progress.step)
     value = metrics[cfg.train.best_metric]
     if improves(value, progress.best, cfg.train.best_mode):
+        if progress.best is None and state.val_loader.samples < FEW_VALIDATION_IMAGES:
+            log.warning("the best checkpoint (train.best_metric) and its export are chosen on the %d images of the "
+                        "validation split of %s, so few that the choice is mostly noise; make the set with a "
+                        "larger --val-fraction", state.val_loader.samples, cfg.data.shards)
         progress.best = value
         save_checkpoint(accelerator, cfg, state.run_dir / checkpoint.CHECKPOINTS / checkpoint.BEST, progress,
                         **{cfg.train.best_metric: value})

@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from colorize_dist.config import ConfigError
+from colorize_dist.files import first_line, writable_directory
 
 LOCK_NAME = ".lock"
 
@@ -29,11 +30,10 @@ def run_dir_lock(accelerator: Accelerator, run_dir: Path) -> Iterator[None]:
     if accelerator.is_main_process:
         path = run_dir / LOCK_NAME
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            writable_directory(run_dir, "--run-dir")  # not a file, writable, not on a read-only file system
             descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:  # a file, not a directory; no permission; a read-only file system
-            problem = (f"run dir {run_dir} cannot be written ({exc.strerror}: {exc.filename}); pass a writable "
-                       "--run-dir")
+        except OSError as exc:
+            problem = first_line(exc)
         else:
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -120,6 +120,7 @@ def test_eval_of_a_set_without_a_validation_split_is_one_line(generator_file: Pa
     capsys.readouterr()
     assert run_eval(generator_file, shards, tmp_path / "eval") == 2
     line = capsys.readouterr().err.strip()
-    assert "\n" not in line and str(shards / "manifest.json") in line and "no val samples" in line
+    assert "\n" not in line and str(shards / "manifest.json") in line
+    assert "lists no val images" in line and "--val-fraction" in line
     assert not (tmp_path / "eval" / "card.json").exists()
 

@@ -294,7 +294,7 @@ def test_a_run_dir_that_is_a_file_is_one_line(shards: Path, tmp_path: Path) -> N
     result, seconds = timed_run(taken, tiny_overrides(shards, **{"train.max_steps": 1}))
     assert result.returncode == 2 and seconds < BOUND_S
     line = error_line(result)
-    assert f"run dir {taken} cannot be written" in line and "--run-dir" in line
+    assert f"--run-dir {taken} is an existing file" in line
     assert taken.read_text() == "a file the user keeps\n"
 
 
@@ -309,6 +309,6 @@ def test_a_run_dir_on_a_read_only_file_system_is_one_line(shards: Path, tmp_path
         result, seconds = timed_run(disk / "run", tiny_overrides(shards, **{"train.max_steps": 1}))
         assert result.returncode == 2 and seconds < BOUND_S
         line = error_line(result)
-        assert f"run dir {disk / 'run'} cannot be written (Read-only file system" in line
+        assert f"--run-dir {disk / 'run'} cannot be written (Read-only file system" in line
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -73,7 +73,7 @@ def test_compute_metrics_lab_ab_delta_e_and_rgb_match_skimage(val_shards: Path, 
     """The dataset means equal skimage's scores averaged over the real (not padding) samples."""
     model, _, _ = load_generator(generator_file)
     cfg = DataConfig(shards=str(val_shards), resolution=RESOLUTION, backend="reference", num_threads=1)
-    loader = build_loader(cfg, "val", batch_size=4, rank=0, world_size=2)  # rank 0's 7 samples: 1 padding copy
+    loader = build_loader(cfg, "val", batch_size=4, rank=1, world_size=2)  # rank 1's 7 samples: 1 padding copy
     assert not all(v for batch in loader.epoch(0) for v in batch.valid.tolist())
 
     expected = []

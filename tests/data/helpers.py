@@ -45,6 +45,15 @@ def flip_payload(shards: Path, shard: str, *, every_sample: bool = False) -> Pat
     return tar
 
 
+def flip_sample(shards: Path, shard: str, *, key: str) -> Path:
+    """Bytes in the middle of one sample's image change (its tar key `key`)."""
+    tar = shards / shard
+    (offset, size), = [(offset, size) for _, offset, size, member in index_entries(tar)
+                       if member.split(".")[0].removeprefix("./") == key]
+    flip_byte(tar, offset + size // 2)
+    return tar
+
+
 def flip_header(shards: Path, shard: str) -> Path:
     """A byte of a member's tar header (its name) changes; the image bytes are intact."""
     tar = shards / shard

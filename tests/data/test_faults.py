@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from colorize_dist.data import DataConfig, build_loader
 from colorize_dist.models.config import GeneratorConfig
 from colorize_dist.models.export import save_generator
 from colorize_dist.models.generator import build_generator
@@ -27,6 +28,7 @@ from tests.data.helpers import (
     damaged_copy,
     flip_header,
     flip_payload,
+    flip_sample,
     misstate_size,
     needs_dali,
     remove_index,
@@ -103,18 +105,24 @@ def test_a_damaged_shard_ends_training_in_one_line(trained, fault: str, tmp_path
 
 
 @pytest.mark.slow
-def test_a_shard_only_rank_1_reads_ends_both_ranks_in_one_line(shards: Path, tmp_path: Path) -> None:
-    """Two processes (gloo): rank 1 finds the damaged shard; rank 0, waiting for it in a collective, ends too."""
-    # The train split is cut into two contiguous halves; train-000001 lies wholly in rank 1's.
-    manifest = json.loads((shards / "manifest.json").read_text())
-    first, second = (entry["samples"] for entry in manifest["splits"]["train"]["shards"])
-    assert first >= (first + second) // 2
-    damaged_shards, damaged = damaged_copy(shards, tmp_path / "shards", flip_payload, "train/train-000001.tar",
-                                           every_sample=True)
+def test_a_sample_only_rank_1_reads_ends_both_ranks_in_one_line(shards: Path, tmp_path: Path) -> None:
+    """Two processes (gloo): rank 1 finds the damaged sample of its first micro-batch; rank 0, which never reads it,
+    waiting for rank 1 in a collective, ends too."""
+    overrides = tiny_overrides(shards, **{"train.batch_size": 8, "train.max_steps": 40})
+    settings = dict(item.split("=", 1) for item in overrides)
+    cfg = DataConfig(shards=str(shards), resolution=16, backend="reference", shuffle_buffer=int(
+        settings["data.shuffle_buffer"]))
+    with build_loader(cfg, "train", batch_size=4, global_batch=8, rank=1, world_size=2, seed=0) as loader:
+        first = next(loader.epoch(0))
+    shard_name, key = first.keys[0].split("/", 1)
+    with build_loader(cfg, "train", batch_size=4, global_batch=8, rank=0, world_size=2, seed=0) as loader:
+        assert all(first.keys[0] not in batch.keys for batch in loader.epoch(0))  # rank 0 never reads it
+    damaged_shards, damaged = damaged_copy(shards, tmp_path / "shards", flip_sample, f"train/{shard_name}.tar",
+                                           key=key)
     run_dir = tmp_path / "run"
     env = subprocess_env() | {"ACCELERATE_USE_CPU": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
                               "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
-    overrides = tiny_overrides(damaged_shards, **{"train.batch_size": 8, "train.max_steps": 40})
+    overrides = [item.replace(str(shards), str(damaged_shards)) for item in overrides]
     started = time.perf_counter()
     ranks = [subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), "--run-dir", str(run_dir), *overrides],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,

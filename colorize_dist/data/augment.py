@@ -92,6 +92,9 @@ def resize_crop(crop: torch.Tensor, resolution: int) -> torch.Tensor:
     (torch's uint8 path)."""
     if crop.shape[:2] == (resolution, resolution):
         return crop
-    nchw = crop.permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)  # torch's fast uint8 path
+    # torch's fast uint8 path wants channels-last strides, the batch dimension's included: (1, h, w, 3) permuted has
+    # them without a copy; a crop DALI hands over is already contiguous, and (3, h, w)[None] would give dimension 0 a
+    # stride of 3, which sends interpolate down its generic path at twice the time (measured)
+    nchw = crop[None].permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
     out = F.interpolate(nchw, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
     return out[0].permute(1, 2, 0)

@@ -98,6 +98,9 @@ class DaliSource:
         self.builds = self.dropped = 0  # pipelines built (one), micro-batches fed and then dropped (repositioning)
         self.stream: ReadAhead[Prepared] | None = None  # prepared micro-batches, in the order they are fed
         self.in_flight: deque[Prepared] = deque()  # fed, not yet returned by the pipeline, in order
+        # Each image's displayed (width, height), read from its header once (0: not yet): the windows need it, and
+        # parsing headers again every epoch costs as much CPU as the reads themselves.
+        self.sizes = np.zeros((reading.split.total, 2), dtype=np.int32)
 
     @property
     def on_gpu(self) -> bool:
@@ -200,10 +203,12 @@ class DaliSource:
         encoded, anchors, shapes, mirrored = [], [], [], []
         for i, (data, key, shard) in enumerate(zip(batch.data, batch.keys, batch.shards, strict=True)):
             draws = None if batch.draws is None else batch.draws[i]
-            size = None
-            if data is not None:
+            known, size = self.sizes[batch.positions[i]], None
+            if data is not None and known[0]:
+                size = (int(known[0]), int(known[1]))
+            elif data is not None:
                 try:
-                    size = _oriented_size(data)
+                    size = known[:] = _oriented_size(data)
                 except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
                     batch.error = batch.error or (f"shard {shard} is damaged: sample {key} does not decode "
                                                   f"({first_line(exc)}); {verify_hint(self.reading.directory)}")

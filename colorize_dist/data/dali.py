@@ -93,6 +93,8 @@ class DaliSource:
                  resize_in_dali: bool | None = None):
         self.reading, self.layout, self.cfg, self.device = reading, layout, cfg, device
         self.resize_in_dali = self.on_gpu if resize_in_dali is None else resize_in_dali
+        if self.on_gpu and not self.resize_in_dali:
+            raise ValueError("on a GPU the DALI graph resizes on the device (resize_in_dali must be True or None)")
         self.train = reading.seed is not None
         self.pipe = None
         self.builds = self.dropped = 0  # pipelines built (one), micro-batches fed and then dropped (repositioning)

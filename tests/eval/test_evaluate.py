@@ -73,3 +73,19 @@ def test_missing_fid_weights_is_one_clear_line(val_shards: Path, generator_file:
     error = capsys.readouterr().err.strip()
     assert error.startswith(f"eval: FID Inception weights not found at {missing}: download ")
     assert "\n" not in error
+
+
+def test_eval_of_the_train_split_equals_eval_of_the_same_images_as_val(generator_file: Path, tmp_path: Path):
+    """Evaluation never augments: the train split is centre-cropped and unflipped, as the val split is."""
+    sets = {}
+    for split, fraction in (("train", "0"), ("val", "1")):
+        sets[split] = tmp_path / split
+        assert cli.main(["shards", "synth", str(sets[split]), "--n", "12", "--resolution", "40", "--format", "png",
+                         "--val-fraction", fraction, "--workers", "1"]) == 0
+    reports = {}
+    for split, shards in sets.items():
+        assert cli.main(["eval", "--checkpoint", str(generator_file), "--shards", str(shards), "--split", split,
+                         "--batch-size", "4", "--backend", "reference", "--out", str(tmp_path / f"eval-{split}")]) == 0
+        reports[split] = json.loads((tmp_path / f"eval-{split}" / "metrics.json").read_text())
+    assert reports["train"]["images"] == reports["val"]["images"] == 12
+    assert reports["train"]["metrics"] == reports["val"]["metrics"]

@@ -34,7 +34,7 @@ STEP_NAME = re.compile(r"step-(\d{7,})")
 
 @dataclass
 class Progress:
-    """The loop's counters, saved in every checkpoint (registered with `accelerate.register_for_checkpointing`).
+    """The loop's counters, saved in every checkpoint (registered with `accelerator.register_for_checkpointing`).
 
     The data position is counted in samples of the epoch, not in batches, so a run resumes at the same sample on
     any number of processes and with any split of the global batch into micro-batches."""

@@ -30,7 +30,7 @@ import torch.distributed as dist
 EXIT_RESUMABLE = 75  # sysexits' EX_TEMPFAIL: stopped early with a checkpoint; `--resume auto` continues
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 LAUNCHER_POLL_S = 1.0
-LAUNCHER_VARIABLES = ("TORCHELASTIC_RUN_ID", "ACCELERATE_PROCESS_INDEX", "SLURM_STEP_ID")  # set for a launched rank
+LAUNCHER_VARIABLES = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "SLURM_STEP_ID")  # torchrun/accelerate, DeepSpeed, srun
 
 _requested = threading.Event()
 _launcher_lost = threading.Event()
@@ -52,14 +52,16 @@ def launcher_lost() -> bool:
 
 
 def watch_launcher() -> None:
-    """Request a stop if this process's parent dies, checked every LAUNCHER_POLL_S in a daemon thread. A launched rank
-    already orphaned at start (its parent died before it got here) stops at once."""
+    """For a rank started by a launcher (torchrun, `accelerate launch`, DeepSpeed's, srun): request a stop if its
+    parent dies, checked every LAUNCHER_POLL_S in a daemon thread; one already orphaned at start (its parent died
+    before it got here) stops at once. A trainer started by hand (`python train.py`, under nohup) is not watched:
+    its shell may end while it trains on."""
     global _watching
-    if _watching:
+    if _watching or not any(name in os.environ for name in LAUNCHER_VARIABLES):
         return
     _watching = True
     parent = os.getppid()
-    if parent == 1 and any(name in os.environ for name in LAUNCHER_VARIABLES):
+    if parent == 1:
         _launcher_lost.set()
         return
 

@@ -15,20 +15,23 @@ of the device. On the CPU the same graph stops before the resize: torch's uint8 
 faster than DALI's CPU resize (BENCHMARKS.md), so `resize_in_dali` defaults to the device.
 
 Region-of-interest decoding: DALI 2.4's `decoders.image_slice` (nvImageCodec) "uses the ROI decoding when
-possible"; its CPU JPEG path (libjpeg-turbo) decodes only the window's rows, which `bench data` measures against
-a full decode. Whether the hardware JPEG engine skips the rest of an image is up to nvImageCodec and the GPU; the
-result is the same window either way. Windows are in the image's displayed orientation (DALI applies EXIF
-rotation, as the reference loader does), computed from its header before decoding.
+possible", on the CPU and with `mixed`, where baseline JPEGs go to the hardware decoder when there is one. At our
+crops (80–100 % of the image) it saves little on the CPU: 0.62 ms of CPU per 256² JPEG against 0.59 for a full
+decode (and 0.77 for a full decode then `fn.slice`; BENCHMARKS.md). Whether the GPU's hardware engine skips the
+rest of an image is up to nvImageCodec and the GPU, and has not been measured; the window is the same either way.
+Windows are in the image's displayed orientation (DALI applies EXIF rotation, as the reference loader does),
+computed from its header before decoding (tested with EXIF-rotated JPEGs).
 
 The encoded bytes are read and checked by `BatchReading` in a read-ahead thread (`ReadAhead`), which also reads
-each image's size from its header to place the window; the pipeline's external source only takes finished
-batches from it. The pipeline lives as long as the loader: epochs and validation passes reuse its decoder state,
-threads and memory, and its prefetch queue runs on from the end of an epoch into the next one. Asking for any other
-position drops the batches in flight (at most `prefetch`) and feeds from there: resuming at sample s decodes
-nothing before it.
+each image's size from its header (once per image) to place the window; the pipeline's external source only
+takes finished batches from it. The pipeline lives as long as the loader: epochs and validation passes reuse its
+decoder state, threads and memory, and its prefetch queue runs on from the end of an epoch into the next one.
+Asking for any other position drops the batches in flight (at most `prefetch`) and feeds from there: resuming at
+sample s decodes nothing before it.
 
-DALI's own readers and their checkpointing are not used: batch k of epoch e is known from (seed, e, k) alone, for
-any number of ranks, which a DALI reader's state (saved per rank, restored only at build time) cannot give.
+DALI's own readers and their checkpointing are not used: the samples of epoch e from sample s on are known from
+(seed, e, s) alone, for any number of ranks, which a DALI reader's state (saved per rank, restored only at build
+time) cannot give.
 """
 
 from __future__ import annotations

@@ -374,3 +374,31 @@ def test_the_device_graph_run_on_the_cpu_cuts_the_reference_loaders_boxes(tmp_pa
     # DALI's antialiased linear resize and PIL's bilinear differ by a few levels at edges; a box off by a pixel or a
     # wrong flip moves the means by an order of magnitude (measured: L 0.07, ab 0.17).
     assert lightness.mean() < 0.15 and chroma.mean() < 0.3 and (chroma > 1.0).float().mean() < 0.02
+
+
+@needs_dali
+def test_windows_follow_the_exif_orientation_as_the_reference_loader_does(tmp_path):
+    """JPEGs kept with their EXIF rotation (`--keep-original`): DALI places each window in the displayed image, as
+    PIL's exif_transpose does; a window placed on the stored size would cut another part of it."""
+    source = tmp_path / "photos"
+    source.mkdir()
+    for index, orientation in enumerate((1, 6, 8, 3)):
+        stored = np.zeros((40, 64, 3), np.uint8)  # not square: the rotation changes which side is longer
+        stored[:, :20] = (200, 30, 30)
+        stored[:10, :, 1] = 220
+        stored[:, 40 + index:] = (20, 40, 200)
+        image, exif = Image.fromarray(stored), Image.Exif()
+        exif[0x0112] = orientation
+        image.save(source / f"photo{index}.jpg", quality=95, exif=exif.tobytes())
+    shards = tmp_path / "shards"
+    assert run_cli("shards", "make", source, shards, "--resolution", 32, "--keep-original", "--val-fraction", 1,
+                   "--workers", 1) == 0
+    batches = {}
+    for backend in ("dali", "reference"):
+        cfg = DataConfig(shards=str(shards), resolution=24, backend=backend)
+        with build_loader(cfg, "val", batch_size=4) as loader:
+            batch = next(loader.epoch(0))
+            batches[backend] = dict(zip(batch.keys, batch.l, strict=True))
+    assert batches["dali"].keys() == batches["reference"].keys()
+    for key, l in batches["dali"].items():
+        assert (l - batches["reference"][key]).abs().mean() * 50 < 1.0, key  # L units; JPEG decoders round apart

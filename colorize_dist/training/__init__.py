@@ -1,1 +1,2 @@
-"""Training: the loop (loop.py), its command line (command.py), config, checkpoints, EMA, stop requests, updates."""
+"""Training: the loop (loop.py), its parts (build.py), milestones, command line, config, checkpoints, EMA, stop
+requests, updates."""

@@ -1,28 +1,189 @@
-"""What the loop is made of: the Accelerator, each network with its optimizer and LR schedule, the data."""
+"""What the loop is made of, and checked before its first step: the Accelerator, the data, each network with its
+optimizer and LR schedule, the resumed checkpoint (`setup` makes the loop's `State`)."""
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DeepSpeedPlugin
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, str_to_bool
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, set_seed, str_to_bool
 from torch import nn
 from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
+from tqdm import tqdm
 
-from colorize_dist.config import ConfigError
+from colorize_dist.config import ConfigError, save_config
 from colorize_dist.data import synth
-from colorize_dist.data.loader import Batch, ColorLoader
+from colorize_dist.data.loader import Batch, ColorLoader, build_loader, first_batch
 from colorize_dist.data.make import ShardOptions
 from colorize_dist.data.manifest import MANIFEST
+from colorize_dist.eval.fid import load_inception
+from colorize_dist.models import DiscriminatorLoss, GeneratorLoss, build_discriminator, build_generator
+from colorize_dist.models.export import init_from_export
 from colorize_dist.training import peers
-from colorize_dist.training.config import MIXED_PRECISION, Config, OptimConfig
+from colorize_dist.training.checkpoint import Progress
+from colorize_dist.training.config import (
+    MIXED_PRECISION,
+    Config,
+    OptimConfig,
+    check_launch,
+    flat_config,
+    load_training_config,
+)
+from colorize_dist.training.ema import EMA
+from colorize_dist.training.resume import check_resume, find_resume, load_resume
+from colorize_dist.training.summary import Clock
 from colorize_dist.training.update import Update
 
+log = logging.getLogger(__name__)
+
 NETWORKS = ("generator", "discriminator")
+
+
+@dataclass
+class State:
+    """Everything the loop works with, made by `setup`."""
+
+    accelerator: Accelerator
+    cfg: Config
+    run_dir: Path
+    loader: ColorLoader
+    val_loader: ColorLoader
+    sample_batch: Batch | None  # the fixed validation images of the sample grids (rank 0)
+    generator: nn.Module  # as prepared: DDP module, plain module or DeepSpeed engine
+    discriminator: nn.Module | None
+    # The bare modules, wrappers removed (keep_torch_compile=False leaves a compiled module as it is): G without
+    # gradients for D's update, the EMA's source; D scoring G's output for G's loss (no DDP or engine hooks run
+    # for a backward that is G's).
+    bare_generator: nn.Module
+    bare_discriminator: nn.Module | None
+    generator_update: Update
+    discriminator_update: Update | None
+    generator_loss: GeneratorLoss
+    discriminator_loss: DiscriminatorLoss
+    ema: EMA
+    progress: Progress
+    total_steps: int
+    memory_format: torch.memory_format
+    batches: Iterator[Batch]
+    clock: Clock
+    bar: tqdm
+    metrics: dict[str, float] = field(default_factory=dict)
+    stopped: str | None = None  # why the run stopped early (resumable), if it did
+    done: bool = False
+
+    @property
+    def networks(self) -> list[nn.Module]:
+        return [net for net in (self.generator, self.discriminator) if net is not None]
+
+
+def setup(accelerator: Accelerator, cfg: Config, run_dir: Path, resume: str) -> State:
+    """Data, losses, networks, optimizers and schedules, the resumed checkpoint; checked before the first step."""
+    micro_batch = check_launch(cfg.train, accelerator.num_processes)
+    device, main_process = accelerator.device, accelerator.is_main_process
+    if cfg.data.shards is None:
+        cfg.data.shards = str(synthetic_shards(accelerator, run_dir, cfg.train.synth_images, cfg.data.resolution))
+    if main_process:
+        warn_if_config_changed(cfg, run_dir / "config.yaml")
+        save_config(cfg, run_dir / "config.yaml")
+
+    # Data: every rank reads its share of each global batch; the order depends on (seed, epoch) only.
+    ranks = {"rank": accelerator.process_index, "world_size": accelerator.num_processes, "device": device}
+    loader = build_loader(cfg.data, "train", batch_size=micro_batch, global_batch=cfg.train.batch_size,
+                          seed=cfg.train.seed, dtype=input_dtype(accelerator), **ranks)
+    val_loader = build_loader(cfg.data, "val", batch_size=micro_batch, **ranks)
+    sample_batch = (first_batch(cfg.data, "val", batch_size=cfg.train.num_samples, device=device)  # loader closed
+                    if main_process else None)
+    accelerator.print(f"data: {loader.describe()}")
+    check_inputs(cfg, loader, val_loader, device)
+
+    # Losses first: a perceptual loss without VGG weights fails here, not an hour in.
+    generator_loss = GeneratorLoss(cfg.loss, cfg.model.generator.color_space).to(device)
+    discriminator_loss = DiscriminatorLoss(cfg.loss)
+
+    # Networks: the same initial weights on every rank (seeded, or train.init_generator's), then wrapped by
+    # Accelerate. A resumed run takes G and its EMA from the checkpoint instead.
+    point = find_resume(accelerator, run_dir, resume)
+    if point is not None:
+        check_resume(point, cfg, accelerator)
+    total_steps = cfg.train.max_steps or cfg.train.epochs * loader.steps_per_epoch
+    set_seed(cfg.train.seed)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    generator = build_generator(cfg.model.generator).to(device, memory_format=memory_format)
+    if cfg.train.init_generator is not None and point is None:
+        source = init_from_export(generator, cfg.model.generator, cfg.train.init_generator)  # ConfigError: 1 line
+        accelerator.print(f"generator initialised from {source}")
+    ema = EMA(generator, cfg.train.ema_decay)
+    generator, generator_update = prepare_network(accelerator, "generator", generator, cfg, cfg.optim.lr,
+                                                  total_steps, micro_batch)
+    discriminator = discriminator_update = None
+    if cfg.adversarial:
+        discriminator = build_discriminator(cfg.model.discriminator, cfg.model.generator.out_channels)
+        discriminator, discriminator_update = prepare_network(
+            accelerator, "discriminator", discriminator.to(device, memory_format=memory_format), cfg,
+            cfg.optim.lr_discriminator or cfg.optim.lr, total_steps, micro_batch)
+    updates = [update for update in (generator_update, discriminator_update) if update is not None]
+
+    # Everything else a checkpoint must carry; Accelerate adds models, optimizers, schedulers, RNG.
+    progress = Progress()
+    accelerator.register_for_checkpointing(ema, progress, *[u.scaler for u in updates if u.scaler is not None])
+    if point is not None:
+        load_resume(accelerator, point, [net for net in (generator, discriminator) if net is not None])
+        accelerator.print(f"resumed from {point.folder} at step {progress.step} (epoch {progress.epoch}, sample "
+                          f"{progress.sample} of {loader.samples})")
+        if point.global_batch not in (None, cfg.train.batch_size) and not cfg.train.max_steps:
+            total_steps = progress.step + remaining_steps(cfg, loader, progress)
+        for update in updates:  # a run whose length changed (batch, epochs, max_steps) decays to its new end
+            stretch_schedule(update.scheduler, cfg.optim, total_steps)
+    accelerator.init_trackers("colorize", config=flat_config(cfg))
+
+    clock = Clock(progress.wall_s)
+    return State(
+        accelerator=accelerator, cfg=cfg, run_dir=run_dir, loader=loader, val_loader=val_loader,
+        sample_batch=sample_batch, generator=generator, discriminator=discriminator,
+        bare_generator=accelerator.unwrap_model(generator, keep_torch_compile=False),
+        bare_discriminator=(accelerator.unwrap_model(discriminator, keep_torch_compile=False)
+                            if discriminator is not None else None),
+        generator_update=generator_update, discriminator_update=discriminator_update, generator_loss=generator_loss,
+        discriminator_loss=discriminator_loss, ema=ema, progress=progress, total_steps=total_steps,
+        memory_format=memory_format, batches=clock.wait(endless(loader, progress.epoch, progress.sample)),
+        clock=clock, done=progress.step >= total_steps,
+        bar=tqdm(total=total_steps, initial=progress.step, unit="step", disable=not main_process, dynamic_ncols=True))
+
+
+def check_inputs(cfg: Config, loader: ColorLoader, val_loader: ColorLoader, device: torch.device) -> None:
+    """What would otherwise fail hours in, or silently: checked before the first step."""
+    if cfg.train.batch_size > loader.samples:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the training split "
+                          f"({loader.samples} images in {cfg.data.shards}); lower train.batch_size or add images")
+    if cfg.train.fid_weights is not None:
+        load_inception(cfg.train.fid_weights, device)  # missing: FileNotFoundError naming it; cached for validation
+    if "wandb" in cfg.train.trackers and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("train.trackers names wandb, which is not installed: pip install wandb, or drop it")
+
+
+def warn_if_config_changed(cfg: Config, saved: Path) -> None:
+    """A run directory reused with other settings is usually a mistake (or a deliberate extension): say which."""
+    if not saved.is_file():
+        return
+    before = flat_config(load_training_config(saved))
+    changed = sorted(key for key, value in flat_config(cfg).items() if before.get(key) != value)
+    if changed:
+        log.warning("%s: settings differ from the previous run in this directory: %s", saved, ", ".join(changed))
+
+
+def remaining_steps(cfg: Config, loader: ColorLoader, progress: Progress) -> int:
+    """Optimizer steps left to the end of train.epochs from the resumed data position, at this run's batch."""
+    if progress.epoch >= cfg.train.epochs:
+        return 0
+    return (loader.layout.steps(loader.samples, progress.sample)
+            + (cfg.train.epochs - progress.epoch - 1) * loader.steps_per_epoch)
 
 
 def build_accelerator(cfg: Config, run_dir: Path) -> Accelerator:

@@ -53,7 +53,8 @@ def main(args: argparse.Namespace) -> int:
     """Parsed arguments → exit status; errors a user can fix are one line on stderr, not a traceback."""
     from colorize_dist.data.manifest import ManifestError
     from colorize_dist.training.checkpoint import CHECKPOINTS, CheckpointWriteError, latest_valid
-    from colorize_dist.training.loop import NonFiniteLossError, train
+    from colorize_dist.training.loop import train
+    from colorize_dist.training.milestones import NonFiniteLossError
     from colorize_dist.training.peers import PeerLostError
 
     try:

@@ -8,6 +8,7 @@ Accelerator knows the number of processes.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -177,3 +178,18 @@ def check_launch(cfg: TrainConfig, num_processes: int) -> int:
 def default_run_dir(cfg: Config, config_ref: str | Path) -> Path:
     """train.run_dir if set, else runs/<config name> (`runs/seed000` for `--config seed000` or seed000.yaml)."""
     return Path(cfg.train.run_dir or Path("runs") / Path(config_ref).stem)
+
+
+def flat_config(cfg: Config) -> dict[str, str | int | float | bool]:
+    """The config as flat `section.key` scalars, as TensorBoard's hparams want them."""
+    flat = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, item)
+        else:
+            flat[prefix] = value if isinstance(value, (str, int, float, bool)) else str(value)
+
+    walk("", dataclasses.asdict(cfg))
+    return flat

@@ -1,7 +1,8 @@
-"""RUN/summary.json: what a finished (or stopped) run reports about itself, for studies and scripts.
+"""What a run reports about itself: the clock (training time, images/s, the share spent waiting for data), the
+line printed at the end, and RUN/summary.json for studies and scripts.
 
-Written atomically by rank 0 at the end of `train()`, after every rank has contributed its peak memory (one
-all-reduce), so all ranks must call `write_summary`. Throughput over time is in the TensorBoard logs
+summary.json is written atomically by rank 0 at the end of `train()`, after every rank has contributed its peak
+memory (one all-reduce), so all ranks must call `write_summary`. Throughput over time is in the TensorBoard logs
 (`images_per_s`, `data_wait` per logging interval); this file holds what the logs do not:
 
     {"finished": true, "step": 300, "total_steps": 300, "images_seen": 4800, "batch_size": 16,
@@ -20,9 +21,11 @@ from __future__ import annotations
 import json
 import resource
 import sys
+import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -31,6 +34,9 @@ from accelerate import Accelerator
 from colorize_dist.files import atomic_write
 from colorize_dist.training.checkpoint import Progress
 from colorize_dist.training.config import Config
+
+if TYPE_CHECKING:
+    from colorize_dist.training.build import State  # build.py makes the loop's Clock
 
 SUMMARY = "summary.json"
 
@@ -83,3 +89,49 @@ def read_summary(run_dir: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except FileNotFoundError:
         return None
+
+
+class Clock:
+    """Wall time (this start's, and the run's over all its starts), and the share spent waiting for data."""
+
+    def __init__(self, before: float = 0.0):
+        self.before = before  # the run's training time before this start
+        self.start = self.lap_start = time.perf_counter()
+        self.waiting = 0.0
+
+    def elapsed(self) -> float:
+        """Seconds since this start."""
+        return time.perf_counter() - self.start
+
+    def total(self) -> float:
+        """The run's training time over all its starts."""
+        return self.before + self.elapsed()
+
+    def wait(self, batches: Iterator) -> Iterator:
+        while True:
+            before = time.perf_counter()
+            batch = next(batches)
+            self.waiting += time.perf_counter() - before
+            yield batch
+
+    def lap(self, images: int) -> dict[str, float]:
+        now = time.perf_counter()
+        elapsed = now - self.lap_start
+        rates = {"images_per_s": images / elapsed, "data_wait": self.waiting / elapsed}
+        self.lap_start, self.waiting = now, 0.0
+        return rates
+
+
+def status_line(logs: dict[str, float]) -> dict[str, str]:
+    short = {"loss/g_total": "G", "loss/d_total": "D", "images_per_s": "img/s", "data_wait": "wait"}
+    return {label: f"{logs[key]:.3g}" for key, label in short.items() if key in logs}
+
+
+def summary(state: State) -> str:
+    cfg, progress, metrics = state.cfg, state.progress, state.metrics
+    minutes, seconds = divmod(round(state.clock.elapsed()), 60)
+    best = "none" if progress.best is None else f"{progress.best:.4g}"  # None: every validation was NaN
+    scores = (f"val psnr_lab {metrics['psnr_lab']:.2f} dB (gray baseline {metrics['psnr_lab_gray']:.2f} dB), "
+              f"best {cfg.train.best_metric} {best}" if metrics else "not validated")
+    return (f"{'stopped' if state.stopped else 'done'} at step {progress.step} after {minutes}m{seconds:02d}s: "
+            f"{scores}; {progress.nonfinite} steps skipped for NaN/inf; run dir {state.run_dir}")

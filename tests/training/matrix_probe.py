@@ -29,7 +29,7 @@ from accelerate import PartialState
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import save_file
 
-from colorize_dist.training import loop
+from colorize_dist.training import build, loop
 from colorize_dist.training.config import load_training_config
 
 
@@ -64,12 +64,12 @@ def inject_nans(spec: str, accumulation: int) -> None:
         step, micro = position.split(".")
         when[network].add((int(step), int(micro)))
     for network, name in (("d", "DiscriminatorLoss"), ("g", "GeneratorLoss")):
-        loss_class = getattr(loop, name)
+        loss_class = getattr(build, name)
 
-        def build(*args, loss_class=loss_class, positions=when[network], **kwargs):
+        def build_loss(*args, loss_class=loss_class, positions=when[network], **kwargs):
             return NaNAt(loss_class(*args, **kwargs), accumulation, positions)
 
-        setattr(loop, name, build)
+        setattr(build, name, build_loss)
 
 
 def run_cell(out: Path, shards: str, cell: str) -> None:
@@ -79,7 +79,7 @@ def run_cell(out: Path, shards: str, cell: str) -> None:
     if zero is not None:
         os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"] = zero
     cfg = load_training_config(None, [f"data.shards={shards}", *(f"{k}={v}" for k, v in options.items())])
-    saved = {attr: getattr(loop, attr) for attr in ("DiscriminatorLoss", "GeneratorLoss", "prepare_network")}
+    saved = {attr: getattr(build, attr) for attr in ("DiscriminatorLoss", "GeneratorLoss", "prepare_network")}
     initial: dict[str, torch.Tensor] = {}
 
     def prepare_network(accelerator, name, model, *args, **kwargs):  # the initial weights, before any step
@@ -89,11 +89,11 @@ def run_cell(out: Path, shards: str, cell: str) -> None:
 
     try:
         inject_nans(nans, cfg.train.grad_accum)
-        loop.prepare_network = prepare_network
+        build.prepare_network = prepare_network
         result = loop.train(cfg, out / name / "run", "none")
     finally:
         for attr, value in saved.items():
-            setattr(loop, attr, value)
+            setattr(build, attr, value)
     rank = PartialState().process_index
     if rank == 0:
         save_file(initial, out / name / "initial.safetensors")

@@ -19,7 +19,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from colorize_dist.training import checkpoint, command, loop
+from colorize_dist.training import checkpoint, command, milestones
 from colorize_dist.training.checkpoint import Progress
 from colorize_dist.training.config import load_training_config
 from tests.training.helpers import (
@@ -131,13 +131,13 @@ def test_weights_gone_non_finite_are_never_checkpointed(tmp_path: Path) -> None:
     model = accelerator.prepare(torch.nn.Linear(2, 2))
     cfg = load_training_config("tiny")
     root = tmp_path / "checkpoints"
-    loop.save_step_checkpoint(accelerator, cfg, root, Progress(step=5), model)
+    milestones.save_step_checkpoint(accelerator, cfg, root, Progress(step=5), model)
     with torch.no_grad():
         model.weight[0, 1] = math.inf
-    with pytest.raises(loop.NonFiniteLossError, match=re.escape(
+    with pytest.raises(milestones.NonFiniteLossError, match=re.escape(
             f"the weights became NaN/inf by step 10 and were not checkpointed; the last good checkpoint is "
             f"{root / 'step-0000005'}")):
-        loop.save_step_checkpoint(accelerator, cfg, root, Progress(step=10), model)
+        milestones.save_step_checkpoint(accelerator, cfg, root, Progress(step=10), model)
     assert [path.name for path in root.iterdir()] == ["step-0000005"]
 
 

@@ -34,7 +34,8 @@ from colorize_dist.data.loader import Batch
 from colorize_dist.data.sharding import MicroSlots
 from colorize_dist.training import checkpoint
 from colorize_dist.training.build import check_backend
-from colorize_dist.training.loop import improves, take_micro_batch
+from colorize_dist.training.loop import take_micro_batch
+from colorize_dist.training.milestones import improves
 from colorize_dist.training.update import Update
 from tests.training.helpers import (
     RANK_PROBE,

@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-import torch.distributed as dist
+from colorize_dist import collectives
 
 EXIT_STATUS = 2  # the trainer's status for broken inputs
 KEY = "colorize_dist/data_error"
@@ -47,13 +47,13 @@ def _connect(timeout: datetime.timedelta = CONNECT_TIMEOUT):
     if not host or not port:
         return None
     try:
-        return dist.TCPStore(host, int(port), is_master=False, wait_for_workers=False, timeout=timeout)
+        return collectives.store_client(host, int(port), timeout)
     except (RuntimeError, ValueError, OSError):
         return None
 
 
 def _in_job() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return collectives.world_size() > 1
 
 
 def watch() -> None:
@@ -61,7 +61,7 @@ def watch() -> None:
     global _watcher
     if _watcher is not None or not _in_job() or (store := _connect()) is None:
         return
-    rank = dist.get_rank()
+    rank = collectives.rank()
     thread = threading.Thread(target=_watch, args=(store, rank), name="colorize-data-error-watcher", daemon=True)
     thread.start()
     _watcher = (thread, rank)
@@ -117,11 +117,11 @@ def publish(message: str) -> None:
         if not _in_job() or (store := _connect()) is None:
             return
         try:
-            store.compare_set(KEY, "", f"{dist.get_rank()}\n{message}")  # the first error wins
-            for rank in range(dist.get_world_size()):
+            store.compare_set(KEY, "", f"{collectives.rank()}\n{message}")  # the first error wins
+            for rank in range(collectives.world_size()):
                 store.set(WAKE + str(rank), "error")
             deadline = time.monotonic() + WAIT_FOR_RANKS_S
-            while store.add(SEEN, 0) < dist.get_world_size() - 1 and time.monotonic() < deadline:
+            while store.add(SEEN, 0) < collectives.world_size() - 1 and time.monotonic() < deadline:
                 time.sleep(0.02)
         except Exception:  # the others then fail in their next collective instead
             pass

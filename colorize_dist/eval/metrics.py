@@ -49,11 +49,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from tqdm import tqdm
 
+from colorize_dist.collectives import broadcast_from_rank0, gather_to_rank0, sum_over_ranks
 from colorize_dist.color import AB_SCALE, L_SCALE, L_SHIFT, rgb_to_lab
 from colorize_dist.data.loader import ColorLoader
 from colorize_dist.eval import fid
@@ -270,21 +270,21 @@ def evaluate(generator: nn.Module, loader: ColorLoader, *, device: torch.device 
     finally:
         generator.train(was_training)
 
-    sums = _all_reduce_sum(sums)
+    sums = sum_over_ranks(sums)
     count = int(sums["count"].item())  # at least 1: a loader refuses a split with fewer images than ranks
     metrics = dict(zip(names, (sums["per_image"] / count).tolist(), strict=True))
     order = None  # on rank 0: the gathered rows → the split's order, the same for any number of ranks
     if per_image or inception is not None:
-        gathered_positions = _gather_to_rank0(_rows(positions, 0, torch.int64, device))
+        gathered_positions = gather_to_rank0(_rows(positions, 0, torch.int64, device))
         order = None if gathered_positions is None else torch.argsort(gathered_positions)
-    gathered = _in_order(_gather_to_rank0(_rows(image_rows, len(names) + 1, torch.float64, device)), order) \
+    gathered = _in_order(gather_to_rank0(_rows(image_rows, len(names) + 1, torch.float64, device)), order) \
         if per_image else None
     values = None if gathered is None else dict(zip(names, gathered[:, :-1].cpu().numpy().T, strict=True))
     ita = None if gathered is None else gathered[:, -1].cpu().numpy()
     fid_se = None
     if inception is not None:
         width = _LOGITS + (0 if reuse_reference else fid.FEATURE_DIM)
-        features = _in_order(_gather_to_rank0(_rows(inception_rows, width, torch.float32, device)), order)
+        features = _in_order(gather_to_rank0(_rows(inception_rows, width, torch.float32, device)), order)
         inception_metrics, fid_se = _inception_metrics(sums, features, fid_weights, fid_reference, reuse_reference,
                                                        count, image_size, fid_standard_error)
         metrics.update(inception_metrics)
@@ -336,47 +336,7 @@ def _inception_metrics(sums: dict[str, torch.Tensor], gathered: torch.Tensor | N
                 log.warning(warning)
         except (ValueError, OSError) as exc:
             outcome = [f"FID failed: {exc}"]
-    if _distributed():
-        dist.broadcast_object_list(outcome, src=0)  # also orders every rank after the reference file is written
+    broadcast_from_rank0(outcome)  # also orders every rank after the reference file is written
     if isinstance(outcome[0], str):
         raise ValueError(outcome[0])
     return outcome[0]
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _all_reduce_sum(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Sum every tensor of `sums` over ranks in one all-reduce of a flat float64 buffer."""
-    if not _distributed():
-        return sums
-    flat = torch.cat([value.reshape(-1) for value in sums.values()])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    reduced, offset = {}, 0
-    for name, value in sums.items():
-        reduced[name] = flat[offset:offset + value.numel()].view_as(value)
-        offset += value.numel()
-    return reduced
-
-
-def _gather_to_rank0(rows: torch.Tensor) -> torch.Tensor | None:
-    """Every rank's rows (n_r, ...), concatenated in rank order on rank 0 (None on the others): exact, whatever the
-    n_r. A gather, not an all-gather: only rank 0 uses them, and at 70,000 images the Inception rows alone are
-    1.4 GB. The ranks' rows are padded to the longest (their shares differ by less than a micro-batch).
-    """
-    if not _distributed():
-        return rows
-    world_size = dist.get_world_size()
-    count = torch.tensor([len(rows)], dtype=torch.int64, device=rows.device)
-    counts = [torch.zeros_like(count) for _ in range(world_size)]
-    dist.all_gather(counts, count)
-    sizes = [int(c.item()) for c in counts]
-    padded = rows.new_zeros((max(sizes), *rows.shape[1:]))
-    padded[:len(rows)] = rows
-    if dist.get_rank() != 0:
-        dist.gather(padded, dst=0)
-        return None
-    parts = [torch.empty_like(padded) for _ in range(world_size)]
-    dist.gather(padded, parts, dst=0)
-    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])

@@ -21,8 +21,8 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from colorize_dist.collectives import any_rank
 from colorize_dist.files import atomic_write, first_line, sha256_of
-from colorize_dist.training.stop import any_rank
 
 log = logging.getLogger(__name__)
 

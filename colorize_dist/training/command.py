@@ -80,11 +80,9 @@ def main(args: argparse.Namespace) -> int:
 def leave_process_group() -> None:
     """Every rank leaves together, once every collective of the run is done, and releases its process group (NCCL
     warns of a leak otherwise)."""
-    import torch.distributed as dist
+    from colorize_dist import collectives
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    collectives.leave()
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

@@ -10,8 +10,9 @@ import copy
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from colorize_dist.collectives import mean_over_ranks_
 
 
 class EMA:
@@ -29,13 +30,7 @@ class EMA:
                                         zip(averaged, model.parameters(), strict=True)], 1.0 - self.decay)
         for mine, theirs in zip(self.model.buffers(), model.buffers(), strict=True):
             mine.copy_(theirs)
-        floating = [buffer for buffer in self.model.buffers() if buffer.is_floating_point()]
-        if floating and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            flat = torch.cat([buffer.flatten() for buffer in floating])
-            dist.all_reduce(flat)
-            flat /= dist.get_world_size()
-            torch._foreach_copy_(floating, [part.view_as(buffer) for part, buffer in
-                                            zip(flat.split([b.numel() for b in floating]), floating, strict=True)])
+        mean_over_ranks_([buffer for buffer in self.model.buffers() if buffer.is_floating_point()])
 
     def state_dict(self) -> dict[str, Any]:
         return self.model.state_dict()

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from colorize_dist.collectives import any_rank
 from colorize_dist.data.loader import Batch
 from colorize_dist.eval.metrics import compute_metrics
 from colorize_dist.models.export import save_generator
@@ -30,7 +31,7 @@ from colorize_dist.training.build import State, build_accelerator, setup
 from colorize_dist.training.config import Config
 from colorize_dist.training.milestones import NonFiniteLossError, save_step_checkpoint, validate, write_samples
 from colorize_dist.training.rundir import run_dir_lock
-from colorize_dist.training.stop import any_rank, launcher_lost, stop_on_signals, stop_requested, watch_launcher
+from colorize_dist.training.stop import launcher_lost, stop_on_signals, stop_requested, watch_launcher
 from colorize_dist.training.summary import status_line, summary, write_summary
 from colorize_dist.training.update import Outcome
 

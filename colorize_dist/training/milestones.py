@@ -11,6 +11,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from colorize_dist.collectives import any_rank
 from colorize_dist.eval.metrics import compute_metrics
 from colorize_dist.eval.samples import sample_grid, save_grid
 from colorize_dist.models.export import save_generator
@@ -18,7 +19,6 @@ from colorize_dist.training import checkpoint
 from colorize_dist.training.build import State
 from colorize_dist.training.checkpoint import Progress
 from colorize_dist.training.config import Config
-from colorize_dist.training.stop import any_rank
 
 log = logging.getLogger(__name__)
 

@@ -38,8 +38,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import psutil
-import torch.distributed as dist
 
+from colorize_dist import collectives
 from colorize_dist.config import ConfigError
 
 PROBE_TIMEOUT_S = 3.0  # how long a rank that gave up waits for each other rank to answer
@@ -154,22 +154,22 @@ def reporting_lost_peers() -> Iterator[None]:
 
     Call on every rank once the process group is up; it exchanges addresses in one collective.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if collectives.world_size() == 1:
         yield
         return
-    responder = _Responder(_node_address(), dist.get_rank())
-    roster: list[Peer | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(roster, Peer(dist.get_rank(), socket.gethostname(), responder.address, responder.port))
+    responder = _Responder(_node_address(), collectives.rank())
+    roster: list[Peer] = collectives.all_gather_objects(
+        Peer(collectives.rank(), socket.gethostname(), responder.address, responder.port))
     try:
         yield
     except RuntimeError as exc:
-        if not _from_the_network(exc):  # e.g. NonFiniteLossError, which every rank raises alike
+        if not collectives.is_collective_error(exc):  # e.g. NonFiniteLossError, which every rank raises alike
             raise
         main_thread = threading.current_thread() is threading.main_thread()
         if main_thread:
             # The launcher may stop this process once another rank has failed; finish the report first (seconds).
             on_sigterm = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        me = roster[dist.get_rank()]
+        me = roster[collectives.rank()]
         lost = _unanswered([peer for peer in roster if peer != me])
         if not lost:
             if main_thread:
@@ -180,11 +180,6 @@ def reporting_lost_peers() -> Iterator[None]:
         raise PeerLostError(_describe(lost, len(roster), exc), report=me.rank == min(present)) from exc
     finally:
         responder.close()
-
-
-def _from_the_network(exc: RuntimeError) -> bool:
-    """An error of torch.distributed: NCCL's and the store's are DistErrors, gloo's plain RuntimeErrors."""
-    return isinstance(exc, dist.DistError) or "gloo" in str(exc).lower()
 
 
 def _unanswered(peers: list[Peer]) -> list[Peer]:

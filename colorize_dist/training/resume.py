@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, broadcast_object_list
+from accelerate.utils import DistributedType
 from torch import nn
 
+from colorize_dist.collectives import broadcast_from_rank0
 from colorize_dist.config import ConfigError
 from colorize_dist.files import first_line
 from colorize_dist.training import checkpoint
@@ -57,7 +58,7 @@ def find_resume(accelerator: Accelerator, run_dir: Path, resume: str) -> ResumeP
                       None]
         else:
             choice = [None, problem]
-    point, problem = broadcast_object_list(choice)
+    point, problem = broadcast_from_rank0(choice)
     if problem is not None:  # raised on every rank alike
         raise ConfigError(f"--resume {resume}: not a usable checkpoint: {problem}")
     return point
@@ -138,7 +139,7 @@ def _universal_copy(accelerator: Accelerator, point: ResumePoint) -> Path:
                            f"{point.world_size} processes, as it was saved")
                 shutil.rmtree(target, ignore_errors=True)
                 break
-    (problem,) = broadcast_object_list([problem])
+    (problem,) = broadcast_from_rank0([problem])
     if problem is not None:
         raise ConfigError(problem)
     return target

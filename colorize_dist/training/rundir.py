@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
 
+from colorize_dist.collectives import broadcast_from_rank0
 from colorize_dist.config import ConfigError
 from colorize_dist.files import first_line, writable_directory
 
@@ -45,7 +45,7 @@ def run_dir_lock(accelerator: Accelerator, run_dir: Path) -> Iterator[None]:
                            "pass another --run-dir")
                 os.close(descriptor)
                 descriptor = None
-    (problem,) = broadcast_object_list([problem])  # every rank stops alike, before any other collective
+    (problem,) = broadcast_from_rank0([problem])  # every rank stops alike, before any other collective
     if problem is not None:
         raise ConfigError(problem)
     try:

@@ -24,9 +24,6 @@ import threading
 import time
 from collections.abc import Iterator
 
-import torch
-import torch.distributed as dist
-
 EXIT_RESUMABLE = 75  # sysexits' EX_TEMPFAIL: stopped early with a checkpoint; `--resume auto` continues
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 LAUNCHER_POLL_S = 1.0
@@ -83,11 +80,3 @@ def stop_on_signals() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def any_rank(*flags: bool | torch.Tensor, device: torch.device) -> list[bool]:
-    """Each flag OR-ed over all ranks, in one all-reduce; tensors may be 0-d booleans still on the device."""
-    values = torch.stack([torch.as_tensor(flag, device=device).reshape(()) for flag in flags]).to(torch.int32)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return [bool(value) for value in values.tolist()]

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from accelerate import Accelerator
 
+from colorize_dist.collectives import max_over_ranks
 from colorize_dist.files import atomic_write
 from colorize_dist.training.checkpoint import Progress
 from colorize_dist.training.config import Config
@@ -57,9 +57,7 @@ def write_summary(accelerator: Accelerator, cfg: Config, run_dir: Path, progress
                   metrics: dict[str, float], *, total_steps: int, finished: bool, wall_s: float) -> None:
     """RUN/summary.json (see the module docstring); call on every rank."""
     memory_mib, memory_kind = peak_memory(accelerator.device)
-    peak = torch.tensor(memory_mib, dtype=torch.float64, device=accelerator.device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    peak = max_over_ranks(memory_mib, accelerator.device)
     if not accelerator.is_main_process:
         return
     summary: dict[str, Any] = {

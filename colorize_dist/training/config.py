@@ -103,10 +103,9 @@ class TrainConfig:
         if self.best_metric in INCEPTION_METRICS and self.fid_weights is None:
             raise ConfigError(f"train.best_metric={self.best_metric} needs train.fid_weights "
                               "(pytorch-fid's Inception weights)")
-        if self.best_mode is None:
-            self.best_mode = DIRECTION[self.best_metric]
-        check_choice("train.best_mode", self.best_mode, BEST_MODES)
-        if self.best_mode != DIRECTION[self.best_metric]:
+        if self.best_mode is not None:
+            check_choice("train.best_mode", self.best_mode, BEST_MODES)
+        if self.best_mode not in (None, DIRECTION[self.best_metric]):
             raise ConfigError(f"train.best_mode={self.best_mode} contradicts train.best_metric={self.best_metric} "
                               f"(better is {DIRECTION[self.best_metric]}); leave train.best_mode unset")
         if self.init_generator is not None and not self.init_generator.strip():
@@ -163,7 +162,11 @@ def parse_duration(name: str, text: str | int | float) -> float:
 
 
 def load_training_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
-    return load_config(Config, path, overrides)
+    """The validated config, with train.best_mode resolved to the metric's own direction (as config.yaml
+    records it)."""
+    cfg = load_config(Config, path, overrides)
+    cfg.train.best_mode = cfg.train.best_mode or DIRECTION[cfg.train.best_metric]
+    return cfg
 
 
 def check_launch(cfg: TrainConfig, num_processes: int) -> int:

@@ -8,10 +8,12 @@ augmentations stay ours — drawn from (seed, epoch, slot), the same in both loa
 
 On a GPU every operator runs on the device (`mixed` decoding: nvJPEG, baseline JPEGs on the hardware decoder, a
 share `hw_decoder_load`, the rest with CUDA; PNG and WebP decode on the CPU, then go to the device). The output
-is one dense batch, handed to torch through DLPack without a copy — as DALI's own PyTorch iterator does with its
-default (dynamic) executor, which orders the hand-over on torch's current stream and keeps the memory alive as long
-as the tensor — so our RGB→Lab kernel reads it where DALI wrote it, on the current stream, with no synchronisation
-of the device. On the CPU the same graph stops before the resize: torch's uint8 bilinear resize of the crops is
+is one dense batch, handed to torch through DLPack without a copy, so our RGB→Lab kernel reads it where DALI wrote
+it. Both ends of that buffer's life are ordered on the device, never by waiting on the host: the pipeline runs with
+torch's current stream as its output stream (DALI makes that stream wait for the batch), and the loader holds the
+batch (`loader.DeviceHold`) until an event recorded after the kernel that reads it has passed, since dropping a
+DLPack view gives the memory back to DALI's pool with no ordering against work still queued on torch's stream. On
+the CPU the same graph stops before the resize: torch's uint8 bilinear resize of the crops is
 faster than DALI's CPU resize (BENCHMARKS.md), so `resize_in_dali` defaults to the device.
 
 Every decoder upsamples JPEG chroma as libjpeg-turbo does ("fancy" upsampling: DALI's CPU decoder and PIL by
@@ -250,7 +252,7 @@ class DaliSource:
         """The pipeline's next output and the batch it belongs to; decoding errors become one line. A batch
         that is not `due` (dropped) does not raise the read error it carries."""
         try:
-            (images,) = pipe.run()
+            (images,) = pipe.run(torch.cuda.current_stream(self.device)) if self.on_gpu else pipe.run()
         except RuntimeError as exc:  # a decoder's C++ error: name the shards of the batch that was due
             prepared = self.in_flight.popleft() if self.in_flight else None
             shards = ", ".join(sorted(set(prepared.batch.shards))) if prepared else "this split"

@@ -3,6 +3,7 @@ version, the environment and what the kernels were built with are set by each te
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -28,16 +29,28 @@ def test_ranks_that_would_share_a_gpu_are_refused(local_rank, visible, local_wor
 
 
 def test_a_rank_bound_to_one_gpu_hands_it_to_deepspeed_and_ddp(monkeypatch):
-    """DeepSpeed's engine sets its device from int(os.environ["LOCAL_RANK"]) and Accelerate wraps DDP with
-    device_ids=[LOCAL_RANK] unless ACCELERATE_BYPASS_DEVICE_MAP (then the module's own device): rank 3 of 4 with
-    one GPU visible gets cuda:0 from both while its networks are prepared, and its environment back after."""
+    """Rank 3 of 4, one GPU visible. DeepSpeed's engine sets its device from int(os.environ["LOCAL_RANK"]);
+    Accelerate wraps DDP with device_ids=[LOCAL_RANK] ("invalid device ordinal" here) unless told to leave DDP to
+    the module's device. Accelerate's own prepare_model runs, with DDP recorded (it needs the GPU)."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)  # one process; told below it has several GPUs and is local rank 3
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    environ = {"LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4"}
-    device = rank_device(environ)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    device = rank_device()
     assert device == torch.device("cuda", 0)
-    with libraries_on(device, environ):
-        assert int(environ["LOCAL_RANK"]) == device.index and environ["ACCELERATE_BYPASS_DEVICE_MAP"] == "true"
-    assert environ == {"LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4"}
+    wrapped = []
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel",
+                        lambda model, device_ids, output_device, **kwargs: wrapped.append(device_ids) or model)
+    monkeypatch.setattr(Accelerator, "multi_device", property(lambda self: True))  # as with several GPUs
+    monkeypatch.setattr(Accelerator, "local_process_index", property(lambda self: 3))
+    accelerator.prepare_model(torch.nn.Linear(2, 2), device_placement=False)
+    with libraries_on(device):
+        assert int(os.environ["LOCAL_RANK"]) == device.index  # what DeepSpeed's engine reads
+        accelerator.prepare_model(torch.nn.Linear(2, 2), device_placement=False)
+    assert wrapped == [[3], None]  # today's ordinal 3; then the device the module is on
+    assert os.environ["LOCAL_RANK"] == "3" and "ACCELERATE_BYPASS_DEVICE_MAP" not in os.environ
     every_gpu = {"LOCAL_RANK": "3"}  # a rank that sees its node's GPUs: nothing changes
     with libraries_on(torch.device("cuda", 3), every_gpu):
         assert every_gpu == {"LOCAL_RANK": "3"}

@@ -26,7 +26,7 @@ def recorded_arguments(pipe) -> dict[str, dict[str, str]]:
 
 
 @needs_dali
-@pytest.mark.parametrize("device", [torch.device("cuda", 0), torch.device("cpu")])
+@pytest.mark.parametrize("device", [torch.device("cuda", 1), torch.device("cpu")])
 def test_every_dali_graph_upsamples_jpeg_chroma_as_libjpeg_turbo(synth_shards, device):
     """nvJPEG (`mixed`) upsamples chroma its own way unless asked for libjpeg-turbo's "fancy" upsampling, which
     DALI's CPU decoder and PIL use; the ab targets are what chroma upsampling changes."""
@@ -35,8 +35,9 @@ def test_every_dali_graph_upsamples_jpeg_chroma_as_libjpeg_turbo(synth_shards, d
     cfg = DataConfig(shards=str(synth_shards), resolution=24, hw_decoder_load=0.5)
     with build_loader(cfg, "val", batch_size=4) as loader:
         source = DaliSource(loader.source.reading, loader.layout, cfg, device=device)
-        decoders = {name: arguments for name, arguments in recorded_arguments(source.graph()).items()
-                    if "ImageSlice" in name}
+        pipe = source.graph()
+        decoders = {name: arguments for name, arguments in recorded_arguments(pipe).items() if "ImageSlice" in name}
+    assert pipe.device_id == device.index  # the rank's GPU (None: a CPU-only pipeline)
     ((name, arguments),) = decoders.items()
     assert arguments["jpeg_fancy_upsampling"] == "True", (name, arguments)
     assert arguments["device"] == ("mixed" if device.type == "cuda" else "cpu")

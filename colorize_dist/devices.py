@@ -102,7 +102,7 @@ def libraries_on(device: torch.device, environ: dict[str, str] = os.environ) -> 
     wraps DDP with device_ids=[LOCAL_RANK]; on a rank bound to one GPU (LOCAL_RANK 3, one GPU visible: "invalid
     device ordinal") DeepSpeed is told `device`'s index instead, and DDP takes the device its module is on."""
     local_rank = environ.get("LOCAL_RANK")
-    if device.type != "cuda" or local_rank is None or int(local_rank) == device.index:
+    if device.type != "cuda" or device.index is None or local_rank is None or int(local_rank) == device.index:
         yield
         return
     saved = {name: environ.get(name) for name in ("LOCAL_RANK", "ACCELERATE_BYPASS_DEVICE_MAP")}

@@ -51,9 +51,10 @@ def test_a_rank_bound_to_one_gpu_hands_it_to_deepspeed_and_ddp(monkeypatch):
         accelerator.prepare_model(torch.nn.Linear(2, 2), device_placement=False)
     assert wrapped == [[3], None]  # today's ordinal 3; then the device the module is on
     assert os.environ["LOCAL_RANK"] == "3" and "ACCELERATE_BYPASS_DEVICE_MAP" not in os.environ
-    every_gpu = {"LOCAL_RANK": "3"}  # a rank that sees its node's GPUs: nothing changes
-    with libraries_on(torch.device("cuda", 3), every_gpu):
-        assert every_gpu == {"LOCAL_RANK": "3"}
+    for unchanged in (torch.device("cuda", 3), torch.device("cuda")):  # LOCAL_RANK's GPU, or the current one
+        every_gpu = {"LOCAL_RANK": "3"}
+        with libraries_on(unchanged, every_gpu):
+            assert every_gpu == {"LOCAL_RANK": "3"}
 
 
 @pytest.fixture

@@ -137,9 +137,10 @@ def test_a_gpu_job_where_torch_sees_no_gpu_never_trains_on_the_cpu(monkeypatch):
 
 
 def test_train_given_a_gpu_it_cannot_see_ends_at_start_up_in_one_line(tmp_path, monkeypatch, capsys):
-    """The trainer's command on this machine, told it has GPU 0 (it has no driver): exit 2, one line, before any
-    data is made or read."""
+    """The trainer's command, told it has GPU 0, where torch sees none: exit 2, one line, before any data is made or
+    read. (Here there is no driver either; on a GPU machine torch is made to see none.)"""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
     start = time.monotonic()
     status = command.main(command.parse(["--config", "tiny", "--run-dir", str(tmp_path / "run")]))

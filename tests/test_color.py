@@ -268,7 +268,7 @@ def test_setup_with_cuda_required_fails_when_it_cannot_build_the_kernels(setup_p
     (toolkit / "bin" / "nvcc").write_text("#!/bin/sh\necho 'Cuda compilation tools, release 12.4, V12.4.131'\n")
     (toolkit / "bin" / "nvcc").chmod(0o755)
     monkeypatch.setattr(setup_py, "DEFAULT_CUDA_HOME", str(tmp_path / "none"))
-    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvcc on it
     monkeypatch.setenv("CUDA_HOME", str(toolkit))
     monkeypatch.delenv("CUDA_PATH", raising=False)
     monkeypatch.setenv("COLORIZE_DIST_CUDA", "1")

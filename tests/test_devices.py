@@ -70,7 +70,7 @@ def gpu_node(monkeypatch):
     monkeypatch.setattr(devices, "dali_cuda_major", lambda: 13)
     monkeypatch.setattr(_C, "cuda_compiled", True)
     monkeypatch.setattr(_C, "cuda_archs", (80, 90))
-    monkeypatch.setattr(_C, "cuda_runtime_version", 13000)
+    monkeypatch.setattr(_C, "cuda_runtime_version", 13000, raising=False)
     return node
 
 
@@ -107,7 +107,7 @@ def test_a_driver_older_than_the_kernels_or_dali_is_refused_at_start_up(gpu_node
     assert message.startswith("colorize_dist._C was built for CUDA 13, which needs an NVIDIA driver ≥ 580.65.06; "
                               f"found torch {torch.__version__} (CUDA 13.0), driver for CUDA 12.4: rebuild it with "
                               "the node's CUDA 12.x toolkit")
-    monkeypatch.setattr(_C, "cuda_runtime_version", 12080)  # kernels rebuilt with CUDA 12.8: DALI is next
+    monkeypatch.setattr(_C, "cuda_runtime_version", 12080, raising=False)  # rebuilt with CUDA 12.8: DALI next
     message = refusal(uses_dali=True, environ={})
     assert message.startswith("DALI was built for CUDA 13, which needs an NVIDIA driver ≥ 580.65.06")
     assert "install the DALI wheel for CUDA 12 (nvidia-dali-cuda120)" in message

@@ -24,6 +24,7 @@ from setuptools.command.build_ext import build_ext
 
 # V100, T4, A100, RTX 30xx/A10, RTX 40xx/L4/L40, H100/H200.
 DEFAULT_CUDA_ARCHS = "70;75;80;86;89;90"
+DEFAULT_CUDA_HOME = "/usr/local/cuda"
 
 
 def find_cuda_home() -> Path | None:
@@ -32,15 +33,32 @@ def find_cuda_home() -> Path | None:
         raise SystemExit(f"COLORIZE_DIST_CUDA must be auto, 1 or 0, got {mode!r}")
     if mode == "0":
         return None
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), DEFAULT_CUDA_HOME]
     if shutil.which("nvcc"):  # nvcc on PATH may be a wrapper script: its real toolkit comes first
         candidates.insert(2, str(Path(shutil.which("nvcc")).resolve().parent.parent))
     for home in (Path(c) for c in candidates if c):
         if (home / "bin" / "nvcc").exists() and cuda_lib_dir(home) is not None:
             return home
     if mode == "1":
-        raise SystemExit(f"COLORIZE_DIST_CUDA=1 but no CUDA toolkit (nvcc + libcudart_static.a) in {candidates}")
+        found = "; ".join(describe_toolkit(Path(c)) for c in dict.fromkeys(c for c in candidates if c))
+        raise SystemExit(f"COLORIZE_DIST_CUDA=1 but the CUDA kernels cannot be built: no toolkit with both nvcc and "
+                         f"libcudart_static.a ({found}); set CUDA_HOME to the node's CUDA toolkit (e.g. after "
+                         "`module load cuda`), or build without them: COLORIZE_DIST_CUDA=0")
     return None
+
+
+def describe_toolkit(home: Path) -> str:
+    """What a candidate CUDA home holds, for the error that names why none would do."""
+    nvcc = home / "bin" / "nvcc"
+    if not nvcc.exists():
+        return f"{home}: no nvcc"
+    try:
+        release = re.search(r"release ([\d.]+)", subprocess.run([str(nvcc), "--version"], capture_output=True,
+                                                                text=True, timeout=60).stdout)
+    except (OSError, subprocess.SubprocessError):
+        release = None
+    version = f"nvcc {release.group(1)}" if release else "nvcc"
+    return f"{home}: {version}" + ("" if cuda_lib_dir(home) else " without libcudart_static.a")
 
 
 def cuda_lib_dir(cuda_home: Path) -> Path | None:

@@ -5,6 +5,10 @@
 
 #include <stdexcept>
 
+#if defined(COLORIZE_DIST_WITH_CUDA)
+#include <cuda_runtime_api.h>  // CUDART_VERSION
+#endif
+
 #include "color_kernels.h"
 
 namespace py = pybind11;
@@ -30,12 +34,15 @@ LabPlanes make_planes(uintptr_t l, uintptr_t ab, int64_t l_stride, int64_t ab_st
 PYBIND11_MODULE(_C, m) {
   m.doc() = "RGB<->CIELAB kernels (CPU, and CUDA when built with nvcc)";
   // cuda_archs: the compute capabilities with SASS (setup.py's list); PTX of the highest serves newer GPUs.
+  // cuda_runtime_version: the CUDA runtime linked in (0 without CUDA kernels), checked against the driver.
 #if defined(COLORIZE_DIST_WITH_CUDA)
   m.attr("cuda_compiled") = true;
   m.attr("cuda_archs") = py::make_tuple(COLORIZE_DIST_CUDA_ARCHS);
+  m.attr("cuda_runtime_version") = CUDART_VERSION;  // e.g. 13000: the driver must support this CUDA major version
 #else
   m.attr("cuda_compiled") = false;
   m.attr("cuda_archs") = py::tuple();
+  m.attr("cuda_runtime_version") = 0;
 #endif
 
   m.def(

@@ -260,3 +260,21 @@ def test_cuda_kernels_match_cpu(shape, dtype):
     lab_cpu = color.rgb_to_lab(rgb)
     torch.testing.assert_close(color.lab_to_rgb(lab_cpu.cuda()).cpu(), color.lab_to_rgb(lab_cpu), rtol=0, atol=1e-3)
     assert torch.equal(color.lab_to_rgb(lab_cpu.cuda(), dtype=torch.uint8).cpu(), rgb.permute(0, 3, 1, 2))
+
+
+def test_setup_with_cuda_required_fails_when_it_cannot_build_the_kernels(setup_py, tmp_path, monkeypatch):
+    toolkit = tmp_path / "cuda-12.4"  # nvcc, but no static runtime: the kernels cannot be linked
+    (toolkit / "bin").mkdir(parents=True)
+    (toolkit / "bin" / "nvcc").write_text("#!/bin/sh\necho 'Cuda compilation tools, release 12.4, V12.4.131'\n")
+    (toolkit / "bin" / "nvcc").chmod(0o755)
+    monkeypatch.setattr(setup_py, "DEFAULT_CUDA_HOME", str(tmp_path / "none"))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvcc on it
+    monkeypatch.setenv("CUDA_HOME", str(toolkit))
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("COLORIZE_DIST_CUDA", "1")
+    with pytest.raises(SystemExit, match=f"cannot be built: no toolkit with both nvcc and libcudart_static.a "
+                                         f"\\({toolkit}: nvcc 12.4 without libcudart_static.a; {tmp_path / 'none'}: "
+                                         "no nvcc\\); set CUDA_HOME"):
+        setup_py.find_cuda_home()
+    monkeypatch.setenv("COLORIZE_DIST_CUDA", "auto")
+    assert setup_py.find_cuda_home() is None  # auto: the CPU kernels only (a GPU node then refuses at start-up)

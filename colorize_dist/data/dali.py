@@ -8,11 +8,18 @@ augmentations stay ours — drawn from (seed, epoch, slot), the same in both loa
 
 On a GPU every operator runs on the device (`mixed` decoding: nvJPEG, baseline JPEGs on the hardware decoder, a
 share `hw_decoder_load`, the rest with CUDA; PNG and WebP decode on the CPU, then go to the device). The output
-is one dense batch, handed to torch through DLPack without a copy — as DALI's own PyTorch iterator does with its
-default (dynamic) executor, which orders the hand-over on torch's current stream and keeps the memory alive as long
-as the tensor — so our RGB→Lab kernel reads it where DALI wrote it, on the current stream, with no synchronisation
-of the device. On the CPU the same graph stops before the resize: torch's uint8 bilinear resize of the crops is
+is one dense batch, handed to torch through DLPack without a copy, so our RGB→Lab kernel reads it where DALI wrote
+it. Both ends of that buffer's life are ordered on the device, never by waiting on the host: the pipeline runs with
+torch's current stream as its output stream (DALI makes that stream wait for the batch), and the loader holds the
+batch (`loader.DeviceHold`) until an event recorded after the kernel that reads it has passed, since dropping a
+DLPack view gives the memory back to DALI's pool with no ordering against work still queued on torch's stream. On
+the CPU the same graph stops before the resize: torch's uint8 bilinear resize of the crops is
 faster than DALI's CPU resize (BENCHMARKS.md), so `resize_in_dali` defaults to the device.
+
+Every decoder upsamples JPEG chroma as libjpeg-turbo does ("fancy" upsampling: DALI's CPU decoder and PIL by
+default, nvJPEG with `jpeg_fancy_upsampling`), so the ab targets do not depend on where an image was decoded: DALI's
+CPU windows of 4:2:0 photos equal PIL's pixels exactly (tests/data/test_decode.py); `mixed` is checked for the
+argument only, without a GPU.
 
 Region-of-interest decoding: DALI 2.4's `decoders.image_slice` (nvImageCodec) "uses the ROI decoding when
 possible", on the CPU and with `mixed`, where baseline JPEGs go to the hardware decoder when there is one. At our
@@ -68,7 +75,9 @@ TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and 
 def crop_pipeline(feed, *, decode_device: str, hw_decoder_load: float, resize_to: int | None):
     """Decode each sample's window, resize it to `resize_to`² (None: leave it), flip it where asked."""
     encoded, anchors, shapes, mirrored = fn.external_source(source=feed, num_outputs=4, batch=True)
-    options = {"device": decode_device, "output_type": types.RGB}
+    # jpeg_fancy_upsampling: nvJPEG's own chroma upsampling differs from libjpeg-turbo's (DALI's CPU decoder, PIL),
+    # and the ab targets are exactly what chroma upsampling changes; with it, `mixed` upsamples as they do.
+    options = {"device": decode_device, "output_type": types.RGB, "jpeg_fancy_upsampling": True}
     if decode_device == "mixed":
         options["hw_decoder_load"] = hw_decoder_load
     images = fn.decoders.image_slice(encoded, anchors, shapes, axis_names="WH", normalized_anchor=False,
@@ -170,16 +179,20 @@ class DaliSource:
 
     # -- feeding
 
+    def graph(self):
+        """The pipeline as defined for this device, not yet built (building a `mixed` graph needs the GPU)."""
+        return crop_pipeline(
+            _Feed(self), decode_device="mixed" if self.on_gpu else "cpu",
+            hw_decoder_load=self.cfg.hw_decoder_load,
+            resize_to=self.cfg.resolution if self.resize_in_dali else None,
+            batch_size=self.layout.micro_batch, num_threads=self.cfg.num_threads,
+            device_id=_cuda_index(self.device) if self.on_gpu else None,
+            prefetch_queue_depth=self.cfg.prefetch, seed=0,
+        )
+
     def _pipeline(self):
         if self.pipe is None:
-            self.pipe = crop_pipeline(
-                _Feed(self), decode_device="mixed" if self.on_gpu else "cpu",
-                hw_decoder_load=self.cfg.hw_decoder_load,
-                resize_to=self.cfg.resolution if self.resize_in_dali else None,
-                batch_size=self.layout.micro_batch, num_threads=self.cfg.num_threads,
-                device_id=_cuda_index(self.device) if self.on_gpu else None,
-                prefetch_queue_depth=self.cfg.prefetch, seed=0,
-            )
+            self.pipe = self.graph()
             self.builds += 1
             self.pipe.build()
             log.info("%s", self.describe())
@@ -239,7 +252,7 @@ class DaliSource:
         """The pipeline's next output and the batch it belongs to; decoding errors become one line. A batch
         that is not `due` (dropped) does not raise the read error it carries."""
         try:
-            (images,) = pipe.run()
+            (images,) = pipe.run(torch.cuda.current_stream(self.device)) if self.on_gpu else pipe.run()
         except RuntimeError as exc:  # a decoder's C++ error: name the shards of the batch that was due
             prepared = self.in_flight.popleft() if self.in_flight else None
             shards = ", ".join(sorted(set(prepared.batch.shards))) if prepared else "this split"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,9 +50,35 @@ class Batch:
     slots: MicroSlots  # where the micro-batch is in its epoch (host-side `valid` included)
 
 
+class DeviceHold:
+    """Device tensors kept alive until the work queued after them on their stream has run.
+
+    A source's batch may be memory the source reuses: a DLPack view of a DALI output gives its memory back to DALI's
+    pool when it is dropped, and DALI may write the next batch there at once, while the kernel queued on torch's
+    stream to read it may not have run yet. `keep` records an event on the
+    current stream and lets go of each tensor only once its event has passed (checked without waiting)."""
+
+    def __init__(self):
+        self.held: deque[tuple[torch.Tensor, torch.cuda.Event]] = deque()
+
+    def keep(self, tensor: torch.Tensor) -> None:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(tensor.device))
+        self.held.append((tensor, event))
+        while self.held and self.held[0][1].query():
+            self.held.popleft()
+
+    def release(self) -> None:
+        """Wait for the work on every held tensor (the pipeline is about to go), then let go of them."""
+        for _, event in self.held:
+            event.synchronize()
+        self.held.clear()
+
+
 class ColorLoader:
     def __init__(self, source, layout: Layout, split: SplitSamples, *, device: torch.device, dtype: torch.dtype):
         self.source, self.layout, self.split, self.device, self.dtype = source, layout, split, device, dtype
+        self.hold = DeviceHold()  # device batches handed to the kernel, until it has run
 
     @property
     def samples(self) -> int:
@@ -86,7 +113,9 @@ class ColorLoader:
                 # One thread: the loader's parallelism is its workers (DALI threads, DataLoader processes), which
                 # an OpenMP team here would contend with (and wait on) for the same cores.
                 l, ab = rgb_to_l_ab(rgb, dtype=self.dtype, num_threads=1 if rgb.device.type == "cpu" else None)
-                valid = torch.from_numpy(encoded.slots.valid).to(self.device)
+                if rgb.device.type == "cuda":
+                    self.hold.keep(rgb)
+                valid = upload(encoded.slots.valid, self.device)
                 yield Batch(l=l, ab=ab, keys=encoded.keys, valid=valid, positions=encoded.positions,
                             slots=encoded.slots)
         except ManifestError as exc:
@@ -94,6 +123,7 @@ class ColorLoader:
             raise
 
     def close(self) -> None:
+        self.hold.release()
         self.source.close()
 
     def __enter__(self) -> ColorLoader:
@@ -101,6 +131,15 @@ class ColorLoader:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on `device`. To a GPU from pinned memory, without waiting: a blocking copy would stall the host
+    until the device has run everything queued before it (the step's whole backward)."""
+    tensor = torch.from_numpy(array)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def build_loader(cfg: DataConfig, split: str, *, batch_size: int, global_batch: int | None = None, rank: int = 0,

@@ -154,8 +154,12 @@ class OnnxGenerator:
 
     def __init__(self, path: str | Path, device: torch.device | str = "cpu"):
         ort = _onnxruntime()
-        wanted = ["CUDAExecutionProvider"] if torch.device(device).type == "cuda" else []
-        providers = [p for p in wanted if p in ort.get_available_providers()] + ["CPUExecutionProvider"]
+        device = torch.device(device)
+        providers: list = ["CPUExecutionProvider"]
+        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            # This rank's GPU: without device_id onnxruntime puts every process on GPU 0.
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))
         try:
             self.session = ort.InferenceSession(str(path), providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types, not exported in one place

@@ -18,9 +18,10 @@ from torch import nn
 from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 from tqdm import tqdm
 
+from colorize_dist import devices
 from colorize_dist.config import ConfigError, save_config
 from colorize_dist.data import synth
-from colorize_dist.data.loader import Batch, ColorLoader, build_loader, first_batch
+from colorize_dist.data.loader import Batch, ColorLoader, build_loader, dali_available, first_batch
 from colorize_dist.data.make import ShardOptions
 from colorize_dist.data.manifest import MANIFEST
 from colorize_dist.eval.fid import load_inception
@@ -186,14 +187,18 @@ def remaining_steps(cfg: Config, loader: ColorLoader, progress: Progress) -> int
             + (cfg.train.epochs - progress.epoch - 1) * loader.steps_per_epoch)
 
 
-def build_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
+def build_accelerator(cfg: Config, run_dir: Path, cpu: bool = False) -> Accelerator:
     """Accelerate owns devices, processes, precision and trackers; each network's update is update.py's.
 
     Under `accelerate launch` with a DeepSpeed config, each network gets its own DeepSpeed plugin (zero stage
     and offload from the launcher), so that each becomes its own engine; clipping and accumulation come from
     our config, never from DeepSpeed's "auto". train.collective_timeout_s bounds every collective; a gloo job that
-    spans nodes gets the interface towards MASTER_ADDR unless GLOO_SOCKET_IFNAME is set (peers.py).
+    spans nodes gets the interface towards MASTER_ADDR unless GLOO_SOCKET_IFNAME is set (peers.py). The node is
+    checked first (devices.py): a job given GPUs trains on one, each rank on its own, or ends in one line; `cpu`
+    trains on the CPU even so.
     """
+    uses_dali = cfg.data.backend == "dali" or (cfg.data.backend == "auto" and dali_available())
+    devices.check_node(cpu=cpu, uses_dali=uses_dali)
     deepspeed_plugins, backend = None, None
     if str_to_bool(os.environ.get("ACCELERATE_USE_DEEPSPEED", "false")):
         deepspeed_plugins = {
@@ -203,9 +208,10 @@ def build_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
         }
         if not torch.cuda.is_available():  # Accelerate finds no backend for DeepSpeed on CPU; DeepSpeed's is gloo
             backend = "gloo"
-    if not torch.cuda.is_available() or str_to_bool(os.environ.get("ACCELERATE_USE_CPU", "false")):
+    if cpu or not torch.cuda.is_available() or str_to_bool(os.environ.get("ACCELERATE_USE_CPU", "false")):
         peers.choose_gloo_interface()  # ConfigError (one line) when no interface reaches MASTER_ADDR
     accelerator = Accelerator(
+        cpu=cpu,
         mixed_precision=MIXED_PRECISION.get(cfg.train.mixed_precision),
         gradient_accumulation_steps=cfg.train.grad_accum,
         deepspeed_plugins=deepspeed_plugins,
@@ -272,7 +278,8 @@ def prepare_network(accelerator: Accelerator, name: str, model: nn.Module, cfg: 
             train_batch_size=micro_batch * cfg.train.grad_accum * accelerator.num_processes,
             gradient_clipping=cfg.optim.grad_clip,
         )
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    with devices.libraries_on(accelerator.device):  # a rank bound to one GPU: DeepSpeed and DDP get it
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     ddp = getattr(model, "_orig_mod", model)  # under torch.compile's wrapper, if compiled
     if name == "discriminator" and isinstance(ddp, nn.parallel.DistributedDataParallel):
         ddp.broadcast_buffers = False  # read at every forward (torch ≥ 2.15: forward_sync_buffers)

@@ -46,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", type=Path, help="run directory (default: train.run_dir, else runs/<config>)")
     parser.add_argument("--resume", default="auto",
                         help="auto: the newest valid checkpoint of the run dir, if any (default); none; or a path")
+    parser.add_argument("--cpu", action="store_true",
+                        help="train on the CPU even where there are GPUs (a job given GPUs otherwise refuses to)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.batch_size=32 optim.lr=1e-4")
 
 
@@ -60,7 +62,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         cfg = load_training_config(args.config, args.overrides)
         run_dir = args.run_dir or default_run_dir(cfg, args.config)
-        result = train(cfg, run_dir, args.resume)
+        result = train(cfg, run_dir, args.resume, cpu=args.cpu)
     except (ConfigError, FileNotFoundError, ManifestError, CheckpointWriteError) as exc:
         print(f"train: {exc}", file=sys.stderr)
         return EXIT_USAGE

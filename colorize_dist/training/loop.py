@@ -63,10 +63,11 @@ class StepOutcome:
     logs: dict[str, torch.Tensor | None]  # left on the device; read only on logging steps
 
 
-def train(cfg: Config, run_dir: Path, resume: str = "auto") -> TrainResult:
-    """Train `cfg` in `run_dir` (one run per directory at a time), resuming as `resume` says."""
+def train(cfg: Config, run_dir: Path, resume: str = "auto", cpu: bool = False) -> TrainResult:
+    """Train `cfg` in `run_dir` (one run per directory at a time), resuming as `resume` says; on the CPU if `cpu`,
+    even where there are GPUs."""
     watch_launcher()  # an orphaned trainer stops (checkpoints) instead of training on
-    accelerator = build_accelerator(cfg, run_dir)
+    accelerator = build_accelerator(cfg, run_dir, cpu)
     with peers.reporting_lost_peers(), run_dir_lock(accelerator, run_dir):  # PeerLostError: ranks gone
         state = setup(accelerator, cfg, run_dir, resume)
         with stop_on_signals(), contextlib.closing(state.bar):  # closed on errors too: a message starts its own line

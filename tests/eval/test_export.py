@@ -170,3 +170,21 @@ def test_missing_onnxruntime_and_bad_onnx_files_are_one_line(generator_file: Pat
     for line in capsys.readouterr().err.strip().split("\n"):
         assert "onnxruntime is not installed: pip install 'colorize-dist[onnx]'" in line
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_onnx_runs_on_this_ranks_gpu(onnx_file: Path, monkeypatch: pytest.MonkeyPatch):
+    """`colorize --onnx` on the rank of cuda:3 gives onnxruntime's CUDA provider that GPU (without device_id every
+    rank runs on GPU 0). Recorded here, where the session itself is made on the CPU."""
+    ort = pytest.importorskip("onnxruntime")
+    make_session, requested = ort.InferenceSession, []
+
+    def recorded_session(path, providers):
+        requested.append(providers)
+        return make_session(path, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", recorded_session)
+    load_onnx_generator(onnx_file, device=torch.device("cuda", 3))
+    load_onnx_generator(onnx_file, device="cpu")
+    assert requested == [[("CUDAExecutionProvider", {"device_id": 3}), "CPUExecutionProvider"],
+                         ["CPUExecutionProvider"]]

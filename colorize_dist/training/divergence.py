@@ -23,7 +23,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-from accelerate import Accelerator
+
+from colorize_dist.collectives import mean_over_ranks_
 
 JUMP = 1e3  # losses this many times their level: diverged (a healthy run's move by a few times)
 WINDOW = 10  # logged magnitudes in the running median
@@ -46,12 +47,13 @@ class DivergenceWatch:
     level: float = math.inf
     worse_than_gray: str | None = None  # the line saying so, for the summary and the final line
 
-    def losses(self, accelerator: Accelerator, step: int, logs: dict[str, torch.Tensor | None]) -> None:
-        """Raise DivergedError when this logging step's losses are JUMP times their level; call on every rank."""
-        terms = [logs[name].abs() for name in TOTALS if logs.get(name) is not None]
-        if not terms:
-            return
-        magnitude = float(accelerator.reduce(torch.stack(terms).sum().reshape(1), reduction="mean"))
+    def losses(self, step: int, logs: dict[str, torch.Tensor | None]) -> None:
+        """Raise DivergedError when this logging step's losses are JUMP times their level. EVERY RANK (one
+        all-reduce), so that every rank decides alike."""
+        terms = [logs[name].float().abs() for name in TOTALS if logs.get(name) is not None]
+        total = torch.stack(terms).sum().reshape(1)
+        mean_over_ranks_([total])
+        magnitude = float(total)
         if len(self.recent) >= MIN_HISTORY and magnitude > JUMP * self.level:
             raise DivergedError(f"the losses diverged at step {step}: their magnitude {magnitude:.3g} is "
                                 f"{magnitude / self.level:.2g} times their running level {self.level:.3g}; "

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from accelerate import Accelerator
 
 from colorize_dist.training.divergence import DivergedError, DivergenceWatch
 
@@ -19,13 +18,13 @@ def logs(g_total: float, d_total: float | None = None) -> dict[str, torch.Tensor
 def test_a_healthy_run_passes_and_an_explosion_stops_at_its_step() -> None:
     """Pretraining, then the discriminator's terms joining (a few times the magnitude): no stop. Then the WGAN terms
     at 1e19, as optim.lr=1e9 makes them: a stop naming the step and the learning rate."""
-    accelerator, watch = Accelerator(cpu=True), DivergenceWatch(lr=1e9, pretrain_steps=8)
+    watch = DivergenceWatch(lr=1e9, pretrain_steps=8)
     healthy = [logs(g) for g in (95.0, 60.0, 40.0, 30.0)] + [logs(g, d) for g, d in ((28.0, -40.0), (25.0, 80.0),
                                                                                     (22.0, -15.0), (3.0, 0.5))]
     for step, values in enumerate(healthy, 1):
-        watch.losses(accelerator, 2 * step, values)
+        watch.losses(2 * step, values)
     with pytest.raises(DivergedError) as raised:
-        watch.losses(accelerator, 18, logs(1e19, -3e19))
+        watch.losses(18, logs(1e19, -3e19))
     message = str(raised.value)
     assert message.startswith("the losses diverged at step 18: their magnitude 4e+19 is ") and "\n" not in message
     assert "the learning rate is the likely cause (optim.lr=1e+09)" in message
@@ -33,9 +32,9 @@ def test_a_healthy_run_passes_and_an_explosion_stops_at_its_step() -> None:
 
 def test_the_level_is_built_before_anything_is_judged() -> None:
     """The first MIN_HISTORY logged steps only build the level: a first loss of 1e4 after a random start is no stop."""
-    accelerator, watch = Accelerator(cpu=True), DivergenceWatch(lr=1e-3, pretrain_steps=0)
+    watch = DivergenceWatch(lr=1e-3, pretrain_steps=0)
     for step, g in enumerate((5.0, 1e4, 9e3, 8e3), 1):
-        watch.losses(accelerator, step, logs(g))
+        watch.losses(step, logs(g))
     assert watch.level == 8.5e3  # the smallest median so far: of (5, 1e4, 9e3, 8e3)
 
 

@@ -174,11 +174,12 @@ def test_resume_mistakes_end_in_one_line_naming_the_cause(shards: Path, tmp_path
     zero = launch_script("deepspeed_cpu_2proc.yaml", [str(TRAIN_SCRIPT), "--run-dir", str(run_dir), *overrides],
                          "--num_processes", "1", timeout=2 * BOUND_S)
     assert zero.returncode != 0 and time.perf_counter() - started < 2 * BOUND_S
-    assert error_line(zero) == (
+    assert not re.search(r'File ".*colorize_dist', zero.stderr), zero.stderr  # the launcher's report follows, no more
+    assert [line for line in zero.stderr.splitlines() if line.startswith("train: ")] == [(
         f"train: checkpoint {run_dir / 'checkpoints' / 'step-0000002'} was saved without DeepSpeed (DDP or one "
         "process) and this run uses DeepSpeed ZeRO-2, which loads only DeepSpeed checkpoints; resume it with the "
         "accelerate config it was saved with (not a configs/accelerate/deepspeed_*.yaml), or start afresh with "
-        "--resume none or another --run-dir")
+        "--resume none or another --run-dir")]
 
     for weights in (run_dir / "checkpoints").glob("step-*/model.safetensors"):
         weights.write_bytes(weights.read_bytes()[:-100] + bytes(100))
@@ -191,6 +192,24 @@ def test_resume_mistakes_end_in_one_line_naming_the_cause(shards: Path, tmp_path
 
 
 # ---------------------------------------------------------------- during the run
+
+@pytest.mark.slow
+def test_a_diverged_run_stops_in_one_line_before_it_is_called_finished(shards: Path, tmp_path: Path) -> None:
+    """optim.lr=1e9: the losses stay finite (D's WGAN terms reach 1e19, G's tanh saturates), so the NaN guard never
+    fires. Before: the run ended "finished" with its exports; now it stops at the logging step after the jump."""
+    run_dir = tmp_path / "run"
+    result, seconds = timed_run(run_dir, tiny_overrides(shards, **{"optim.lr": 1e9, "train.max_steps": 40}))
+    assert result.returncode == command.EXIT_DIVERGED and seconds < BOUND_S, result.stderr
+    line = error_line(result)
+    match = re.fullmatch(r"train: the losses diverged at step (\d+): their magnitude \S+ is \S+ times their running "
+                         r"level \S+; the learning rate is the likely cause \(optim.lr=1e\+09\): lower it, or set "
+                         r"optim.grad_clip > 0. The step was not checkpointed or exported", line)
+    assert match and 4 < int(match.group(1)) < 40, line  # after the generator's 4 steps alone, when D joins
+    step = int(match.group(1))
+    assert not (run_dir / "summary.json").exists() and not (run_dir / "export" / "generator_final.safetensors").exists()
+    assert all(checkpoint.check(folder) is None and int(folder.name[5:]) < step
+               for folder in checkpoint.step_checkpoints(run_dir / "checkpoints"))
+
 
 def test_weights_gone_non_finite_are_never_checkpointed(tmp_path: Path) -> None:
     """The guard itself (optim.lr=inf, the way a user got there, is refused by the config now)."""

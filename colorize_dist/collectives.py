@@ -13,6 +13,7 @@ Where they run, in the order of a training run (all EVERY RANK):
 - training/rundir.py, training/resume.py: `broadcast_from_rank0` of rank 0's decision (lock, resume point,
   conversion problem), so that every rank raises alike;
 - training/loop.py `stop_reason`, every train.log_every steps: `any_rank` (stop signal, dead launcher, time);
+  training/divergence.py `DivergenceWatch.losses`, on the same steps: `mean_over_ranks_` of the loss magnitude;
 - training/ema.py: `mean_over_ranks_` of floating-point buffers, every step (only for norms that have them);
 - training/milestones.py: `any_rank` of NaN weights before each step checkpoint; training/checkpoint.py:
   `any_rank` of a failed write, twice per checkpoint;

@@ -8,6 +8,10 @@ shuffle within a window of data.shuffle_buffer samples, so shards should be pre-
 --repair rewrites missing or stale `.idx` files of a set that has a manifest, only for shards whose bytes
 still match it, and changes nothing else. --force replaces the manifest, keeping what it said about the
 set's origin (source, resolution, format).
+
+A folder that an interrupted `shards make` left (its plan `make-in-progress.json`, or `.partial` shards) is
+refused: its complete shards are only part of the set. --force adopts them knowingly (the `.partial` files and the
+plan are removed, the count is printed).
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ from tqdm import tqdm
 
 from colorize_dist.data.dali_index import dali_index, write_index
 from colorize_dist.data.manifest import (
+    MAKE_PLAN,
     MANIFEST,
     SPLITS,
     ManifestError,
     MissingShardsError,
     ShardError,
+    interrupted_make,
     manifest_shards,
     read_manifest,
     shard_record,
@@ -65,6 +71,9 @@ def main(args: argparse.Namespace) -> int:
 def index_shards(directory: Path, *, force: bool = False) -> dict[str, Any]:
     """Write a DALI index beside every tar of `directory`/{train,val} and the manifest; returns the manifest."""
     previous: dict[str, Any] = {}
+    interrupted = interrupted_make(directory)
+    if interrupted is not None and not force:
+        raise ShardError(f"{interrupted}, or pass --force to index the complete shards alone")
     if (directory / MANIFEST).exists():
         if not force:
             raise ShardError(f"{directory / MANIFEST} exists; pass --force to replace it, or --repair to rewrite "
@@ -87,7 +96,19 @@ def index_shards(directory: Path, *, force: bool = False) -> dict[str, Any]:
     info = {key: previous[key] for key in KEPT_INFO if key in previous}
     info = info or {"source": "indexed by `colorize-dist shards index`", "resolution": None,
                     "image_format": "as stored", "split_rule": "train/ and val/ folders"}
-    return write_manifest(directory, shards, **info)
+    manifest = write_manifest(directory, shards, **info)
+    if interrupted is not None:  # adopted with --force: what the make left unfinished goes
+        partial = [path for split in SPLITS for path in (directory / split).glob("*.partial")]
+        for path in [directory / MAKE_PLAN, *partial]:
+            path.unlink(missing_ok=True)
+    images = sum(split["samples"] for split in manifest["splits"].values())
+    recorded = sum(split["samples"] for split in previous.get("splits", {}).values())
+    if interrupted is not None:
+        print(f"note: adopted the {images} images of an unfinished `shards make` (--force); its plan and unfinished "
+              "shards were removed", file=sys.stderr)
+    elif images < recorded:
+        print(f"note: adopted {images} images (--force); the previous {MANIFEST} listed {recorded}", file=sys.stderr)
+    return manifest
 
 
 def repair_indexes(directory: Path) -> list[Path]:

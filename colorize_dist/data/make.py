@@ -20,7 +20,9 @@ Skipped, and listed with the reason (on the terminal, counted per reason in the 
               toned prints of 256 px and more, even as JPEGs of quality 50, 8.4 and less; --keep-gray keeps them.
 
 A full disk stops the run with one line naming the folder and the space needed; complete shards stay, the one
-being written is removed, and no manifest is written.
+being written is removed, and no manifest is written. What the run set out to write is recorded in OUT (`manifest.
+MAKE_PLAN`) until the manifest is in place, so `shards index` and the loaders refuse the shards an interrupted or
+killed run left, and `shards verify` says to remake the set.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ from colorize_dist.data.images import (
     to_8bit,
     to_rgb8,
 )
-from colorize_dist.data.manifest import MANIFEST, SPLITS, Shard, ShardError, write_manifest
+from colorize_dist.data.manifest import MAKE_PLAN, MANIFEST, SPLITS, Shard, ShardError, write_make_plan, write_manifest
 from colorize_dist.data.tar_writer import SplitWriter
 from colorize_dist.files import first_line
 
@@ -293,6 +295,7 @@ def write_shard_set(out: Path, relative_paths: Sequence[str], load: Callable[[st
     workers = max(1, options.workers or os.cpu_count() or 1)
     done = 0
     try:
+        write_make_plan(out, manifest_info.get("source", "SOURCE"), len(ordered))
         with multiprocessing.Pool(workers) as pool, tqdm(total=len(ordered), unit="img") as progress:
             for path, result in zip(ordered, _encode_all(pool, workers, ordered, load, encode), strict=True):
                 if isinstance(result, Skipped):
@@ -308,6 +311,7 @@ def write_shard_set(out: Path, relative_paths: Sequence[str], load: Callable[[st
             overrides = [option for reason, option in ((GRAYSCALE, "--keep-gray"), (TOO_SMALL, "--min-size"))
                          if any(why.reason == reason for _, why in skipped)]
             see = f"; see {' and '.join(overrides)}" if overrides else ""
+            (out / MAKE_PLAN).unlink()
             raise ShardError(f"none of the {len(ordered)} inputs was kept ({skip_counts(skipped)}{see}); nothing "
                              f"written to {out}")
         manifest = write_manifest(
@@ -315,11 +319,13 @@ def write_shard_set(out: Path, relative_paths: Sequence[str], load: Callable[[st
             sample_order=SAMPLE_ORDER, jpeg_quality=options.quality, transparent_on_background=composited,
             skipped=[{"file": path, "reason": why.reason, "detail": why.detail} for path, why in skipped],
         )
+        (out / MAKE_PLAN).unlink()  # the set is complete
     except OSError as exc:
+        written = sum(writer.bytes_written + writer.partial_bytes for writer in writers.values())  # before abort
         for writer in writers.values():
             writer.abort()
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ShardError(_no_space(out, writers, done, len(ordered))) from None
+            raise ShardError(_no_space(out, written, done, len(ordered))) from None
         raise ShardError(f"{first_line(exc)}; no manifest was written to {out}, so the partial set is never used"
                          ) from None
     print(tabulate([(split, manifest["splits"][split]["samples"], len(manifest["splits"][split]["shards"]),
@@ -352,14 +358,17 @@ def skip_listing(skipped: Sequence[tuple[str, Skipped]], manifest: Path) -> list
     return lines
 
 
-def _no_space(out: Path, writers: dict[str, SplitWriter], done: int, total: int) -> str:
-    """The one line for a full disk: where, how much was written, about how much the whole set needs."""
-    written = sum(writer.bytes_written + writer.partial_bytes for writer in writers.values())
-    needed = written / max(done, 1) * total
+def _no_space(out: Path, written: int, done: int, total: int) -> str:
+    """The one line for a full disk: where, how many bytes the shards of `done` inputs took (the unfinished shard's
+    included), about how much the whole set needs."""
     free = shutil.disk_usage(out).free
-    return (f"no space left on the device holding {out}: the shards of {done} of {total} images took "
-            f"{_size(written)}, the set needs about {_size(needed)} and {_size(free)} is free; free space or "
-            "choose another OUT, then rerun with --force (no manifest was written: the partial set is never used)")
+    if written:
+        used = (f"the shards of {done} of {total} images took {_size(written)}, the set needs about "
+                f"{_size(written / max(done, 1) * total)} and {_size(free)} is free")
+    else:
+        used = f"{_size(free)} is free, too little to write the first shard of {total} images"
+    return (f"no space left on the device holding {out}: {used}; free space or choose another OUT, then rerun with "
+            "--force (no manifest was written: the partial set is never used)")
 
 
 def _size(count: float) -> str:

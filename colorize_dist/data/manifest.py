@@ -8,8 +8,13 @@ A shard set is a directory:
     train/train-000000.idx   DALI's index of the tar beside it (`dali_index`): where each sample's bytes are
     val/val-000000.tar ...
 
+    make-in-progress.json    `shards make`'s plan (source, inputs), written before the first shard and removed
+                             once the manifest is in place: while it is there, the set is not complete
+
 Shards are written under a `.partial` name (`tar_writer`), hashed as they are written, and renamed once closed
-and indexed, so an interrupted run (or a full disk) leaves no tar that looks complete, and no manifest.
+and indexed, so an interrupted run (or a full disk) leaves no tar that looks complete, and no manifest; the
+plan and any `.partial` left say that a make was interrupted (`interrupted_make`), so neither `shards index`
+nor the loaders take the shards that did get written for a whole set.
 The loaders trust nothing else: `list_shards` refuses a shard whose size differs from the manifest, and
 every sample read is checked against its tar header and CRC-32 (see `reading`).
 """
@@ -27,11 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from colorize_dist.data.dali_index import index_images
+from colorize_dist.data.dali_index import count_images, index_images
 from colorize_dist.data.images import is_progressive_jpeg
 from colorize_dist.files import atomic_write
 
 MANIFEST = "manifest.json"
+MAKE_PLAN = "make-in-progress.json"
 SPLITS = ("train", "val")
 PEEK_BYTES = 1 << 16  # enough of a JPEG to reach its frame header past EXIF and ICC segments
 MAKE_HINT = "make one with `colorize-dist shards make SRC DIR` or `colorize-dist shards synth DIR`"
@@ -119,6 +125,8 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         raise MissingShardsError(f"shard directory {directory} does not exist; {MAKE_HINT}")
     path = directory / MANIFEST
     if not path.is_file():
+        if (interrupted := interrupted_make(directory)) is not None:
+            raise MissingShardsError(f"{path} is missing: {interrupted}")
         raise MissingShardsError(
             f"{path} is missing (an interrupted `shards make`?); rerun it with --force, "
             f"or run `colorize-dist shards index {directory}` for shards written by other tools"
@@ -135,6 +143,35 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ManifestError(f"{path} is not a valid shard manifest ({exc!r}); rebuild the shard set") from None
     return manifest
+
+
+def write_make_plan(directory: Path, source: str, inputs: int) -> None:
+    """Record what `shards make` is about to write into `directory` (see `interrupted_make`)."""
+    atomic_write(directory / MAKE_PLAN, json.dumps({"source": source, "inputs": inputs}, indent=1) + "\n")
+
+
+def interrupted_make(directory: Path) -> str | None:
+    """What shows that a `shards make` into `directory` did not finish (its plan, `.partial` shards) and the command
+    that remakes the set; None when nothing does."""
+    partial = sorted(path.name for split in SPLITS for path in (directory / split).glob("*.partial"))
+    plan = None
+    if (directory / MAKE_PLAN).is_file():
+        try:
+            plan = json.loads((directory / MAKE_PLAN).read_text())
+        except (OSError, ValueError):
+            plan = {}
+    if plan is None and not partial:
+        return None
+    images = sum(count_images(path.with_suffix(".idx").read_text()) for split in SPLITS
+                 for path in (directory / split).glob("*.tar") if path.with_suffix(".idx").is_file())
+    evidence = [f"{images} images in complete shards"]
+    if plan is not None:
+        evidence.append(f"{plan.get('inputs', 'an unknown number of')} inputs planned in {MAKE_PLAN}")
+    if partial:
+        evidence.append(f"{len(partial)} unfinished shard(s): {', '.join(partial[:2])}{' ...' * (len(partial) > 2)}")
+    source = (plan or {}).get("source", "SOURCE")
+    return (f"a `shards make` into {directory} did not finish ({'; '.join(evidence)}); remake the set with "
+            f"`colorize-dist shards make {source} {directory} ... --force` (its options as before)")
 
 
 def manifest_shards(directory: Path, manifest: dict[str, Any], split: str) -> list[Shard]:

@@ -4,7 +4,9 @@ Every read is one `pread` of the sample's 512-byte tar header and its image byte
 decoder they must be whole (not cut off by a truncated file), the header must be intact (its checksum, and its
 size and name agreeing with the index) and the bytes must have the CRC-32 the manifest recorded when the shard
 was made. Anything else is a ShardDataError naming the shard, the sample and the fix: a damaged shard ends the
-run in one line, never in a decoder's traceback, and never trains silently.
+run in one line, never in a decoder's traceback, and never trains silently. When the shard's bytes still match
+the manifest (SHA-256) but its index does not describe them (a stale `.idx`), the fix named is
+`shards index --repair`, not a remake.
 
 `BatchReading` turns a micro-batch's slots (see `sharding`) into an `EncodedBatch`: keys, checked bytes and the
 random numbers of its augmentations. A sample that cannot be read travels as its error, raised when its batch is
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import os
 import queue
+import tarfile
 import threading
 import zlib
 from collections import OrderedDict
@@ -27,9 +30,10 @@ from typing import Generic, TypeVar
 import numpy as np
 
 from colorize_dist.data.augment import Augment
-from colorize_dist.data.dali_index import index_images
+from colorize_dist.data.dali_index import dali_index, index_images
 from colorize_dist.data.manifest import MANIFEST, Shard, ShardDataError, verify_hint
 from colorize_dist.data.sharding import MicroSlots, SplitSamples, epoch_order, epoch_seed, slot_positions
+from colorize_dist.files import sha256_of
 
 BLOCK = 512  # tar header size
 MAX_OPEN_FILES = 64  # shards kept open per reader (a rank of a large set touches thousands)
@@ -55,20 +59,34 @@ def parse_index(shard: Shard, directory: Path) -> ShardSamples:
         raise ShardDataError(f"index {shard.index_path} is unreadable ({exc}); rewrite it with "
                              f"`colorize-dist shards index {directory} --repair`") from None
     if len(images) != shard.samples:
-        raise ShardDataError(f"index {shard.index_path} lists {len(images)} images but {MANIFEST} says "
-                             f"{shard.samples}; {verify_hint(directory)}")
+        raise ShardDataError(stale_index(shard, directory) or f"index {shard.index_path} lists {len(images)} images "
+                             f"but {MANIFEST} says {shard.samples}; {verify_hint(directory)}")
     if shard.crc32 is not None and len(shard.crc32) != shard.samples:
         raise ShardDataError(f"{MANIFEST} records {len(shard.crc32)} CRC-32s for the {shard.samples} samples of "
                              f"{shard.path}; {verify_hint(directory)}")
     size = shard.size if shard.size is not None else shard.path.stat().st_size
     if images and images[-1][1] + images[-1][2] > size:
-        raise ShardDataError(f"shard {shard.path} ends before the samples its index lists (truncated?); "
-                             f"{verify_hint(directory)}")
+        raise ShardDataError(stale_index(shard, directory) or f"shard {shard.path} ends before the samples its index "
+                             f"lists (truncated?); {verify_hint(directory)}")
     members = tuple(member for _, _, _, member in images)
     keys = tuple(map(tar_key, members))
     return ShardSamples(shard, keys, tuple(extension.lower() for extension, _, _, _ in images), members,
                         tuple(offset for _, offset, _, _ in images),
                         tuple(size for _, _, size, _ in images))
+
+
+def stale_index(shard: Shard, directory: Path) -> str | None:
+    """The one line for an index that does not describe its shard while the shard's bytes match their SHA-256 in the
+    manifest (so the index, not the shard, is wrong); None otherwise. Hashes the shard: for error paths only."""
+    try:
+        if shard.sha256 is None or sha256_of(shard.path) != shard.sha256:
+            return None
+        if shard.index_path.read_text() == dali_index(shard.path):
+            return None
+    except (OSError, tarfile.TarError):
+        return None
+    return (f"index {shard.index_path} does not match {shard.path.name}, whose bytes are those {MANIFEST} records "
+            f"(a stale index); rewrite it with `colorize-dist shards index {directory} --repair`")
 
 
 def tar_key(member: str) -> str:
@@ -120,8 +138,8 @@ class ShardReader:
             if actual != expected:
                 problem = f"has CRC-32 {actual:08x}, {MANIFEST} says {expected:08x} (its bytes changed)"
         if problem is not None:
-            raise ShardDataError(f"shard {shard.path} is damaged: sample {member} {problem}; "
-                                 f"{verify_hint(self.directory)}")
+            raise ShardDataError(stale_index(shard, self.directory) or f"shard {shard.path} is damaged: sample "
+                                 f"{member} {problem}; {verify_hint(self.directory)}")
         return data
 
     def _descriptor(self, shard_index: int) -> int:

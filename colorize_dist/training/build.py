@@ -37,6 +37,7 @@ from colorize_dist.training.config import (
     flat_config,
     load_training_config,
 )
+from colorize_dist.training.divergence import DivergenceWatch
 from colorize_dist.training.ema import EMA
 from colorize_dist.training.resume import check_resume, find_resume, load_resume
 from colorize_dist.training.summary import Clock
@@ -75,6 +76,7 @@ class State:
     batches: Iterator[Batch]
     clock: Clock
     bar: tqdm
+    divergence: DivergenceWatch
     metrics: dict[str, float] = field(default_factory=dict)
     stopped: str | None = None  # why the run stopped early (resumable), if it did
     done: bool = False
@@ -155,6 +157,7 @@ def setup(accelerator: Accelerator, cfg: Config, run_dir: Path, resume: str) -> 
         discriminator_loss=discriminator_loss, ema=ema, progress=progress, total_steps=total_steps,
         memory_format=memory_format, batches=clock.wait(endless(loader, progress.epoch, progress.sample)),
         clock=clock, done=progress.step >= total_steps,
+        divergence=DivergenceWatch(cfg.optim.lr, cfg.train.pretrain_steps if cfg.adversarial else 0),
         bar=tqdm(total=total_steps, initial=progress.step, unit="step", disable=not main_process, dynamic_ncols=True))
 
 

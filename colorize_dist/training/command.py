@@ -18,7 +18,8 @@ continues from the newest valid checkpoint of the run directory, if any.
 Exit status: 0 finished; 75 stopped early by SIGTERM/SIGUSR1 or `training.stop.request_stop()` after a checkpoint
 (resumable with --resume auto; `accelerate launch` and torchrun report it as 1, and RUN/summary.json's "finished":
 false is how a wrapper tells); 1 stopped after train.max_nonfinite_steps steps in a row skipped for a NaN/inf loss
-or gradient, or weights gone NaN/inf (never checkpointed); 2 bad configuration, missing or broken inputs, a run
+or gradient, weights gone NaN/inf (never checkpointed), or losses that exploded or a NaN validation
+(`training.divergence`: that step is not checkpointed); 2 bad configuration, missing or broken inputs, a run
 directory in use by another run, or a full disk (the last good checkpoint stays); 3 other ranks stopped answering
 (a node died, froze or lost its network; train.collective_timeout_s bounds the wait): one line per surviving node
 names them, and rerunning every node resumes from the last checkpoint.
@@ -55,6 +56,7 @@ def main(args: argparse.Namespace) -> int:
     """Parsed arguments → exit status; errors a user can fix are one line on stderr, not a traceback."""
     from colorize_dist.data.manifest import ManifestError
     from colorize_dist.training.checkpoint import CHECKPOINTS, CheckpointWriteError, latest_valid
+    from colorize_dist.training.divergence import DivergedError
     from colorize_dist.training.loop import train
     from colorize_dist.training.milestones import NonFiniteLossError
     from colorize_dist.training.peers import PeerLostError
@@ -66,7 +68,7 @@ def main(args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError, ManifestError, CheckpointWriteError) as exc:
         print(f"train: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except NonFiniteLossError as exc:
+    except (NonFiniteLossError, DivergedError) as exc:
         print(f"train: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
     except PeerLostError as exc:

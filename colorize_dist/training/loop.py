@@ -169,6 +169,7 @@ def after_step(state: State, micro_batches: list[MicroBatch], outcome: StepOutco
         values |= rates | {"lr": state.generator_update.scheduler.get_last_lr()[0], "nonfinite": progress.nonfinite}
         accelerator.log(values, step=progress.step)
         state.bar.set_postfix(status_line(values), refresh=False)
+        state.divergence.losses(progress.step, outcome.logs)  # DivergedError: the losses exploded
         state.stopped = stop_reason(state)
     if progress.step % cfg.train.sample_every == 0 and accelerator.is_main_process:
         write_samples(accelerator, state.ema.model, state.sample_batch, cfg.model.generator.color_space,
@@ -198,7 +199,8 @@ def finish(state: State) -> TrainResult:
                                         fid_weights=cfg.train.fid_weights)
     accelerator.print(summary(state))
     write_summary(accelerator, cfg, state.run_dir, progress, state.metrics, total_steps=state.total_steps,
-                  finished=not state.stopped, wall_s=state.clock.total())  # for studies (every rank: peak memory)
+                  finished=not state.stopped, wall_s=state.clock.total(),
+                  worse_than_gray=state.divergence.worse_than_gray)  # for studies (every rank: peak memory)
     accelerator.end_training()
     return TrainResult(finished=not state.stopped, step=progress.step, metrics=state.metrics,
                        generator=state.bare_generator, discriminator=state.bare_discriminator, ema=ema)

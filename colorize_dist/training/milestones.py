@@ -35,6 +35,8 @@ def validate(state: State) -> dict[str, float]:
     metrics = compute_metrics(state.ema.model, state.val_loader, device=accelerator.device,
                               fid_weights=cfg.train.fid_weights)
     accelerator.log({f"val/{name}": value for name, value in metrics.items()}, step=progress.step)
+    if (worse := state.divergence.validation(progress.step, metrics)) is not None:  # NaN: DivergedError
+        log.warning(worse)
     value = metrics[cfg.train.best_metric]
     if improves(value, progress.best, cfg.train.best_mode):
         if progress.best is None and state.val_loader.samples < FEW_VALIDATION_IMAGES:

@@ -47,21 +47,54 @@ class ResumePoint:
 
 
 def find_resume(accelerator: Accelerator, run_dir: Path, resume: str) -> ResumePoint | None:
-    """The checkpoint to resume from, chosen by rank 0 (which checks files and checksums) for every rank."""
-    choice: list[ResumePoint | str | None] = [None, None]  # checkpoint, problem with the requested one
+    """The checkpoint to resume from, chosen by rank 0 (which checks files and checksums) for every rank.
+
+    With --resume auto and checkpoints that are all damaged, the run is refused rather than restarted from step 0:
+    training afresh would replace them one by one as it reaches their steps, and one may still be restorable."""
+    choice: list[ResumePoint | str | None] = [None, None]  # checkpoint, the one line refusing the request
+    root = run_dir / checkpoint.CHECKPOINTS
     if accelerator.is_main_process and resume != "none":
-        folder = checkpoint.latest_valid(run_dir / checkpoint.CHECKPOINTS) if resume == "auto" else Path(resume)
-        problem = None if folder is None or resume == "auto" else checkpoint.check(folder)
+        folder = checkpoint.latest_valid(root) if resume == "auto" else Path(resume)
+        problem = None if folder is None or resume == "auto" else _not_a_checkpoint(folder) or checkpoint.check(folder)
         if folder is not None and problem is None:
             manifest = checkpoint.read_manifest(folder)
             choice = [ResumePoint(folder, manifest["step"], manifest.get("world_size"), manifest.get("global_batch")),
                       None]
-        else:
-            choice = [None, problem]
+        elif problem is not None:
+            choice = [None, f"--resume {resume}: not a usable checkpoint: {problem}"]
+        elif damaged := checkpoint.step_checkpoints(root):
+            best = root / checkpoint.BEST
+            other = f"resume from --resume {best}, " if best.is_dir() and checkpoint.check(best) is None else ""
+            choice = [None, f"--resume auto: all {len(damaged)} step checkpoints in {root} are damaged (newest "
+                            f"{damaged[-1].name}: {checkpoint.check(damaged[-1])}; see the warnings above); restore "
+                            f"one, {other}or start afresh with --resume none"]
+    elif accelerator.is_main_process and checkpoint.step_checkpoints(root):
+        accelerator.print(f"resume: none (--resume none): training starts afresh at step 0; the checkpoints in {root} "
+                          "are replaced as the run reaches their steps")
     point, problem = broadcast_from_rank0(choice)
     if problem is not None:  # raised on every rank alike
-        raise ConfigError(f"--resume {resume}: not a usable checkpoint: {problem}")
+        raise ConfigError(problem)
     return point
+
+
+def _not_a_checkpoint(folder: Path) -> str | None:
+    """What --resume names instead of a checkpoint folder: nothing, a file, a run folder or its checkpoints folder."""
+    if not folder.exists():
+        return f"{folder} does not exist; pass a checkpoint folder (RUN/checkpoints/step-NNNNNNN or best), auto or none"
+    if not folder.is_dir():
+        return f"{folder} is a file; pass a checkpoint folder (RUN/checkpoints/step-NNNNNNN or best)"
+    if (folder / checkpoint.MANIFEST).exists():
+        return None  # a checkpoint: `checkpoint.check` says whether it is complete
+    if (folder / checkpoint.CHECKPOINTS).is_dir():
+        what, root = "a run folder", folder / checkpoint.CHECKPOINTS
+    elif checkpoint.step_checkpoints(folder):
+        what, root = "the checkpoints folder of a run", folder
+    else:
+        return None
+    newest = checkpoint.latest_valid(root, verify_hashes=False)
+    one = f"e.g. --resume {newest}" if newest else "it holds no complete checkpoint yet"
+    return (f"{folder} is {what}, not a checkpoint; continue the run with --run-dir {root.parent} --resume auto, or "
+            f"name one of its checkpoints ({one})")
 
 
 def check_resume(point: ResumePoint, cfg: Config, accelerator: Accelerator) -> None:
@@ -86,6 +119,8 @@ def load_resume(accelerator: Accelerator, point: ResumePoint, networks: list[nn.
     processes first; a checkpoint that does not fit is one line on every rank."""
     folder = point.folder
     engines = networks if accelerator.distributed_type == DistributedType.DEEPSPEED else []
+    if (problem := _other_backend(point, engines)) is not None:
+        raise ConfigError(problem)
     partitioned = any(engine.zero_optimization_stage() > 0 for engine in engines)
     convert = partitioned and point.world_size not in (None, accelerator.num_processes)
     if convert:
@@ -104,6 +139,22 @@ def load_resume(accelerator: Accelerator, point: ResumePoint, networks: list[nn.
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 shutil.rmtree(folder, ignore_errors=True)
+
+
+def _other_backend(point: ResumePoint, engines: list[nn.Module]) -> str | None:
+    """The one line for a checkpoint saved with DeepSpeed resumed without it, or the other way round: neither
+    loads the other's files (DeepSpeed fails on an assertion that names nothing)."""
+    saved_by_deepspeed = any((entry / DEEPSPEED_MODEL_STATES).is_file() for entry in point.folder.iterdir())
+    afresh = "or start afresh with --resume none or another --run-dir"
+    if engines and not saved_by_deepspeed:
+        stage = engines[0].zero_optimization_stage()
+        return (f"checkpoint {point.folder} was saved without DeepSpeed (DDP or one process) and this run uses "
+                f"DeepSpeed ZeRO-{stage}, which loads only DeepSpeed checkpoints; resume it with the accelerate "
+                f"config it was saved with (not a configs/accelerate/deepspeed_*.yaml), {afresh}")
+    if saved_by_deepspeed and not engines:
+        return (f"checkpoint {point.folder} was saved by DeepSpeed and this run does not use it; resume it with the "
+                f"DeepSpeed accelerate config it was saved with (configs/accelerate/deepspeed_*.yaml), {afresh}")
+    return None
 
 
 def _zero_errors(engines: list[nn.Module]) -> tuple[type[Exception], ...]:

@@ -8,12 +8,14 @@ memory (one all-reduce), so all ranks must call `write_summary`. Throughput over
     {"finished": true, "step": 300, "total_steps": 300, "images_seen": 4800, "batch_size": 16,
      "best_metric": "psnr_lab", "best": 23.1, "metrics": {"psnr_lab": 23.0, ...},   # the last validation
      "peak_memory_mib": 812.5, "memory": "peak RSS", "device": "cpu", "num_processes": 1,
-     "mixed_precision": "no", "wall_s": 41.2, "written": "2026-11-21T19:20:03+00:00"}
+     "mixed_precision": "no", "wall_s": 41.2, "worse_than_gray": null, "written": "2026-11-21T19:20:03+00:00"}
 
 `memory` says what `peak_memory_mib` measures: on GPUs torch's `max_memory_allocated` (tensors only, what a
 batch size must fit in), on CPUs the peak resident set size of the process; the largest over ranks either way.
 `wall_s` is the run's training time over all its starts (each resume adds to what its checkpoint recorded) and
-`images_seen` the samples read over all of them (padding copies not counted).
+`images_seen` the samples read over all of them (padding copies not counted). `worse_than_gray` is null, or the line
+saying that the last validation scored under the gray baseline (`divergence`): the exports then predict worse than
+no colour at all.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def device_name(device: torch.device) -> str:
 
 
 def write_summary(accelerator: Accelerator, cfg: Config, run_dir: Path, progress: Progress,
-                  metrics: dict[str, float], *, total_steps: int, finished: bool, wall_s: float) -> None:
+                  metrics: dict[str, float], *, total_steps: int, finished: bool, wall_s: float,
+                  worse_than_gray: str | None = None) -> None:
     """RUN/summary.json (see the module docstring); call on every rank."""
     memory_mib, memory_kind = peak_memory(accelerator.device)
     peak = max_over_ranks(memory_mib, accelerator.device)
@@ -75,6 +78,7 @@ def write_summary(accelerator: Accelerator, cfg: Config, run_dir: Path, progress
         "num_processes": accelerator.num_processes,
         "mixed_precision": str(accelerator.mixed_precision),
         "wall_s": round(wall_s, 2),
+        "worse_than_gray": worse_than_gray,
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     atomic_write(run_dir / SUMMARY, json.dumps(summary, indent=1) + "\n")
@@ -131,5 +135,7 @@ def summary(state: State) -> str:
     best = "none" if progress.best is None else f"{progress.best:.4g}"  # None: every validation was NaN
     scores = (f"val psnr_lab {metrics['psnr_lab']:.2f} dB (gray baseline {metrics['psnr_lab_gray']:.2f} dB), "
               f"best {cfg.train.best_metric} {best}" if metrics else "not validated")
+    worse = "; its last validation scored under the gray baseline (summary.json: worse_than_gray)" if \
+        state.divergence.worse_than_gray else ""
     return (f"{'stopped' if state.stopped else 'done'} at step {progress.step} after {minutes}m{seconds:02d}s: "
-            f"{scores}; {progress.nonfinite} steps skipped for NaN/inf; run dir {state.run_dir}")
+            f"{scores}{worse}; {progress.nonfinite} steps skipped for NaN/inf; run dir {state.run_dir}")

@@ -74,6 +74,15 @@ def remove_index(shards: Path, shard: str) -> Path:
     return index
 
 
+def stale_index(shards: Path, shard: str) -> Path:
+    """The shard's index lists its samples in another order (an index kept from an earlier write of the shard);
+    the tar is intact."""
+    index = (shards / shard).with_suffix(".idx")
+    header, first, second, *rest = index.read_text().splitlines(keepends=True)
+    index.write_text("".join([header, second, first, *rest]))
+    return index
+
+
 def misstate_size(shards: Path, shard: str) -> Path:
     """The manifest records another size for the shard (an edited or mixed-up manifest)."""
     manifest = json.loads((shards / "manifest.json").read_text())

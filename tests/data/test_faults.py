@@ -32,6 +32,7 @@ from tests.data.helpers import (
     misstate_size,
     needs_dali,
     remove_index,
+    stale_index,
     truncate,
 )
 from tests.training.helpers import REPO, TRAIN_SCRIPT, free_port, subprocess_env, tiny_overrides, train_once
@@ -48,7 +49,9 @@ FAULTS = {
     "truncated val shard": (truncate, "val/val-000000.tar"),
     "missing index": (remove_index, "train/train-000000.tar"),
     "manifest mismatch": (misstate_size, "val/val-000000.tar"),
+    "stale index": (stale_index, "train/train-000001.tar"),  # the tar intact: the fix is `index --repair`
 }
+REPAIRED = ("missing index", "stale index")
 
 
 def one_line(stderr: str, prefix: str) -> str:
@@ -98,7 +101,7 @@ def test_a_damaged_shard_ends_training_in_one_line(trained, fault: str, tmp_path
     seconds = time.perf_counter() - started
     assert result.returncode == 2 and seconds < BOUND_S, result.stderr
     line = one_line(result.stderr, "train")
-    fix = "shards index" if fault == "missing index" else "colorize-dist shards verify"
+    fix = f"shards index {shards} --repair" if fault in REPAIRED else "colorize-dist shards verify"
     assert str(damaged) in line and fix in line
     assert checkpoint.latest_valid(run_dir / checkpoint.CHECKPOINTS) == last  # intact, and still the newest
     assert not list((run_dir / checkpoint.CHECKPOINTS).glob(".tmp-*"))
@@ -143,16 +146,19 @@ def test_a_sample_only_rank_1_reads_ends_both_ranks_in_one_line(shards: Path, tm
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_eval_on_a_damaged_shard_ends_in_one_line(backend: str, shards: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fault", ["flipped payload", "stale index"])
+def test_eval_on_a_damaged_shard_ends_in_one_line(backend: str, fault: str, shards: Path, tmp_path: Path) -> None:
     generator_cfg = GeneratorConfig(ndims=4, depth=2)
     weights = tmp_path / "generator.safetensors"
     save_generator(build_generator(generator_cfg), generator_cfg, 16, weights)
-    damaged_shards, damaged = damaged_copy(shards, tmp_path / "shards", flip_payload, "val/val-000000.tar")
+    damaged_shards, damaged = damaged_copy(shards, tmp_path / "shards", FAULTS[fault][0], "val/val-000000.tar")
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "colorize_dist", "eval", "--checkpoint", str(weights),
                              "--shards", str(damaged_shards), "--backend", backend, "--batch-size", "4",
                              "--out", str(tmp_path / "eval"), "--cpu"],
                             capture_output=True, text=True, cwd=REPO, env=subprocess_env(), timeout=BOUND_S)
     assert result.returncode == 2 and time.perf_counter() - started < BOUND_S, result.stderr
-    assert str(damaged) in one_line(result.stderr, "eval")
+    line = one_line(result.stderr, "eval")
+    fix = f"shards index {damaged_shards} --repair" if fault in REPAIRED else "colorize-dist shards verify"
+    assert str(damaged) in line and fix in line
     assert not (tmp_path / "eval" / "metrics.json").exists()

@@ -29,6 +29,7 @@ from tests.data.helpers import (
     needs_dali,
     remove_index,
     run_cli,
+    stale_index,
     truncate,
 )
 
@@ -42,7 +43,10 @@ FAULTS = {
     "missing index": (remove_index, "missing; rewrite it with `colorize-dist shards index", MissingShardsError,
                       "--repair"),
     "manifest mismatch": (misstate_size, "(truncated or replaced)", ShardDataError, "(truncated or replaced)"),
+    "stale index": (stale_index, "does not match train-000001.tar; rewrite it with `colorize-dist shards index",
+                    ShardDataError, "(a stale index); rewrite it with `colorize-dist shards index"),
 }
+REPAIRED = ("missing index", "stale index")  # the fix is `shards index --repair`, not a remake
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +122,9 @@ def test_loaders_refuse_each_fault_in_one_line(jpeg_shards, tmp_path, backend, f
     assert time.perf_counter() - started < 30
     message = str(raised.value)
     assert "\n" not in message and str(damaged) in message and words in message
-    if error is ShardDataError:
+    if fault in REPAIRED:
+        assert message.endswith(f"rewrite it with `colorize-dist shards index {shards} --repair`"), message
+    else:
         assert f"run `colorize-dist shards verify {shards}`, then remake the set" in message
 
 

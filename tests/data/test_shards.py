@@ -5,9 +5,12 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import tarfile
 import time
 import zipfile
@@ -26,6 +29,7 @@ from colorize_dist.data.make import ShardOptions, make_shards, sample_key, split
 from colorize_dist.data.manifest import ShardError
 from colorize_dist.data.synth import synth_image, write_synthetic_shards
 from tests.data.helpers import GOOD_IMAGES, run_cli
+from tests.training.helpers import REPO
 
 
 @pytest.fixture(scope="module")
@@ -325,7 +329,11 @@ def small_tmpfs(tmp_path: Path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_a_full_disk_ends_make_in_one_line_and_leaves_no_set_that_looks_complete(small_tmpfs, tmp_path, capsys):
+@pytest.mark.parametrize("shard_size", [8, 1000])  # 1000: the disk fills before the first shard is complete
+def test_a_full_disk_ends_make_in_one_line_and_leaves_no_set_that_looks_complete(shard_size, small_tmpfs, tmp_path,
+                                                                                 capsys):
+    """The line reports the bytes the shards took, the unfinished one's included (before: "took 0.0 B, the set needs
+    about 0.0 B" when no shard was complete), and `shards index` refuses what is left."""
     source = tmp_path / "noise"
     source.mkdir()
     rng = np.random.default_rng(0)
@@ -333,16 +341,88 @@ def test_a_full_disk_ends_make_in_one_line_and_leaves_no_set_that_looks_complete
         Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(source / f"n{index:02d}.png")
     out = small_tmpfs / "shards"
     started = time.perf_counter()
-    assert run_cli("shards", "make", source, out, "--resolution", 64, "--shard-size", 8, "--workers", 1) == 2
+    assert run_cli("shards", "make", source, out, "--resolution", 64, "--shard-size", shard_size, "--workers", 1) == 2
     assert time.perf_counter() - started < 60
     error = capsys.readouterr().err.splitlines()
     lines = [line for line in error if line.startswith("shards make: ")]
     assert len(lines) == 1 and not any("Traceback" in line or "closed file" in line for line in error)
     assert re.fullmatch(rf"shards make: no space left on the device holding {re.escape(str(out))}: the shards of "
-                        r"\d+ of 64 images took [\d.]+ KiB, the set needs about [\d.]+ KiB and [\d.]+ KiB is free; "
-                        r"free space or choose another OUT, then rerun with --force \(no manifest was written: the "
-                        r"partial set is never used\)", lines[0]), lines[0]
+                        r"\d+ of 64 images took [1-9][\d.]+ KiB, the set needs about [1-9][\d.]+ KiB and [\d.]+ KiB "
+                        r"is free; free space or choose another OUT, then rerun with --force \(no manifest was "
+                        r"written: the partial set is never used\)", lines[0]), lines[0]
     assert not (out / "manifest.json").exists() and not list(out.rglob("*.partial"))
     assert all(tar.with_suffix(".idx").is_file() for tar in out.rglob("*.tar"))  # complete shards only
-    with pytest.raises(MissingShardsError, match=r"manifest.json is missing \(an interrupted `shards make`\?\)"):
+    interrupted = (rf"manifest.json is missing: a `shards make` into {re.escape(str(out))} did not finish \(\d+ "
+                   r"images in complete shards; 64 inputs planned")
+    with pytest.raises(MissingShardsError, match=interrupted):
         build_loader(DataConfig(shards=str(out), resolution=64, backend="reference"), "train", batch_size=4)
+    assert run_cli("shards", "index", out) == 2
+    assert "or pass --force to index the complete shards alone" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- an interrupted make
+
+def shards_cli(*argv: str | Path, timeout: float = 60) -> tuple[subprocess.CompletedProcess, float]:
+    """`colorize-dist shards ...` in a process of its own, and its wall time."""
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "colorize_dist", "shards", *map(str, argv)], capture_output=True,
+                            text=True, timeout=timeout, env=os.environ | {"PYTHONPATH": str(REPO)}, cwd=REPO)
+    return result, time.perf_counter() - started
+
+
+def error_line(stderr: str, prefix: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith(prefix)]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+def test_a_killed_make_is_refused_by_index_and_verify_says_remake(tmp_path):
+    """SIGKILL mid-way leaves complete shards, a `.partial` one and the plan: `index` refuses them (they are part of a
+    set), `verify` and the loaders say to remake it, `index --force` adopts the complete shards knowingly.
+    Before: `index` wrote a manifest of the shards that happened to be complete and exited 0."""
+    source = tmp_path / "noise"
+    source.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(240):  # incompressible, so that encoding takes long enough to kill mid-way
+        Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(source / f"n{index:03d}.png")
+    out = tmp_path / "shards"
+    make = subprocess.Popen([sys.executable, "-m", "colorize_dist", "shards", "make", str(source), str(out),
+                             "--resolution", "96", "--shard-size", "8", "--val-fraction", "0.1", "--workers", "1",
+                             "--quality", "100"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
+                            env=os.environ | {"PYTHONPATH": str(REPO)}, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(out.glob("train/*.tar")) and make.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        os.killpg(make.pid, signal.SIGKILL)
+        make.wait()
+    assert make.returncode == -signal.SIGKILL, "the make finished before it could be killed"
+    complete = sum(count_images(tar.with_suffix(".idx").read_text()) for tar in out.rglob("*.tar"))
+    assert 0 < complete < 240 and list(out.rglob("*.partial"))
+
+    result, seconds = shards_cli("index", out)
+    line = error_line(result.stderr, "shards index: ")
+    assert result.returncode == 2 and seconds < 30, result.stderr
+    assert re.fullmatch(rf"shards index: a `shards make` into {re.escape(str(out))} did not finish \({complete} images "
+                        r"in complete shards; 240 inputs planned in make-in-progress.json; \d+ unfinished shard\(s\): "
+                        rf".*\); remake the set with `colorize-dist shards make {re.escape(str(source))} "
+                        rf"{re.escape(str(out))} ... --force` \(its options as before\), or pass --force to index the "
+                        r"complete shards alone", line), line
+    assert not (out / "manifest.json").exists()
+
+    result, seconds = shards_cli("verify", out)
+    line = error_line(result.stderr, "shards verify: ")
+    assert result.returncode == 2 and seconds < 30 and "shards index" not in line, result.stderr
+    assert line.startswith(f"shards verify: {out / 'manifest.json'} is missing: a `shards make` into {out} did not "
+                           f"finish") and f"shards make {source} {out} ... --force" in line
+    with pytest.raises(MissingShardsError, match="did not finish"):
+        build_loader(DataConfig(shards=str(out), resolution=96, backend="reference"), "train", batch_size=4)
+
+    result, _ = shards_cli("index", out, "--force")
+    assert result.returncode == 0, result.stderr
+    assert f"note: adopted the {complete} images of an unfinished `shards make` (--force)" in result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sum(split["samples"] for split in manifest["splits"].values()) == complete
+    assert not list(out.rglob("*.partial")) and not (out / "make-in-progress.json").exists()
+    assert shards_cli("verify", out)[0].returncode == 0

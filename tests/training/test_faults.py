@@ -19,14 +19,17 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from colorize_dist.config import ConfigError
 from colorize_dist.training import checkpoint, command, milestones
 from colorize_dist.training.checkpoint import Progress
 from colorize_dist.training.config import load_training_config
+from colorize_dist.training.resume import find_resume
 from tests.training.helpers import (
     LAUNCH_ENV,
     REPO,
     TRAIN_SCRIPT,
     launch_command,
+    launch_script,
     subprocess_env,
     tiny_overrides,
     train_once,
@@ -89,6 +92,39 @@ def test_pruning_keeps_the_newest_valid_checkpoints_whatever_newer_broken_ones_e
     assert checkpoint.latest_valid(tmp_path).name == "step-0000030"
 
 
+def test_resume_names_what_it_was_given_instead_of_a_checkpoint(tmp_path: Path) -> None:
+    """Before: each of these read "no manifest.json (the save did not finish)"."""
+    accelerator = Accelerator(cpu=True)
+    run, nowhere = tmp_path / "run", tmp_path / "nowhere"
+    newest = fake_checkpoint(run / "checkpoints", 10)
+    cases = {
+        nowhere: f"--resume {nowhere}: not a usable checkpoint: {nowhere} does not exist; pass a checkpoint folder",
+        run: (f"--resume {run}: not a usable checkpoint: {run} is a run folder, not a checkpoint; continue the run "
+              f"with --run-dir {run} --resume auto, or name one of its checkpoints (e.g. --resume {newest})"),
+        run / "checkpoints": f"{run / 'checkpoints'} is the checkpoints folder of a run, not a checkpoint;",
+    }
+    for resume, words in cases.items():
+        with pytest.raises(ConfigError) as raised:
+            find_resume(accelerator, tmp_path / "another-run", str(resume))
+        assert words in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_a_run_whose_checkpoints_are_all_damaged_is_refused_unless_resume_none(tmp_path: Path, capsys) -> None:
+    """Before: a warning per checkpoint, then training from step 0 without a word (replacing them as it went)."""
+    accelerator = Accelerator(cpu=True)
+    root = tmp_path / "checkpoints"
+    for step in (10, 20):
+        (fake_checkpoint(root, step) / "model.safetensors").write_bytes(b"truncated")
+    with pytest.raises(ConfigError) as raised:
+        find_resume(accelerator, tmp_path, "auto")
+    assert str(raised.value) == (f"--resume auto: all 2 step checkpoints in {root} are damaged (newest step-0000020: "
+                                 "model.safetensors does not match its checksum (corrupted or partly written); see "
+                                 "the warnings above); restore one, or start afresh with --resume none")
+    assert find_resume(accelerator, tmp_path, "none") is None
+    assert "training starts afresh at step 0" in capsys.readouterr().out
+    assert find_resume(accelerator, tmp_path / "fresh", "auto") is None  # no checkpoint at all: a first start
+
+
 # ---------------------------------------------------------------- checked before the first step
 
 @pytest.mark.parametrize("override", ["optim.lr=inf", "optim.lr=nan", "loss.alpha=-inf", "optim.betas=[0.5,nan]"])
@@ -123,7 +159,57 @@ def test_resuming_with_another_model_shape_is_one_line(shards: Path, tmp_path: P
     assert checkpoint.check(run_dir / "checkpoints" / "step-0000005") is None
 
 
+@pytest.mark.slow
+def test_resume_mistakes_end_in_one_line_naming_the_cause(shards: Path, tmp_path: Path) -> None:
+    """A path that is not there, a run folder, a DDP checkpoint under ZeRO-2 (before: "does not fit this config
+    (AssertionError)"), a run whose every checkpoint is damaged (before: retrained from step 0 without a word)."""
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(shards, **{"train.max_steps": 4, "train.checkpoint_every": 2})
+    assert train_once(run_dir, tiny_overrides(shards, **{"train.max_steps": 2})).returncode == 0
+    for resume, words in ((tmp_path / "nowhere", "does not exist"), (run_dir, "is a run folder, not a checkpoint")):
+        result, seconds = timed_run(tmp_path / "another", overrides, "--resume", str(resume))
+        assert result.returncode == 2 and seconds < BOUND_S and words in error_line(result)
+
+    started = time.perf_counter()  # one process under the ZeRO-2 config (DeepSpeed's first start builds an op: 2×)
+    zero = launch_script("deepspeed_cpu_2proc.yaml", [str(TRAIN_SCRIPT), "--run-dir", str(run_dir), *overrides],
+                         "--num_processes", "1", timeout=2 * BOUND_S)
+    assert zero.returncode != 0 and time.perf_counter() - started < 2 * BOUND_S
+    assert not re.search(r'File ".*colorize_dist', zero.stderr), zero.stderr  # the launcher's report follows, no more
+    assert [line for line in zero.stderr.splitlines() if line.startswith("train: ")] == [(
+        f"train: checkpoint {run_dir / 'checkpoints' / 'step-0000002'} was saved without DeepSpeed (DDP or one "
+        "process) and this run uses DeepSpeed ZeRO-2, which loads only DeepSpeed checkpoints; resume it with the "
+        "accelerate config it was saved with (not a configs/accelerate/deepspeed_*.yaml), or start afresh with "
+        "--resume none or another --run-dir")]
+
+    for weights in (run_dir / "checkpoints").glob("step-*/model.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:-100] + bytes(100))
+    result, seconds = timed_run(run_dir, overrides)
+    assert result.returncode == 2 and seconds < BOUND_S
+    assert "are damaged" in error_line(result) and "start afresh with --resume none" in error_line(result)
+    result, _ = timed_run(run_dir, overrides, "--resume", "none")
+    assert result.returncode == 0 and "training starts afresh at step 0" in result.stdout, result.stderr
+    assert checkpoint.latest_valid(run_dir / "checkpoints").name == "step-0000004"
+
+
 # ---------------------------------------------------------------- during the run
+
+@pytest.mark.slow
+def test_a_diverged_run_stops_in_one_line_before_it_is_called_finished(shards: Path, tmp_path: Path) -> None:
+    """optim.lr=1e9: the losses stay finite (D's WGAN terms reach 1e19, G's tanh saturates), so the NaN guard never
+    fires. Before: the run ended "finished" with its exports; now it stops at the logging step after the jump."""
+    run_dir = tmp_path / "run"
+    result, seconds = timed_run(run_dir, tiny_overrides(shards, **{"optim.lr": 1e9, "train.max_steps": 40}))
+    assert result.returncode == command.EXIT_DIVERGED and seconds < BOUND_S, result.stderr
+    line = error_line(result)
+    match = re.fullmatch(r"train: the losses diverged at step (\d+): their magnitude \S+ is \S+ times their running "
+                         r"level \S+; the learning rate is the likely cause \(optim.lr=1e\+09\): lower it, or set "
+                         r"optim.grad_clip > 0. The step was not checkpointed or exported", line)
+    assert match and 4 < int(match.group(1)) < 40, line  # after the generator's 4 steps alone, when D joins
+    step = int(match.group(1))
+    assert not (run_dir / "summary.json").exists() and not (run_dir / "export" / "generator_final.safetensors").exists()
+    assert all(checkpoint.check(folder) is None and int(folder.name[5:]) < step
+               for folder in checkpoint.step_checkpoints(run_dir / "checkpoints"))
+
 
 def test_weights_gone_non_finite_are_never_checkpointed(tmp_path: Path) -> None:
     """The guard itself (optim.lr=inf, the way a user got there, is refused by the config now)."""

@@ -106,3 +106,9 @@ def residual_chroma(image: Image.Image) -> float:
     chroma = np.array([np.median(along[members == index]) for index in range(len(bins))])
     tint = hue[:, None] * chroma[members]
     return float(np.percentile(np.hypot(*(ab - tint)), CHROMA_PERCENTILE))
+
+
+def ab_sums(image: Image.Image) -> tuple[float, float, int]:
+    """The sums of CIELAB a and b over an RGB image's pixels, and its pixel count (for a set's mean ab)."""
+    lab = rgb_to_lab(torch.from_numpy(np.array(image.convert("RGB")))[None], num_threads=1)[0].double()
+    return float(lab[1].sum()), float(lab[2].sum()), image.width * image.height

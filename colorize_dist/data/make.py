@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 from PIL import Image, ImageOps
 from tabulate import tabulate
 from tqdm import tqdm
@@ -57,6 +58,7 @@ from colorize_dist.data.images import (
     BACKGROUND,
     CHROMA_EDGE,
     CHROMA_SIDE,
+    ab_sums,
     has_transparency,
     on_background,
     residual_chroma,
@@ -100,6 +102,7 @@ class Stored(NamedTuple):
     data: bytes
     composited: bool = False  # it had transparent pixels, now composited onto BACKGROUND
     review: Thumbnail | None = None  # kept, but its residual chroma is in the band listed for review
+    ab_sums: tuple[float, float, int] | None = None  # Σa, Σb over its pixels and their count (`images.ab_sums`)
 
 
 class Skipped(NamedTuple):
@@ -278,7 +281,7 @@ def encode_image(relative_path: str, data: bytes, *, resolution: int | None, ima
         review = thumbnail(rgb, chroma)
     if resolution is None:  # the file as it is, unless its transparent pixels would show their hidden colour
         stored = encode_array(rgb, "png", quality, transparent) if transparent else \
-            Stored(relative_path.rsplit(".", 1)[1].lower(), data)
+            Stored(relative_path.rsplit(".", 1)[1].lower(), data, ab_sums=ab_sums(rgb))
     else:
         square = ImageOps.fit(rgb, (resolution, resolution), method=Image.Resampling.LANCZOS)
         stored = encode_array(square, image_format, quality, transparent)
@@ -299,7 +302,7 @@ def encode_array(image: Image.Image, image_format: str, quality: int, composited
         image.save(buffer, format="JPEG", quality=quality, progressive=False)  # baseline: the GPU's hardware decoder
     else:
         image.save(buffer, format="PNG")
-    return Stored(image_format, buffer.getvalue(), composited)
+    return Stored(image_format, buffer.getvalue(), composited, ab_sums=ab_sums(image))
 
 
 def write_shard_set(out: Path, relative_paths: Sequence[str], load: Callable[[str], Any],
@@ -326,6 +329,7 @@ def write_shard_set(out: Path, relative_paths: Sequence[str], load: Callable[[st
     skipped: list[tuple[str, Skipped]] = []
     review: list[tuple[str, Thumbnail]] = []
     sheet: dict[str, list[tuple[str, float, bytes]]] = {GRAYSCALE: [], REVIEW: []}
+    ab_totals = {split: np.zeros(3) for split in SPLITS}  # Σa, Σb, pixels of the kept images
     composited = 0
     workers = max(1, options.workers or os.cpu_count() or 1)
     done = 0
@@ -337,8 +341,9 @@ def write_shard_set(out: Path, relative_paths: Sequence[str], load: Callable[[st
                     drawn = result.thumbnail
                     verdict = GRAYSCALE
                 else:
-                    writers[split_of(path, options.val_fraction)].write(sample_key(path), result.extension,
-                                                                        result.data)
+                    split = split_of(path, options.val_fraction)
+                    writers[split].write(sample_key(path), result.extension, result.data)
+                    ab_totals[split] += result.ab_sums
                     composited += result.composited
                     drawn = result.review
                     verdict = REVIEW
@@ -368,6 +373,8 @@ def write_shard_set(out: Path, relative_paths: Sequence[str], load: Callable[[st
             sample_order=SAMPLE_ORDER, jpeg_quality=options.quality, transparent_on_background=composited,
             skipped=[{"file": path, "reason": why.reason, "detail": why.detail} for path, why in skipped],
             review=[{"file": path, "residual_chroma": round(drawn.residual_chroma, 2)} for path, drawn in review],
+            mean_ab={split: [round(float(a / pixels), 4), round(float(b / pixels), 4)] if pixels else None
+                     for split, (a, b, pixels) in ab_totals.items()},
             contact_sheet=CONTACT_SHEET if grayscale or review else None,
         )
     except OSError as exc:

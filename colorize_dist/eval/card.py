@@ -9,8 +9,11 @@
   the numbers do not depend on them beyond float rounding;
 - each per-image metric's mean with its 95 % bootstrap interval (`intervals`); FID with its jackknife
   standard error, KID and IS with their spread over subsets and splits (`fid`);
-- the same per skin-tone stratum (ITA of the ground truth, `strata`) with its count, and per metric the largest
-  gap between two strata of at least `min_stratum_images` images, with the interval of that difference.
+- the model minus each baseline (gray, the training set's mean ab) on the same images, with paired intervals;
+- the same per skin-tone stratum (ITA of the ground truth's skin in the face region, `strata`) or per users'
+  group (`--groups`) with its count, and per metric the largest gap between two strata of at least
+  `min_stratum_images` images (every such stratum, "undetermined" included; the others listed with why), with
+  the interval of that difference.
 
 `colorize-dist eval --compare A B` prints two cards side by side, and refuses (one line, exit status 2) when
 their protocols differ, naming the first field that does: numbers from different protocols are not comparable.

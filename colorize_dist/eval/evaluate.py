@@ -4,14 +4,18 @@
 Metrics are those of `colorize_dist.eval.metrics`: PSNR/SSIM in Lab, ab and RGB, ΔE (CIEDE2000),
 colourfulness and the gray baseline; LPIPS with --lpips-weights; FID, KID and Inception Score with
 --fid-weights. The card (`colorize_dist.eval.card`) fixes the protocol and gives every per-image metric
-with its 95 % bootstrap interval, FID with its jackknife standard error, and the figures per skin-tone
-stratum. Under `accelerate launch` every process scores its share of the images; the sums are reduced and
-the per-image values and Inception outputs gathered to rank 0, so N processes give the same numbers as one.
+with its 95 % bootstrap interval, the model's paired differences from the gray and mean-ab baselines, FID
+with its jackknife standard error, and the figures per skin-tone stratum (skin looked for in the face region,
+`--skin-region`) or per group of `--groups`; per_image.csv holds each image's values. Under `accelerate
+launch` every process scores its share of the images; the sums are reduced and the per-image values and
+Inception outputs gathered to rank 0, so N processes give the same numbers as one.
 
   colorize-dist eval --checkpoint runs/00003 --shards data/celeba_shards
   colorize-dist eval --checkpoint runs/00003 --shards data/celeba_shards --fid-weights --lpips-weights \
       --fid-reference val_ref.npz
-  colorize-dist eval --compare runs/00003 runs/00004   # RUN/eval/card.json of each; refuses other protocols
+  colorize-dist eval --checkpoint runs/00003 --shards data/test_shards --groups skin_types.csv  # your own strata
+  colorize-dist eval --compare runs/00003 runs/00004   # RUN/eval/card.json of each; refuses other protocols;
+                                                       # A − B with paired intervals on the same images
   ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m colorize_dist eval --checkpoint FILE --shards DIR  # 2 CPUs
 """
 

@@ -23,6 +23,9 @@ BACKGROUND = (255, 255, 255)  # what transparent pixels become: white, as a page
 TRANSPARENT_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 CHROMA_SIDE = 64  # `residual_chroma` looks at the image box-filtered to at most this many pixels a side
 CHROMA_PERCENTILE = 99.0
+# `residual_chroma` leaves out this share of the width and of the height along each edge: a scanner bed, a coloured
+# mat or a strip of another photo along the edge of a gray print is not the image's colour.
+CHROMA_EDGE = 0.1
 
 
 def to_8bit(image: Image.Image) -> Image.Image:
@@ -85,12 +88,15 @@ def residual_chroma(image: Image.Image) -> float:
     The tint is a hue direction (the line through a = b = 0 that fits the pixels' (a, b) best) with a chroma
     along it that depends on lightness only (the median over the pixels of each L, in bins of 1). The residual
     is each pixel's distance in the (a, b) plane from the tint at its lightness, at the 99th percentile over
-    pixels, on the image box-filtered to at most CHROMA_SIDE pixels a side. A gray image scores 0, and so does a
-    toned one (sepia, cyanotype, a print on yellowed paper); a colour photo scores high as soon as 1 % of its
-    pixels have another colour, so a colour subject on a gray background counts as colour, and so do flat
-    graphics of several hues.
+    pixels, on the image without a CHROMA_EDGE margin along each edge, box-filtered to at most CHROMA_SIDE pixels
+    a side. A gray image scores 0, and so does a toned one (sepia, cyanotype, a print on yellowed paper); a colour
+    photo scores high as soon as 1 % of its pixels have another colour, so a colour subject on a gray background
+    counts as colour, and so do flat graphics of several hues. A tight crop of a face whose only colour is muted
+    skin is nearly one tint too, and scores low: see `data.make` for the band that is kept for review.
     """
     small = image.convert("RGB")
+    margin_x, margin_y = round(CHROMA_EDGE * small.width), round(CHROMA_EDGE * small.height)
+    small = small.crop((margin_x, margin_y, small.width - margin_x, small.height - margin_y))
     small.thumbnail((CHROMA_SIDE, CHROMA_SIDE), Image.Resampling.BOX)
     lab = rgb_to_lab(torch.from_numpy(np.array(small))[None], num_threads=1)[0].numpy().astype(np.float64)
     lightness, ab = lab[0].ravel(), lab[1:].reshape(2, -1)
@@ -100,3 +106,9 @@ def residual_chroma(image: Image.Image) -> float:
     chroma = np.array([np.median(along[members == index]) for index in range(len(bins))])
     tint = hue[:, None] * chroma[members]
     return float(np.percentile(np.hypot(*(ab - tint)), CHROMA_PERCENTILE))
+
+
+def ab_sums(image: Image.Image) -> tuple[float, float, int]:
+    """The sums of CIELAB a and b over an RGB image's pixels, and its pixel count (for a set's mean ab)."""
+    lab = rgb_to_lab(torch.from_numpy(np.array(image.convert("RGB")))[None], num_threads=1)[0].double()
+    return float(lab[1].sum()), float(lab[2].sum()), image.width * image.height

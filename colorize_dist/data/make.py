@@ -15,9 +15,11 @@ makes a test set (every image in val/, no train/ images).
 Skipped, and listed with the reason (on the terminal, counted per reason in the summary, all in manifest.json):
   unreadable  files that do not decode to the end (truncated, not an image);
   too small   a shorter side under --min-size (default RESOLUTION / 2: a 1x1 image is not upscaled to a flat tile);
-  grayscale   images whose colour their lightness explains (gray, sepia, cyanotype, a yellowed print): residual
-              chroma (`images.residual_chroma`) under 10, where colour photos measured 12.5 and more and
-              toned prints of 256 px and more, even as JPEGs of quality 50, 8.4 and less; --keep-gray keeps them.
+  grayscale   images whose colour their lightness explains (gray, sepia, cyanotype, a faintly tinted print):
+              residual chroma (`images.residual_chroma`) under 4; --keep-gray keeps them.
+Kept but listed for review: residual chroma from 4 to 12, where colour faces of muted colour (a tight crop of
+skin is nearly one tint) meet JPEG-compressed toned prints; losing a colour face quietly is the worse error.
+The skipped grayscale images and those kept for review are drawn, with their scores, on OUT/contact_sheet.png.
 
 A full disk stops the run with one line naming the folder and the space needed; complete shards stay, the one
 being written is removed, and no manifest is written. What the run set out to write is recorded in OUT (`manifest.
@@ -47,14 +49,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 from PIL import Image, ImageOps
 from tabulate import tabulate
 from tqdm import tqdm
 
+from colorize_dist.data import contact_sheet
 from colorize_dist.data.dali_index import IMAGE_EXTENSIONS, image_extension
 from colorize_dist.data.images import (
     BACKGROUND,
+    CHROMA_EDGE,
     CHROMA_SIDE,
+    ab_sums,
     has_transparency,
     on_background,
     residual_chroma,
@@ -69,15 +75,26 @@ IMAGE_FORMATS = ("jpg", "png")
 CPU_DECODED = ("png", "webp")  # DALI's `mixed` decoder decodes these on the CPU
 SPLIT_RULE = "val if int(sha1(relative path).hexdigest()[:16], 16) / 2**64 < val_fraction, else train"
 SAMPLE_ORDER = "sha1 of the relative path (pre-shuffled: neighbours in a shard are unrelated images)"
-# Residual chroma (`images.residual_chroma`) under which an image counts as grayscale. Measured on the nine colour
-# photos skimage and matplotlib ship, at 512 px (tests/data/test_clean_sets.py): 12.5 (the Hubble deep field,
-# mostly black sky; a retina, nearly one hue, 14.6) to 79.6 (a portrait); their gray versions 0; sepia, cyanotype
-# and yellowed-paper prints of them 0.7-1.0, as JPEGs of quality 75 1.7-3.1 and of quality 50 3.1-4.7 (at 256 px
-# up to 8.4; under about 192 px the JPEG artefacts of a toned print can reach 10, and such a print is kept).
-GRAY_RESIDUAL_CHROMA = 10.0
+# Residual chroma (`images.residual_chroma`) under which an image counts as grayscale, and from which it counts as
+# colour without review. Measured (tests/data/test_clean_sets.py, README "What `shards make` leaves out") on face
+# crops of the portraits and the cat that skimage and matplotlib ship, 96-256 px: as shot 14.3 and more, with their
+# chroma scaled by 0.6 8.6 and more, by 0.4 5.8, by 0.25 3.6; gray, sepia, cyanotype and faintly tinted prints of
+# them 1.0 and less (2.8 and less as JPEGs of quality 90 for the faint tint), JPEGs of the strongly toned prints up
+# to 11.8 (quality 50, 96 px). Between the two, muted colour faces and compressed toned prints overlap: kept, listed.
+GRAY_RESIDUAL_CHROMA = 4.0
+COLOUR_RESIDUAL_CHROMA = 12.0
+CONTACT_SHEET = "contact_sheet.png"
 UNREADABLE, TOO_SMALL, GRAYSCALE = "unreadable", "too small", "grayscale"
+REVIEW = "review"  # kept, listed for review
 SKIP_REASONS = (UNREADABLE, TOO_SMALL, GRAYSCALE)
 LISTED_PER_REASON = 20  # skipped files named on the terminal per reason; the manifest lists every one
+
+
+class Thumbnail(NamedTuple):
+    """What the contact sheet shows of an image: its residual chroma and a small RGB copy (PNG bytes)."""
+
+    residual_chroma: float
+    png: bytes
 
 
 class Stored(NamedTuple):
@@ -86,6 +103,8 @@ class Stored(NamedTuple):
     extension: str
     data: bytes
     composited: bool = False  # it had transparent pixels, now composited onto BACKGROUND
+    review: Thumbnail | None = None  # kept, but its residual chroma is in the band listed for review
+    ab_sums: tuple[float, float, int] | None = None  # Σa, Σb over its pixels and their count (`images.ab_sums`)
 
 
 class Skipped(NamedTuple):
@@ -93,6 +112,7 @@ class Skipped(NamedTuple):
 
     reason: str  # one of SKIP_REASONS
     detail: str
+    thumbnail: Thumbnail | None = None  # for the contact sheet (grayscale images)
 
 
 Encoded = Stored | Skipped
@@ -202,8 +222,10 @@ def make_shards(source: Path, out: Path, *, resolution: int | None, options: Sha
     encode = functools.partial(encode_image, resolution=resolution, image_format=options.image_format,
                                quality=options.quality, keep_gray=rules.keep_gray, min_size=min_size)
     gray_rule = ("kept (--keep-gray)" if rules.keep_gray else
-                 f"skipped when residual chroma < {GRAY_RESIDUAL_CHROMA:g} (99th percentile of the distance in ab "
-                 f"from one tint that follows lightness, box-filtered to at most {CHROMA_SIDE} px a side)")
+                 f"skipped when residual chroma < {GRAY_RESIDUAL_CHROMA:g}, kept and listed for review from "
+                 f"{GRAY_RESIDUAL_CHROMA:g} to {COLOUR_RESIDUAL_CHROMA:g} (99th percentile of the distance in ab "
+                 f"from one tint that follows lightness, {CHROMA_EDGE:.0%} of each side left out, box-filtered to at "
+                 f"most {CHROMA_SIDE} px a side)")
     with open_source(source) as (relative_paths, load):
         return write_shard_set(
             out, relative_paths, load, encode, options, source=str(source.resolve()), resolution=resolution,
@@ -253,13 +275,27 @@ def encode_image(relative_path: str, data: bytes, *, resolution: int | None, ima
         # PIL names the in-memory buffer it was given ("<_io.BytesIO object at 0x…>"): name the file instead.
         return Skipped(UNREADABLE, f"{type(exc).__name__}: "
                                    f"{re.sub(r'<_io.BytesIO object at 0x[0-9a-f]+>', relative_path, str(exc))}")
-    if not keep_gray and (chroma := residual_chroma(rgb)) < GRAY_RESIDUAL_CHROMA:
-        return Skipped(GRAYSCALE, f"residual chroma {chroma:.1f} < {GRAY_RESIDUAL_CHROMA:g}; --keep-gray keeps it")
+    review = None
+    if not keep_gray and (chroma := residual_chroma(rgb)) < COLOUR_RESIDUAL_CHROMA:
+        if chroma < GRAY_RESIDUAL_CHROMA:
+            return Skipped(GRAYSCALE, f"residual chroma {chroma:.1f} < {GRAY_RESIDUAL_CHROMA:g}; --keep-gray keeps it",
+                           thumbnail(rgb, chroma))
+        review = thumbnail(rgb, chroma)
     if resolution is None:  # the file as it is, unless its transparent pixels would show their hidden colour
-        return encode_array(rgb, "png", quality, transparent) if transparent else \
-            Stored(relative_path.rsplit(".", 1)[1].lower(), data)
-    square = ImageOps.fit(rgb, (resolution, resolution), method=Image.Resampling.LANCZOS)
-    return encode_array(square, image_format, quality, transparent)
+        stored = encode_array(rgb, "png", quality, transparent) if transparent else \
+            Stored(relative_path.rsplit(".", 1)[1].lower(), data, ab_sums=ab_sums(rgb))
+    else:
+        square = ImageOps.fit(rgb, (resolution, resolution), method=Image.Resampling.LANCZOS)
+        stored = encode_array(square, image_format, quality, transparent)
+    return stored._replace(review=review)
+
+
+def thumbnail(image: Image.Image, chroma: float) -> Thumbnail:
+    small = image.copy()
+    small.thumbnail((contact_sheet.THUMBNAIL, contact_sheet.THUMBNAIL), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    small.save(buffer, format="PNG")
+    return Thumbnail(chroma, buffer.getvalue())
 
 
 def encode_array(image: Image.Image, image_format: str, quality: int, composited: bool = False) -> Stored:
@@ -268,7 +304,7 @@ def encode_array(image: Image.Image, image_format: str, quality: int, composited
         image.save(buffer, format="JPEG", quality=quality, progressive=False)  # baseline: the GPU's hardware decoder
     else:
         image.save(buffer, format="PNG")
-    return Stored(image_format, buffer.getvalue(), composited)
+    return Stored(image_format, buffer.getvalue(), composited, ab_sums=ab_sums(image))
 
 
 def write_shard_set(out: Path, relative_paths: Sequence[str], load: Callable[[str], Any],
@@ -286,11 +322,16 @@ def write_shard_set(out: Path, relative_paths: Sequence[str], load: Callable[[st
     for path in relative_paths:
         if keys.setdefault(sample_key(path), path) != path:
             raise ShardError(f"{keys[sample_key(path)]} and {path} map to the same key; rename one")
+
+    created = not out.exists()
     prepare_output(out, options.force)
 
     ordered = sorted(relative_paths, key=path_hash)  # pre-shuffled shards: neighbours are unrelated images
     writers = {split: SplitWriter(out, split, options.shard_size) for split in SPLITS}
     skipped: list[tuple[str, Skipped]] = []
+    review: list[tuple[str, Thumbnail]] = []
+    sheet: dict[str, list[tuple[str, float, bytes]]] = {GRAYSCALE: [], REVIEW: []}
+    ab_totals = {split: np.zeros(3) for split in SPLITS}  # Σa, Σb, pixels of the kept images
     composited = 0
     workers = max(1, options.workers or os.cpu_count() or 1)
     done = 0
@@ -299,25 +340,46 @@ def write_shard_set(out: Path, relative_paths: Sequence[str], load: Callable[[st
         with multiprocessing.Pool(workers) as pool, tqdm(total=len(ordered), unit="img") as progress:
             for path, result in zip(ordered, _encode_all(pool, workers, ordered, load, encode), strict=True):
                 if isinstance(result, Skipped):
-                    skipped.append((path, result))
+                    skipped.append((path, result._replace(thumbnail=None)))
+                    drawn = result.thumbnail
+                    verdict = GRAYSCALE
                 else:
-                    writers[split_of(path, options.val_fraction)].write(sample_key(path), result.extension,
-                                                                        result.data)
+                    split = split_of(path, options.val_fraction)
+                    writers[split].write(sample_key(path), result.extension, result.data)
+                    ab_totals[split] += result.ab_sums
                     composited += result.composited
+                    drawn = result.review
+                    verdict = REVIEW
+                    if drawn is not None:
+                        review.append((path, drawn))
+                if drawn is not None and len(sheet[verdict]) < contact_sheet.MAX_PER_SECTION:
+                    sheet[verdict].append((path, drawn.residual_chroma, drawn.png))
                 done += 1
                 progress.update()
         shards = {split: writer.close() for split, writer in writers.items()}
         if not any(shards.values()):
+            remove_empty_output(out, created)
             overrides = [option for reason, option in ((GRAYSCALE, "--keep-gray"), (TOO_SMALL, "--min-size"))
                          if any(why.reason == reason for _, why in skipped)]
             see = f"; see {' and '.join(overrides)}" if overrides else ""
             (out / MAKE_PLAN).unlink()
             raise ShardError(f"none of the {len(ordered)} inputs was kept ({skip_counts(skipped)}{see}); nothing "
                              f"written to {out}")
+        grayscale = sum(why.reason == GRAYSCALE for _, why in skipped)
+        if grayscale or review:
+            contact_sheet.write(out / CONTACT_SHEET, [
+                (f"skipped as grayscale (residual chroma under {GRAY_RESIDUAL_CHROMA:g})", "skipped",
+                 sheet[GRAYSCALE], grayscale),
+                (f"kept for review (residual chroma {GRAY_RESIDUAL_CHROMA:g} to {COLOUR_RESIDUAL_CHROMA:g})", "kept",
+                 sheet[REVIEW], len(review))])
         manifest = write_manifest(
             out, shards, **manifest_info, val_fraction=options.val_fraction, split_rule=SPLIT_RULE,
             sample_order=SAMPLE_ORDER, jpeg_quality=options.quality, transparent_on_background=composited,
             skipped=[{"file": path, "reason": why.reason, "detail": why.detail} for path, why in skipped],
+            review=[{"file": path, "residual_chroma": round(drawn.residual_chroma, 2)} for path, drawn in review],
+            mean_ab={split: [round(float(a / pixels), 4), round(float(b / pixels), 4)] if pixels else None
+                     for split, (a, b, pixels) in ab_totals.items()},
+            contact_sheet=CONTACT_SHEET if grayscale or review else None,
         )
         (out / MAKE_PLAN).unlink()  # the set is complete
     except OSError as exc:
@@ -332,13 +394,36 @@ def write_shard_set(out: Path, relative_paths: Sequence[str], load: Callable[[st
                      out / split) for split in SPLITS], headers=("split", "images", "shards", "folder")))
     for note in decoder_notes(shards):
         print(f"note: {note}", file=sys.stderr)
-    for line in skip_listing(skipped, out / MANIFEST):
+    for line in skip_listing(skipped, out / MANIFEST) + review_listing(review, out / MANIFEST):
         print(line, file=sys.stderr)
     kept = len(ordered) - len(skipped)
     print(f"kept {kept} of {len(ordered)} images" + (f"; skipped {len(skipped)}: {skip_counts(skipped)}" if skipped
                                                      else "")
-          + (f"; {composited} with transparency composited onto white" if composited else ""))
+          + (f"; {composited} with transparency composited onto white" if composited else "")
+          + (f"; {len(review)} kept for review (residual chroma {GRAY_RESIDUAL_CHROMA:g} to "
+             f"{COLOUR_RESIDUAL_CHROMA:g}: muted colour, or a compressed toned print)" if review else "")
+          + (f"; see {out / CONTACT_SHEET}" if grayscale or review else ""))
     return skipped
+
+
+def review_listing(review: Sequence[tuple[str, Thumbnail]], manifest: Path) -> list[str]:
+    """The files kept for review with their scores, LISTED_PER_REASON at most (the manifest has them all)."""
+    lines = [f"review {path}: residual chroma {drawn.residual_chroma:.1f}, kept (colour faces of muted colour score "
+             f"{GRAY_RESIDUAL_CHROMA:g} to {COLOUR_RESIDUAL_CHROMA:g}, and so do JPEGs of toned prints)"
+             for path, drawn in review[:LISTED_PER_REASON]]
+    if len(review) > LISTED_PER_REASON:
+        lines.append(f"{len(review) - LISTED_PER_REASON} more images kept for review, all listed in {manifest}")
+    return lines
+
+
+def remove_empty_output(out: Path, created: bool) -> None:
+    """Remove the empty split folders of a set that kept nothing, and `out` itself if this run created it, so
+    that a retry starts as the first run did."""
+    for split in SPLITS:
+        shutil.rmtree(out / split, ignore_errors=True)
+    if created:
+        with contextlib.suppress(OSError):
+            out.rmdir()
 
 
 def skip_counts(skipped: Sequence[tuple[str, Skipped]]) -> str:
@@ -419,6 +504,7 @@ def prepare_output(out: Path, force: bool) -> None:
         if not force:
             raise ShardError(f"{out} already exists; pass --force to replace its shards")
         (out / MANIFEST).unlink(missing_ok=True)  # first, so the old set reads as incomplete from now on
+        (out / CONTACT_SHEET).unlink(missing_ok=True)
         for split in SPLITS:
             shutil.rmtree(out / split, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,34 +4,45 @@
 Metrics are those of `colorize_dist.eval.metrics`: PSNR/SSIM in Lab, ab and RGB, ΔE (CIEDE2000),
 colourfulness and the gray baseline; LPIPS with --lpips-weights; FID, KID and Inception Score with
 --fid-weights. The card (`colorize_dist.eval.card`) fixes the protocol and gives every per-image metric
-with its 95 % bootstrap interval, FID with its jackknife standard error, and the figures per skin-tone
-stratum. Under `accelerate launch` every process scores its share of the images; the sums are reduced and
-the per-image values and Inception outputs gathered to rank 0, so N processes give the same numbers as one.
+with its 95 % bootstrap interval, the model's paired differences from the gray and mean-ab baselines, FID
+with its jackknife standard error, and the figures per skin-tone stratum (skin looked for in the face region,
+`--skin-region`) or per group of `--groups`; per_image.csv holds each image's values. Under `accelerate
+launch` every process scores its share of the images; the sums are reduced and the per-image values and
+Inception outputs gathered to rank 0, so N processes give the same numbers as one.
 
   colorize-dist eval --checkpoint runs/00003 --shards data/celeba_shards
   colorize-dist eval --checkpoint runs/00003 --shards data/celeba_shards --fid-weights --lpips-weights \
       --fid-reference val_ref.npz
-  colorize-dist eval --compare runs/00003 runs/00004   # RUN/eval/card.json of each; refuses other protocols
+  colorize-dist eval --checkpoint runs/00003 --shards data/test_shards --groups skin_types.csv  # your own strata
+  colorize-dist eval --compare runs/00003 runs/00004   # RUN/eval/card.json of each; refuses other protocols;
+                                                       # A − B with paired intervals on the same images
   ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m colorize_dist eval --checkpoint FILE --shards DIR  # 2 CPUs
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
+import io
 import json
 import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+import yaml
 from accelerate import PartialState
 
 from colorize_dist.data import DataConfig, build_loader
+from colorize_dist.data.make import sample_key
 from colorize_dist.data.manifest import read_manifest
-from colorize_dist.eval import card, fid
+from colorize_dist.data.reading import parse_index
+from colorize_dist.eval import card, fid, strata
 from colorize_dist.eval.lpips import LPIPS_NET, LPIPS_WEIGHTS_FILENAME, lpips_weights_path
 from colorize_dist.eval.metrics import evaluate
+from colorize_dist.eval.names import LABELS
 from colorize_dist.eval.samples import sample_grid, save_grid
 from colorize_dist.files import atomic_write, first_line, sha256_of, writable_directory
 from colorize_dist.models.export import load_generator, resolve_checkpoint
@@ -62,6 +73,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-stratum-images", type=int, default=card.MIN_STRATUM_IMAGES, metavar="N",
                         help="skin-tone strata with fewer images take no part in the largest gap between strata "
                              f"(default {card.MIN_STRATUM_IMAGES}; part of the card's protocol)")
+    parser.add_argument("--skin-region", default="face", choices=tuple(strata.REGIONS),
+                        help="where the skin-tone strata look for skin: face (the cheeks, nose and mouth of an "
+                             "aligned face crop, as CelebA-HQ and FFHQ are; the default) or frame (the whole image, "
+                             "for uncropped photos)")
+    parser.add_argument("--groups", type=Path, metavar="FILE",
+                        help="your own group labels, used for the card's strata and gaps instead of skin tone: a "
+                             "CSV (key,group) or a JSON object {key: group}; a key is a sample key or the path of "
+                             "the image as `shards make` was given it")
+    parser.add_argument("--train-shards", type=Path, metavar="DIR",
+                        help="the shard set the model was trained on, whose manifest's train mean ab is the "
+                             "mean-ab baseline (default: the run's data.shards when --checkpoint is a run "
+                             "directory, else --shards)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch and process (default 32)")
     parser.add_argument("--backend", default="auto", choices=("auto", "dali", "reference"), help="data loader")
     parser.add_argument("--out", type=Path,
@@ -91,9 +114,14 @@ def main(args: argparse.Namespace) -> int:
         if args.fid_weights is not None and images < args.min_fid_images:
             raise ValueError(f"FID/KID/IS need at least {args.min_fid_images:,} images (--min-fid-images), the "
                              f"{args.split} split has {images:,}; score a larger split or leave out --fid-weights")
+        keys = split_keys(Path(args.shards), loader)
+        groups = read_groups(args.groups, keys) if args.groups is not None else None
+        mean_ab = training_mean_ab(args.train_shards or _training_shards(Path(args.checkpoint), checkpoint)
+                                   or Path(args.shards))
         evaluation = evaluate(generator, loader, device=state.device, fid_weights=args.fid_weights,
                               fid_reference=args.fid_reference, lpips_weights=args.lpips_weights,
-                              fid_standard_error=args.fid_weights is not None, progress=state.is_main_process)
+                              fid_standard_error=args.fid_weights is not None, mean_ab=mean_ab.get("ab"),
+                              skin_region=args.skin_region, progress=state.is_main_process)
     except (OSError, ValueError) as exc:
         print(f"eval: {first_line(exc)}", file=sys.stderr)
         return 2
@@ -108,13 +136,26 @@ def main(args: argparse.Namespace) -> int:
         if args.fid_weights is not None:
             report["inception"] = inception_report(args, images)
         atomic_write(out / "metrics.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        stratified = (card.Strata.from_groups(keys, groups) if groups is not None
+                      else card.Strata.from_ita(evaluation.ita))
+        summary = card.summarise(evaluation.per_image, stratified, args.min_stratum_images, evaluation.baselines)
+        summary["skin_estimate"] = {"region": args.skin_region,
+                                    "pixels_median": float(np.median(evaluation.skin["pixels"])),
+                                    "fraction_median": float(np.median(evaluation.skin["fraction"])),
+                                    "undetermined": int(np.isnan(evaluation.ita).sum())}
+        card.write_per_image(out / card.PER_IMAGE_CSV, keys, {
+            "stratum": stratified.labels, "ita": evaluation.ita, "skin_pixels": evaluation.skin["pixels"],
+            "skin_fraction": evaluation.skin["fraction"], **evaluation.per_image,
+            **{f"{baseline}:{name}": values for baseline, scores in evaluation.baselines.items()
+               for name, values in scores.items()}})
         evaluation_card = card.build_card(
             protocol=card.protocol(shards=args.shards, split=args.split, images=images, resolution=resolution,
-                                   resize_filter=loader.resize_filter,
+                                   resize_filter=resize_done(Path(args.shards), resolution, loader.resize_filter),
                                    metrics=list(evaluation.per_image), lpips_weights=args.lpips_weights,
                                    fid_weights=args.fid_weights, fid_reference=args.fid_reference,
-                                   min_stratum_images=args.min_stratum_images),
-            summary=card.summarise(evaluation.per_image, evaluation.ita, args.min_stratum_images),
+                                   min_stratum_images=args.min_stratum_images, skin_region=args.skin_region,
+                                   groups=args.groups),
+            summary=summary, baselines={"gray": {"ab": [0.0, 0.0]}, "mean_ab": mean_ab},
             metrics=metrics, fid_se=evaluation.fid_se,
             model={"checkpoint": str(checkpoint), "sha256": sha256_of(checkpoint),
                    "generator_config": dataclasses.asdict(generator_cfg)},
@@ -124,9 +165,10 @@ def main(args: argparse.Namespace) -> int:
         card_json, card_md = card.write_card(evaluation_card, out)
         save_grid(sample_grid(generator, next(loader.epoch(0)), max_images=SAMPLE_IMAGES), out / "samples.png")
         print(card.results_table(evaluation_card))
+        print(card.baselines_table(evaluation_card))
         print(card.strata_line(evaluation_card))
-        print(f"eval: {images} images; wrote {out / 'metrics.json'}, {card_json}, {card_md} and "
-              f"{out / 'samples.png'}")
+        print(f"eval: {images} images; wrote {out / 'metrics.json'}, {card_json}, {card_md}, "
+              f"{out / card.PER_IMAGE_CSV} and {out / 'samples.png'}")
     state.wait_for_everyone()
     return 0
 
@@ -143,8 +185,90 @@ def compare(first: str, second: str) -> int:
         print(f"eval: the cards' protocols differ at {difference}; their numbers are not comparable: evaluate both "
               "with the same shard set, split, resolution, metrics and weights", file=sys.stderr)
         return 2
-    print(card.comparison(*cards, names=(first, second)))
+    paired, why = paired_comparison(first, second)
+    print(card.comparison(*cards, names=(first, second), paired=paired))
+    if paired is None:
+        print(f"eval: no paired intervals: {why}", file=sys.stderr)
     return 0
+
+
+def paired_comparison(first: str, second: str) -> tuple[dict[str, dict[str, float]] | None, str]:
+    """A − B per metric with paired intervals from the cards' per-image files, when both score the same images
+    in the same order; else None and why."""
+    files = [card.card_file(path).with_name(card.PER_IMAGE_CSV) for path in (first, second)]
+    missing = [str(file) for file in files if not file.is_file()]
+    if missing:
+        return None, f"{' and '.join(missing)} missing (cards of an older colorize-dist?)"
+    (keys_a, values_a), (keys_b, values_b) = map(card.read_per_image, files)
+    if keys_a != keys_b:
+        return None, "the two cards scored different images"
+    names = [name for name in values_a if name in values_b and name in LABELS and name not in card.MODEL_FREE]
+    return card.paired_differences({name: values_a[name] for name in names},
+                                   {name: values_b[name] for name in names}), ""
+
+
+def split_keys(shards: Path, loader) -> list[str]:
+    """Each image's sample key, in the split's order (the order of the gathered per-image values)."""
+    return [key.removeprefix("./") for shard in loader.split.shards for key in parse_index(shard, shards).keys]
+
+
+def read_groups(path: Path, keys: list[str]) -> dict[str, str]:
+    """`--groups FILE`: key → group from a CSV (key,group rows, optionally under a header "key,group") or a JSON
+    object; one line
+    naming the file when it cannot be read or labels none of the split's images."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".json":
+            groups = json.loads(text)
+            if not isinstance(groups, dict):
+                raise ValueError("not a JSON object {key: group}")
+        else:
+            rows = [row for row in csv.reader(io.StringIO(text)) if len(row) >= 2]
+            if rows and [cell.strip().lower() for cell in rows[0][:2]] == ["key", "group"]:
+                rows = rows[1:]  # the header
+            groups = {row[0].strip(): row[1].strip() for row in rows}
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--groups {path} cannot be read ({first_line(exc)}); give a CSV of key,group rows or a "
+                         "JSON object {key: group}") from None
+    groups = {str(key): str(group) for key, group in groups.items()}
+    known = set(keys)
+    if not any(sample_key(key) in known for key in groups):
+        raise ValueError(f"--groups {path}: none of its {len(groups)} keys names an image of the split (keys are "
+                         f"sample keys such as {keys[0]!r}, or the image paths `shards make` was given)")
+    return groups
+
+
+def training_mean_ab(train_shards: Path) -> dict[str, object]:
+    """The mean-ab baseline: the train split's mean (a, b) that `shards make` recorded, and where it comes from;
+    or why there is none."""
+    try:
+        manifest = read_manifest(train_shards)
+    except OSError as exc:
+        return {"ab": None, "why": f"{first_line(exc)} (pass --train-shards)"}
+    value = (manifest.get("mean_ab") or {}).get("train")
+    if value is None:
+        reason = ("has no train images" if manifest["splits"]["train"]["samples"] == 0 else
+                  "records no mean ab (made before it did: make it again)")
+        return {"ab": None, "why": f"the manifest of {train_shards} {reason}; pass --train-shards the set the model "
+                                   "was trained on"}
+    return {"ab": [float(value[0]), float(value[1])], "from": f"{train_shards / 'manifest.json'} (train split)"}
+
+
+def _training_shards(given: Path, checkpoint: Path) -> Path | None:
+    """The run's data.shards, from RUN/config.yaml, when the checkpoint belongs to a run directory."""
+    config = _run_dir(given, checkpoint) / "config.yaml"
+    if not config.is_file():
+        return None
+    shards = ((yaml.safe_load(config.read_text()) or {}).get("data") or {}).get("shards")
+    return Path(shards) if shards else None
+
+
+def resize_done(shards: Path, resolution: int, resize_filter: str) -> str:
+    """What resized the images: nothing when the shards' images are already resolution² (their manifest says so),
+    else the loader's filter."""
+    if read_manifest(shards).get("resolution") == resolution:
+        return f"none (the shards' images are {resolution}², the resolution; no filter ran)"
+    return resize_filter
 
 
 def inception_report(args: argparse.Namespace, images: int) -> dict:

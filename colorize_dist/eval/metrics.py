@@ -33,9 +33,10 @@ metric sums, and for FID the count, Σx and XᵀX — that are reduced with one 
 Inception outputs themselves: they are gathered to rank 0 only (float32, as computed; a gather, not an
 all-gather, so no other rank holds them) with each image's place in the split, and put in the split's order, so
 they are the same for any number of ranks. Rank 0 then computes FID, KID and IS once and broadcasts them.
-`evaluate` also gathers each image's per-image metrics and the ITA of its ground truth (`strata`) to rank 0, as float64
-scalars, for the bootstrap intervals and skin-tone strata of the evaluation card (`card`). torchmetrics'
-functional PSNR/SSIM give the per-image values (in float64); we keep the sums rather than torchmetrics'
+`evaluate` also gathers to rank 0, as float64 scalars, each image's per-image metrics, those of the baselines (gray:
+ab = 0; the training set's mean ab, when given) and its ground truth's skin estimate (`strata`: ITA and the skin
+pixels it rests on), for the bootstrap intervals, paired comparisons and skin-tone strata of the evaluation card.
+torchmetrics' functional PSNR/SSIM give the per-image values (in float64); we keep the sums rather than torchmetrics'
 stateful metrics so that the result does not depend on how samples are split over ranks.
 """
 
@@ -59,7 +60,7 @@ from colorize_dist.data.loader import ColorLoader
 from colorize_dist.eval import fid
 from colorize_dist.eval.lpips import load_lpips, lpips_scores
 from colorize_dist.eval.names import INCEPTION_METRICS, LPIPS_METRICS, PER_IMAGE_METRICS
-from colorize_dist.eval.strata import individual_typology_angle
+from colorize_dist.eval.strata import skin_estimate
 from colorize_dist.models.spaces import CHANNELS, to_rgb
 
 LAB_DATA_RANGE = 2.0  # every normalised Lab channel spans [−1, 1]
@@ -198,8 +199,11 @@ class Evaluation:
 
     metrics: dict[str, float]  # compute_metrics' dict
     per_image: dict[str, np.ndarray] | None  # each per-image metric (n,) float64, images in the split's order
-    ita: np.ndarray | None  # (n,) each ground truth's ITA in degrees (`strata`), NaN where no skin was found
-    # (both None on the other ranks, and everywhere when evaluate(per_image=False), as for compute_metrics)
+    ita: np.ndarray | None  # (n,) each ground truth's ITA in degrees (`strata`), NaN where undetermined
+    # (these three None on the other ranks, and everywhere when evaluate(per_image=False), as for compute_metrics)
+    baselines: dict[str, dict[str, np.ndarray]] | None = None  # BASELINES' per-image metrics, as `per_image`
+    skin: dict[str, np.ndarray] | None = None  # (n,) the skin pixels each ITA rests on ("pixels") and their share
+    # of the region ("fraction")
     fid_se: float | None = None  # FID's jackknife standard error, when asked for (every rank)
 
 
@@ -221,9 +225,12 @@ def compute_metrics(generator: nn.Module, loader: ColorLoader, *, device: torch.
 def evaluate(generator: nn.Module, loader: ColorLoader, *, device: torch.device | str,
              fid_weights: str | Path | None = None, fid_reference: str | Path | None = None,
              lpips_weights: str | Path | None = None, per_image: bool = True, fid_standard_error: bool = False,
+             mean_ab: tuple[float, float] | None = None, skin_region: str = "face",
              progress: bool = False) -> Evaluation:
-    """`compute_metrics`, with (`per_image`) each image's per-image metrics and ITA gathered to rank 0 (scalars,
-    never images), and with `fid_standard_error` (and Inception weights) FID's jackknife standard error."""
+    """`compute_metrics`, with (`per_image`) each image's per-image metrics, its baselines' (gray, and the
+    constant `mean_ab` in CIELAB units when given) and its skin estimate in `skin_region` (`strata.REGIONS`)
+    gathered to rank 0 (scalars, never images), and with `fid_standard_error` (and Inception weights) FID's
+    jackknife standard error."""
     device = torch.device(device)
     inception = fid.load_inception(fid_weights, device) if fid_weights is not None else None
     lpips_net = load_lpips(lpips_weights, device) if lpips_weights is not None else None
@@ -235,7 +242,8 @@ def evaluate(generator: nn.Module, loader: ColorLoader, *, device: torch.device 
         sums.update({f"fake_{name}": value for name, value in fid.empty_sums(device).items()})
         if not reuse_reference:
             sums.update({f"real_{name}": value for name, value in fid.empty_sums(device).items()})
-    image_rows: list[torch.Tensor] = []  # per batch, float64: the per-image metrics | ITA
+    baselines = ("gray", "mean_ab") if mean_ab is not None else ("gray",)
+    image_rows: list[torch.Tensor] = []  # per batch, float64: per-image metrics, then each baseline's | ITA, skin
     inception_rows: list[torch.Tensor] = []  # per batch, float32: fake pool features | fake logits [| real pool]
     positions: list[torch.Tensor] = []  # per batch: each image's place in the split, to put the rows in its order
 
@@ -258,8 +266,14 @@ def evaluate(generator: nn.Module, loader: ColorLoader, *, device: torch.device 
                 sums["per_image"] += scores.sum(dim=0)
                 positions.append(torch.from_numpy(batch.positions[batch.slots.valid]).to(device))
                 if per_image:
-                    ita = individual_typology_angle(denormalise_lab(torch.cat([l, ab], dim=1)))
-                    image_rows.append(torch.cat([scores, ita[:, None]], dim=1))
+                    columns = [scores]
+                    for baseline in baselines:
+                        base_lab, base_rgb = baseline_batch(l, None if baseline == "gray" else mean_ab)
+                        columns.append(per_image_scores(l, ab, base_lab, base_rgb, true_rgb))
+                        if lpips_net is not None:
+                            columns.append(lpips_scores(lpips_net, base_rgb, true_rgb)[:, None])
+                    skin = skin_estimate(denormalise_lab(torch.cat([l, ab], dim=1)), skin_region)
+                    image_rows.append(torch.cat([*columns, torch.stack(skin, dim=1).to(scores.device)], dim=1))
                 if inception is not None:
                     outputs = list(fid.inception_outputs(inception, pred_rgb))
                     fid.accumulate(_stats(sums, "fake"), outputs[0])  # in place: the views share sums' tensors
@@ -277,10 +291,16 @@ def evaluate(generator: nn.Module, loader: ColorLoader, *, device: torch.device 
     if per_image or inception is not None:
         gathered_positions = gather_to_rank0(_rows(positions, 0, torch.int64, device))
         order = None if gathered_positions is None else torch.argsort(gathered_positions)
-    gathered = _in_order(gather_to_rank0(_rows(image_rows, len(names) + 1, torch.float64, device)), order) \
+    image_width = len(names) * (1 + len(baselines))
+    gathered = _in_order(gather_to_rank0(_rows(image_rows, image_width + 3, torch.float64, device)), order) \
         if per_image else None
-    values = None if gathered is None else dict(zip(names, gathered[:, :-1].cpu().numpy().T, strict=True))
-    ita = None if gathered is None else gathered[:, -1].cpu().numpy()
+    columns = None if gathered is None else gathered.cpu().numpy().T
+    values = None if columns is None else dict(zip(names, columns[:len(names)], strict=True))
+    baseline_values = None if columns is None else {
+        baseline: dict(zip(names, columns[len(names) * (1 + i):len(names) * (2 + i)], strict=True))
+        for i, baseline in enumerate(baselines)}
+    ita = None if columns is None else columns[image_width]
+    skin = None if columns is None else {"pixels": columns[image_width + 1], "fraction": columns[image_width + 2]}
     fid_se = None
     if inception is not None:
         width = _LOGITS + (0 if reuse_reference else fid.FEATURE_DIM)
@@ -288,7 +308,16 @@ def evaluate(generator: nn.Module, loader: ColorLoader, *, device: torch.device 
         inception_metrics, fid_se = _inception_metrics(sums, features, fid_weights, fid_reference, reuse_reference,
                                                        count, image_size, fid_standard_error)
         metrics.update(inception_metrics)
-    return Evaluation(metrics=metrics, per_image=values, ita=ita, fid_se=fid_se)
+    return Evaluation(metrics=metrics, per_image=values, ita=ita, baselines=baseline_values, skin=skin, fid_se=fid_se)
+
+
+def baseline_batch(l: torch.Tensor, mean_ab: tuple[float, float] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A trivial colourisation of normalised L (N, 1, H, W): ab = 0 (gray) or the constant `mean_ab` (CIELAB
+    units); as (normalised Lab, RGB in [0, 1]), as `colorize_batch` gives the model's."""
+    ab = torch.zeros((len(l), 2, *l.shape[-2:]), dtype=l.dtype, device=l.device)
+    if mean_ab is not None:
+        ab += torch.tensor(mean_ab, dtype=l.dtype, device=l.device)[None, :, None, None] * AB_SCALE
+    return torch.cat([l, ab], dim=1), to_rgb(l, ab, "ab").clamp(0.0, 1.0)
 
 
 def _rows(parts: list[torch.Tensor], width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

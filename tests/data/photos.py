@@ -56,3 +56,45 @@ def colour_in_centre(image: Image.Image, area: float) -> Image.Image:
     top, left = (height - side) // 2, (width - side) // 2
     gray[top:top + side, left:left + side] = colour[top:top + side, left:left + side]
     return Image.fromarray(gray)
+
+
+# Face-like images: crops of the colour portraits (astronaut, grace_hopper as `photo` gives them) and of the cat,
+# from the head with hair and background down to skin only, as (left, top, right, bottom).
+FACE_CROPS = {
+    "astronaut head": ("astronaut", (140, 10, 320, 200)),
+    "astronaut face": ("astronaut", (170, 60, 280, 180)),
+    "astronaut skin": ("astronaut", (185, 90, 265, 170)),
+    "hopper head": ("grace_hopper", (130, 80, 400, 350)),
+    "hopper face": ("grace_hopper", (160, 150, 370, 340)),
+    "hopper skin": ("grace_hopper", (190, 200, 340, 330)),
+    "cat face": ("chelsea", (100, 0, 400, 300)),
+}
+# How the colour faces are muted: (a, b) chroma scaled by `saturation`, then shifted by (Δa, Δb) (a regrade).
+MUTED = {"as shot": (1.0, 0.0, 0.0), "saturation 0.6": (0.6, 0.0, 0.0), "saturation 0.4": (0.4, 0.0, 0.0),
+         "saturation 0.25": (0.25, 0.0, 0.0), "warm, saturation 0.5": (0.5, 4.0, 10.0),
+         "cool, saturation 0.5": (0.5, -3.0, -10.0)}
+FAINT_TINT = (1.0, 0.97, 0.92)  # a B&W print on slightly warm paper
+STRIP = 0.08  # share of the width that a strip of another colour photo takes along one edge of a gray face
+
+
+def face(name: str, side: int) -> Image.Image:
+    """FACE_CROPS[name] resized to side² (Lanczos)."""
+    source, box = FACE_CROPS[name]
+    return photo(source).crop(box).resize((side, side), Image.Resampling.LANCZOS)
+
+
+def muted(image: Image.Image, saturation: float, delta_a: float = 0.0, delta_b: float = 0.0) -> Image.Image:
+    """`image` with its CIELAB chroma scaled by `saturation` and shifted by (delta_a, delta_b), back in 8-bit sRGB."""
+    color = pytest.importorskip("skimage.color")
+    lab = color.rgb2lab(np.asarray(image.convert("RGB")) / 255.0)
+    lab[..., 1:] = lab[..., 1:] * saturation + np.array([delta_a, delta_b])
+    return Image.fromarray(np.rint(color.lab2rgb(lab) * 255.0).clip(0, 255).astype(np.uint8))
+
+
+def gray_with_strip(image: Image.Image, strip_from: Image.Image) -> Image.Image:
+    """`image` in gray with a STRIP-wide strip of the colour photo `strip_from` along its left edge."""
+    gray = np.asarray(image.convert("L").convert("RGB")).copy()
+    width = round(STRIP * gray.shape[1])
+    colour = np.asarray(strip_from.convert("RGB").resize((gray.shape[1], gray.shape[0])))
+    gray[:, :width] = colour[:, :width]
+    return Image.fromarray(gray)

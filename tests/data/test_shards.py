@@ -89,7 +89,7 @@ def test_make_reports_skipped_files(image_folder, tmp_path, capsys):
     assert listed == {"notes.jpg": "unreadable", "people/truncated.jpg": "unreadable"} | dict.fromkeys(gray,
                                                                                                       "grayscale")
     assert captured.out.splitlines()[-1] == f"kept {GOOD_IMAGES - 2} of {GOOD_IMAGES + 2} images; skipped 4: " \
-                                            "2 unreadable, 2 grayscale"
+                                            f"2 unreadable, 2 grayscale; see {tmp_path / 'out' / 'contact_sheet.png'}"
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert {entry["file"]: entry["reason"] for entry in manifest["skipped"]} == listed
     assert manifest["splits"]["train"]["samples"] + manifest["splits"]["val"]["samples"] == GOOD_IMAGES - 2

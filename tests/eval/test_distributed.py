@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from colorize_dist.data import DataConfig, build_loader
-from colorize_dist.eval.card import summarise
+from colorize_dist.eval.card import Strata, summarise
 from colorize_dist.eval.metrics import Evaluation, compute_metrics, evaluate
 from colorize_dist.eval.names import INCEPTION_METRICS
 from colorize_dist.models.export import load_generator
@@ -57,7 +57,7 @@ def two_process_evaluation(shards: Path, generator_file: Path, **weights) -> Eva
                        start_method="spawn")
     by_rank = dict(results.get() for _ in range(2))
     assert by_rank[0].metrics == by_rank[1].metrics and by_rank[0].fid_se == by_rank[1].fid_se
-    assert by_rank[1].per_image is None and by_rank[1].ita is None  # gathered to rank 0 only
+    assert by_rank[1].per_image is None and by_rank[1].ita is None and by_rank[1].baselines is None  # rank 0 only
     return by_rank[0]
 
 
@@ -87,8 +87,17 @@ def test_two_processes_equal_one_on_an_uneven_split(val_shards: Path, generator_
         # float32 inference differs with the batch's composition (see assert_metrics_close); SSIM ab is near 0
         np.testing.assert_allclose(double.per_image[name], values, rtol=1e-6, atol=1e-7, err_msg=name)
     np.testing.assert_array_equal(double.ita, single.ita)  # from the ground truth alone: exact
+    for name in ("pixels", "fraction"):
+        np.testing.assert_array_equal(double.skin[name], single.skin[name])
     assert np.isfinite(single.ita).any()
-    one, two = summarise(single.per_image, single.ita, 2), summarise(double.per_image, double.ita, 2)
+    assert list(double.baselines) == list(single.baselines) == ["gray"]
+    for name, values in single.baselines["gray"].items():  # the gray baseline's values, as the model's
+        np.testing.assert_allclose(double.baselines["gray"][name], values, rtol=1e-6, atol=1e-7, err_msg=name)
+    np.testing.assert_allclose(single.baselines["gray"]["psnr_lab"], single.per_image["psnr_lab_gray"], rtol=1e-12)
+    one = summarise(single.per_image, Strata.from_ita(single.ita), 2, single.baselines)
+    two = summarise(double.per_image, Strata.from_ita(double.ita), 2, double.baselines)
+    for name, entry in one["versus_baselines"]["gray"].items():
+        assert two["versus_baselines"]["gray"][name] == pytest.approx(entry, rel=1e-6, abs=1e-7), name
     assert [entry["images"] for entry in two["strata"]] == [entry["images"] for entry in one["strata"]]
     pairs = [(two["metrics"], one["metrics"]),
              *((a["metrics"], b["metrics"]) for a, b in zip(two["strata"], one["strata"], strict=True))]

@@ -358,11 +358,11 @@ def write_shard_set(out: Path, relative_paths: Sequence[str], load: Callable[[st
                 progress.update()
         shards = {split: writer.close() for split, writer in writers.items()}
         if not any(shards.values()):
+            (out / MAKE_PLAN).unlink()
             remove_empty_output(out, created)
             overrides = [option for reason, option in ((GRAYSCALE, "--keep-gray"), (TOO_SMALL, "--min-size"))
                          if any(why.reason == reason for _, why in skipped)]
             see = f"; see {' and '.join(overrides)}" if overrides else ""
-            (out / MAKE_PLAN).unlink()
             raise ShardError(f"none of the {len(ordered)} inputs was kept ({skip_counts(skipped)}{see}); nothing "
                              f"written to {out}")
         grayscale = sum(why.reason == GRAYSCALE for _, why in skipped)

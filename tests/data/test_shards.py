@@ -362,32 +362,30 @@ def test_a_full_disk_ends_make_in_one_line_and_leaves_no_set_that_looks_complete
 
 # ---------------------------------------------------------------- an interrupted make
 
-def shards_cli(*argv: str | Path, timeout: float = 60) -> tuple[subprocess.CompletedProcess, float]:
-    """`colorize-dist shards ...` in a process of its own, and its wall time."""
+def timed_cli(capsys, *argv: str | Path) -> tuple[int, str, float]:
+    """`colorize-dist ...` in this process: exit status, the one `<command>: ` error line (or ""), seconds."""
+    capsys.readouterr()
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "colorize_dist", "shards", *map(str, argv)], capture_output=True,
-                            text=True, timeout=timeout, env=os.environ | {"PYTHONPATH": str(REPO)}, cwd=REPO)
-    return result, time.perf_counter() - started
+    status = run_cli(*argv)
+    seconds = time.perf_counter() - started
+    stderr = capsys.readouterr().err
+    lines = [line for line in stderr.splitlines() if line.startswith(f"{argv[0]} {argv[1]}: ")]
+    assert len(lines) <= 1 and "Traceback" not in stderr, stderr
+    return status, lines[0] if lines else stderr, seconds
 
 
-def error_line(stderr: str, prefix: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.startswith(prefix)]
-    assert len(lines) == 1 and "Traceback" not in stderr, stderr
-    return lines[0]
-
-
-def test_a_killed_make_is_refused_by_index_and_verify_says_remake(tmp_path):
+def test_a_killed_make_is_refused_by_index_and_verify_says_remake(tmp_path, capsys):
     """SIGKILL mid-way leaves complete shards, a `.partial` one and the plan: `index` refuses them (they are part of a
     set), `verify` and the loaders say to remake it, `index --force` adopts the complete shards knowingly.
     Before: `index` wrote a manifest of the shards that happened to be complete and exited 0."""
     source = tmp_path / "noise"
     source.mkdir()
     rng = np.random.default_rng(0)
-    for index in range(240):  # incompressible, so that encoding takes long enough to kill mid-way
-        Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(source / f"n{index:03d}.png")
+    for index in range(120):  # incompressible, so that encoding takes long enough to kill mid-way
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(source / f"n{index:03d}.png")
     out = tmp_path / "shards"
     make = subprocess.Popen([sys.executable, "-m", "colorize_dist", "shards", "make", str(source), str(out),
-                             "--resolution", "96", "--shard-size", "8", "--val-fraction", "0.1", "--workers", "1",
+                             "--resolution", "64", "--shard-size", "4", "--val-fraction", "0.1", "--workers", "1",
                              "--quality", "100"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
                             env=os.environ | {"PYTHONPATH": str(REPO)}, start_new_session=True)
     try:
@@ -399,30 +397,27 @@ def test_a_killed_make_is_refused_by_index_and_verify_says_remake(tmp_path):
         make.wait()
     assert make.returncode == -signal.SIGKILL, "the make finished before it could be killed"
     complete = sum(count_images(tar.with_suffix(".idx").read_text()) for tar in out.rglob("*.tar"))
-    assert 0 < complete < 240 and list(out.rglob("*.partial"))
+    assert 0 < complete < 120 and list(out.rglob("*.partial"))
 
-    result, seconds = shards_cli("index", out)
-    line = error_line(result.stderr, "shards index: ")
-    assert result.returncode == 2 and seconds < 30, result.stderr
+    status, line, seconds = timed_cli(capsys, "shards", "index", out)
+    assert status == 2 and seconds < 30, line
     assert re.fullmatch(rf"shards index: a `shards make` into {re.escape(str(out))} did not finish \({complete} images "
-                        r"in complete shards; 240 inputs planned in make-in-progress.json; \d+ unfinished shard\(s\): "
+                        r"in complete shards; 120 inputs planned in make-in-progress.json; \d+ unfinished shard\(s\): "
                         rf".*\); remake the set with `colorize-dist shards make {re.escape(str(source))} "
                         rf"{re.escape(str(out))} ... --force` \(its options as before\), or pass --force to index the "
                         r"complete shards alone", line), line
     assert not (out / "manifest.json").exists()
 
-    result, seconds = shards_cli("verify", out)
-    line = error_line(result.stderr, "shards verify: ")
-    assert result.returncode == 2 and seconds < 30 and "shards index" not in line, result.stderr
+    status, line, seconds = timed_cli(capsys, "shards", "verify", out)
+    assert status == 2 and seconds < 30 and "shards index" not in line, line
     assert line.startswith(f"shards verify: {out / 'manifest.json'} is missing: a `shards make` into {out} did not "
                            f"finish") and f"shards make {source} {out} ... --force" in line
     with pytest.raises(MissingShardsError, match="did not finish"):
-        build_loader(DataConfig(shards=str(out), resolution=96, backend="reference"), "train", batch_size=4)
+        build_loader(DataConfig(shards=str(out), resolution=64, backend="reference"), "train", batch_size=4)
 
-    result, _ = shards_cli("index", out, "--force")
-    assert result.returncode == 0, result.stderr
-    assert f"note: adopted the {complete} images of an unfinished `shards make` (--force)" in result.stderr
+    status, stderr, _ = timed_cli(capsys, "shards", "index", out, "--force")
+    assert status == 0 and f"note: adopted the {complete} images of an unfinished `shards make` (--force)" in stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert sum(split["samples"] for split in manifest["splits"].values()) == complete
     assert not list(out.rglob("*.partial")) and not (out / "make-in-progress.json").exists()
-    assert shards_cli("verify", out)[0].returncode == 0
+    assert run_cli("shards", "verify", out) == 0

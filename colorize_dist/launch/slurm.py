@@ -40,6 +40,7 @@ import submitit
 from submitit.core.utils import FailedJobError, FailedSubmissionError
 
 from colorize_dist.config import ConfigError, save_config
+from colorize_dist.data.store import redact
 from colorize_dist.files import first_line
 from colorize_dist.launch.resources import SlurmResources
 from colorize_dist.training.config import Config, check_launch
@@ -253,6 +254,10 @@ def submit(runs: Sequence[tuple[Config, TrainingJob]], resources: SlurmResources
 
 def _write_config(cfg: Config, job: TrainingJob) -> TrainingJob:
     """RUN/config.yaml (and RUN/accelerate.yaml); the job as submitted, reading the copies."""
+    if cfg.data.shards is not None and redact(cfg.data.shards) != cfg.data.shards:
+        raise ConfigError("data.shards holds credentials in its URL; the trainer records RUN/config.yaml without "
+                          "them, so a requeued job could not read the shards: give them in ~/.netrc (http, https) "
+                          "or the store's own settings (e.g. AWS_* variables for s3://)")
     job.run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, job.run_dir / CONFIG_NAME)
     if job.accelerate_config is None:

@@ -151,9 +151,11 @@ async def proxy(upstream_port: int, port: int, delay_s: float, faults: list[str]
             if upstream is not None:
                 upstream[1].close()
 
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     server = await asyncio.start_server(client, "127.0.0.1", port)
     async with server:
-        await server.serve_forever()
+        await stop.wait()
 
 
 def _content_length(head: bytes) -> int:
@@ -165,6 +167,5 @@ def _content_length(head: bytes) -> int:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     upstream, port, delay, kinds, every = sys.argv[1:6]
     asyncio.run(proxy(int(upstream), int(port), float(delay), [k for k in kinds.split(",") if k], int(every)))

@@ -204,7 +204,8 @@ class DaliSource:
         """Feed from (epoch, start) on; the batches in flight are run through the pipeline and dropped."""
         if self.stream is not None:
             self.stream.close()
-        self.stream = ReadAhead(self._prepare, self._plan(epoch, start), depth=self.cfg.prefetch + 1)
+        self.stream = ReadAhead(self._prepare, self._plan(epoch, start), depth=self.cfg.prefetch + 1,
+                                parallel=self.reading.batches_in_flight(self.layout.micro_batch))
         for _ in range(len(self.in_flight)):
             self._run(pipe, due=False)
             self.dropped += 1

@@ -20,7 +20,9 @@ import queue
 import tarfile
 import threading
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -229,6 +231,10 @@ class BatchReading:
         except ShardDataError as exc:
             return exc
 
+    def batches_in_flight(self, micro_batch: int) -> int:
+        """Micro-batches to read at once: one from disk; over a network, enough for `reads_in_flight` requests."""
+        return 1 if isinstance(self.store, LocalStore) else max(1, -(-self.store.connections // micro_batch))
+
     def close(self) -> None:
         self.reader.close()
 
@@ -238,23 +244,33 @@ _END = object()
 
 
 class ReadAhead(Generic[Item]):
-    """`load(slots)` for each of `plan`, in order, in a thread of its own, up to `depth` items ahead of `next()`.
+    """`load(slots)` for each of `plan`, in order, in a thread of its own, up to `depth` items ahead of `next()`;
+    `parallel` loads at once (remote shards: each waits on round trips, not on a core).
 
     The thread starts at the first `next()` (a DataLoader forks its workers before it asks for work, and a fork
     should not copy a thread in the middle of a read). What `load` raises is raised by the `next()` that would have
     returned its item; `close()` stops the thread within one `load`.
     """
 
-    def __init__(self, load: Callable[[MicroSlots], Item], plan: Iterator[MicroSlots], depth: int):
+    def __init__(self, load: Callable[[MicroSlots], Item], plan: Iterator[MicroSlots], depth: int, parallel: int = 1):
         self._items: queue.Queue = queue.Queue(maxsize=depth)
+        self._parallel = parallel
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(load, plan), name="colorize-read-ahead", daemon=True)
 
     def _run(self, load: Callable[[MicroSlots], Item], plan: Iterator[MicroSlots]) -> None:
         try:
-            for slots in plan:
-                if self._stop.is_set() or not self._put(load(slots)):
-                    return
+            with ThreadPoolExecutor(self._parallel, thread_name_prefix="colorize-read-batch") as pool:
+                loading: deque[Future] = deque()  # in plan order
+                for slots in plan:
+                    if self._stop.is_set():
+                        return
+                    loading.append(pool.submit(load, slots))
+                    if len(loading) == self._parallel and not self._put(loading.popleft().result()):
+                        return
+                while loading:
+                    if not self._put(loading.popleft().result()):
+                        return
         except BaseException as exc:  # re-raised in the consumer's thread
             self._put(exc)
         else:

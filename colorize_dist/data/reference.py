@@ -56,7 +56,8 @@ class ReferenceSource:
 
     def batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, EncodedBatch]]:
         plan = micro_batches(self.layout, self.reading.split.total, epoch, start)
-        encoded = ReadAhead(self.reading.read, plan, depth=self.cfg.prefetch * self.cfg.num_threads + 1)
+        encoded = ReadAhead(self.reading.read, plan, depth=self.cfg.prefetch * self.cfg.num_threads + 1,
+                            parallel=self.reading.batches_in_flight(self.layout.micro_batch))
         loader = DataLoader(Decoder(self.reading.store.where), sampler=encoded, batch_size=None,
                             collate_fn=collate, num_workers=self.cfg.num_threads, prefetch_factor=self.cfg.prefetch,
                             pin_memory=self.device.type == "cuda",

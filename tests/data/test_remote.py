@@ -12,8 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from colorize_dist.bench.serve import Nginx, Proxy
+from colorize_dist.config import ConfigError
 from colorize_dist.data import DataConfig, ManifestError, MissingShardsError, ShardDataError, build_loader, store
 from colorize_dist.data.store import open_store, redact
+from colorize_dist.launch.resources import SlurmResources
+from colorize_dist.launch.slurm import training_job
+from colorize_dist.training.config import load_training_config
 from tests.data.helpers import flip_sample, index_entries, run_cli
 from tests.data.servers import require_nginx
 from tests.training.helpers import tiny_overrides, train_once
@@ -156,3 +160,11 @@ def test_training_over_http_equals_training_from_disk_and_writes_no_credentials(
     written = [path for path in runs["http"].rglob("*") if path.is_file()]
     assert not [path for path in written if b"s3cret" in path.read_bytes()]
     assert f"shards: http://***@127.0.0.1:{server.port}/good/" in (runs["http"] / "config.yaml").read_text()
+
+
+def test_slurm_jobs_refuse_credentials_in_the_shard_url(tmp_path):
+    """A requeued job trains from RUN/config.yaml, which the trainer records with the credentials redacted."""
+    cfg = load_training_config("tiny", ["data.shards=https://reader:s3cret@data.example.org/faces/"])
+    with pytest.raises(ConfigError, match=r"^data.shards holds credentials in its URL; .* ~/.netrc"):
+        training_job(cfg, tmp_path / "run", SlurmResources(gpus_per_node=0))
+    assert not (tmp_path / "run").exists()

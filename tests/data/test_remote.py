@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import webdataset as wds
 from safetensors.torch import load_file
 
 from colorize_dist.bench.serve import Nginx, Proxy
@@ -168,3 +169,21 @@ def test_slurm_jobs_refuse_credentials_in_the_shard_url(tmp_path):
     with pytest.raises(ConfigError, match=r"^data.shards holds credentials in its URL; .* ~/.netrc"):
         training_job(cfg, tmp_path / "run", SlurmResources(gpus_per_node=0))
     assert not (tmp_path / "run").exists()
+
+
+def test_webdataset_reads_our_shards_by_url_as_by_path(served, synth_shards):
+    """The `webdataset` library streams a served shard (its own http reader) to the same keys and bytes as the
+    file on disk, and as our ranged reads."""
+    server, _ = served
+    tar = "train/train-000002.tar"
+
+    def samples(location: str) -> dict[str, bytes]:
+        pipeline = wds.DataPipeline(wds.SimpleShardList([location]), wds.tarfile_to_samples())
+        return {sample["__key__"]: sample["png"] for sample in pipeline}
+
+    by_path, by_url = samples(str(synth_shards / tar)), samples(f"{server.url}good/{tar}")
+    assert by_url == by_path and len(by_path) == 7
+    remote = open_store(server.url + "good/")
+    ours = {key: remote.read(Path(tar), offset, size)
+            for key, (_, offset, size, _) in zip(by_path, index_entries(synth_shards / tar), strict=True)}
+    assert ours == by_path

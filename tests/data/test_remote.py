@@ -21,7 +21,7 @@ from colorize_dist.launch.slurm import training_job
 from colorize_dist.training.config import load_training_config
 from tests.data.helpers import flip_sample, index_entries, run_cli
 from tests.data.servers import require_nginx
-from tests.training.helpers import tiny_overrides, train_once
+from tests.training.helpers import assert_same_weights, launch, probe_weights, tiny_overrides, train_once
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +187,22 @@ def test_webdataset_reads_our_shards_by_url_as_by_path(served, synth_shards):
     ours = {key: remote.read(Path(tar), offset, size)
             for key, (_, offset, size, _) in zip(by_path, index_entries(synth_shards / tar), strict=True)}
     assert ours == by_path
+
+
+@pytest.mark.slow
+def test_two_processes_over_a_faulty_server_train_as_from_disk(served, tmp_path):
+    """2 processes (DDP), 4 steps, from disk and over HTTP through a proxy that answers every 7th request with a
+    503, a 429, a reset or a short body: every weight of both ranks the same, bit for bit."""
+    server, root = served
+    proxy = Proxy(server.port, faults=("503", "429", "reset", "short"), period=7).start()
+    try:
+        for name, shards in (("disk", root / "good"), ("http", proxy.url + "good/")):
+            result = launch("cpu_2proc.yaml", tmp_path / name,
+                            tiny_overrides(shards, **{"train.max_steps": 4, "train.batch_size": 8}), timeout=400)
+            assert result.returncode == 0, result.stderr[-3000:]
+    finally:
+        proxy.stop()
+    assert len(proxy.faults) >= 4
+    for rank in (0, 1):
+        assert_same_weights(probe_weights(tmp_path / "disk", rank), probe_weights(tmp_path / "http", rank),
+                            rtol=0, atol=0)

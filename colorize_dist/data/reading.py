@@ -32,7 +32,7 @@ from colorize_dist.data.augment import Augment
 from colorize_dist.data.dali_index import dali_index, index_images
 from colorize_dist.data.manifest import MANIFEST, Shard, ShardDataError, verify_hint
 from colorize_dist.data.sharding import MicroSlots, SplitSamples, epoch_order, epoch_seed, slot_positions
-from colorize_dist.data.store import LocalStore, Store, redact
+from colorize_dist.data.store import LocalStore, Store, StoreUnavailable, redact
 from colorize_dist.files import sha256_of
 
 BLOCK = 512  # tar header size
@@ -131,6 +131,9 @@ class ShardReader:
             block = self.store.read(shard.path, offset - BLOCK, BLOCK + size)
         except FileNotFoundError:
             raise ShardDataError(f"shard {where} is missing (it was there when the run started); {hint}") from None
+        except StoreUnavailable as exc:
+            raise ShardDataError(f"{exc}; once it answers, rerun with `--resume auto` to continue from the last "
+                                 "checkpoint") from None
         except OSError as exc:
             raise ShardDataError(f"shard {where}: reading sample {member} failed "
                                  f"({redact(exc.strerror or str(exc))}); {hint}") from None

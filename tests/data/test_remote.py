@@ -3,6 +3,7 @@ batches, the same one-line errors naming the URL, transient faults retried."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from pathlib import Path
@@ -206,3 +207,25 @@ def test_two_processes_over_a_faulty_server_train_as_from_disk(served, tmp_path)
     for rank in (0, 1):
         assert_same_weights(probe_weights(tmp_path / "disk", rank), probe_weights(tmp_path / "http", rank),
                             rtol=0, atol=0)
+
+
+def test_a_server_going_down_mid_epoch_is_one_line_naming_the_url_in_bounded_time(served, monkeypatch):
+    server, _ = served
+    monkeypatch.setattr(store, "RETRIES", 3)
+    proxy = Proxy(server.port).start()
+    cfg = DataConfig(shards=proxy.url + "good/", resolution=16, backend="reference", num_threads=1,
+                     reads_in_flight=2, prefetch=1)
+    with build_loader(cfg, "train", batch_size=2, seed=3) as loader:
+        batches = loader.epoch(0)
+        next(batches)
+        proxy.stop()  # the outage: connections refused from now on
+        started = time.monotonic()
+        with pytest.raises(ShardDataError) as error:
+            for _ in batches:
+                pass
+        took = time.monotonic() - started
+    message = str(error.value)
+    assert re.match(rf"{proxy.url}good/train/train-00000\d\.tar did not answer: GET bytes \d+-\d+ tried 4 times over "
+                    r"\d+\.\d s, last \w+; once it answers, rerun with `--resume auto` to continue from the last "
+                    r"checkpoint$", message), message
+    assert "\n" not in message and took < 10

@@ -7,6 +7,11 @@ more than images/s. Without --shards, synthetic JPEG shards are written to a tem
 resolution. On a GPU the table adds DALI with mixed (GPU) decoding, and the reference loader uses all CPU
 cores. Ratios are against the reference loader.
 
+--latency MS... (and --url URL) time one loader (DALI on the CPU) reading the same shards from disk and over HTTP:
+nginx serves them on a loopback port, behind a proxy that delays every response by MS milliseconds (an object
+store's round trip; `bench/serve.py`); --url adds a column reading a shard set already served there (the same
+images as --shards). Ratios are against disk.
+
 --resume-at F also times a resumed epoch: from a new loader to the first batch of epoch 1 at batch
 round(F × batches per epoch), against replaying the consumed batches (decoding them, which is what the DALI
 loader did before it could start an epoch at any batch).
@@ -26,6 +31,7 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
+from colorize_dist.bench import serve
 from colorize_dist.data import DataConfig, build_loader, synth
 from colorize_dist.data.loader import dali_available
 from colorize_dist.data.make import ShardOptions
@@ -38,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--images", type=int, default=1024, help="synthetic images per resolution")
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs after the warm-up one")
+    parser.add_argument("--latency", type=float, nargs="+", metavar="MS",
+                        help="time reading from disk and over HTTP with these round trips, e.g. 0 20 50")
+    parser.add_argument("--url", help="also time reading this served copy of the shards (with --latency or alone)")
+    parser.add_argument("--reads-in-flight", type=int, default=DataConfig.reads_in_flight,
+                        help="data.reads_in_flight for the HTTP columns")
     parser.add_argument("--resume-at", type=float, metavar="F",
                         help="also time resuming epoch 1 at this fraction of it (0 < F < 1), e.g. 0.5")
 
@@ -49,6 +60,8 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("bench data: --resume-at must be between 0 and 1")
     if not dali_available():
         raise SystemExit("bench data: nvidia.dali is not installed; pip install 'colorize-dist[dali]'")
+    if args.latency is not None or args.url is not None:
+        return remote_main(args)
     runs = loader_runs(args.threads, on_gpu=torch.cuda.is_available())
     with tempfile.TemporaryDirectory(prefix="bench-data-") as scratch:
         rows, resumes = [], []
@@ -71,6 +84,45 @@ def main(args: argparse.Namespace) -> int:
                         for res, title, start, batches, exact, replay in resumes],
                        ["resolution", "loader", "batch", "exact start", "replay"], floatfmt=".3f",
                        numalign="right", stralign="right"))
+    return 0
+
+
+def remote_main(args: argparse.Namespace) -> int:
+    """Images/s of DALI on the CPU from disk, over HTTP at each --latency, and from --url, side by side."""
+    if args.latency is not None and not os.path.exists(serve.NGINX):
+        raise SystemExit("bench data: --latency serves the shards with nginx, which is not installed "
+                         "(apt-get install -y nginx)")
+    latencies = args.latency or []
+    titles = ["disk", *(f"HTTP {ms:g} ms" for ms in latencies), *(["--url"] if args.url else [])]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as scratch:
+        for resolution in args.resolutions:
+            shards = args.shards or synthetic_shards(Path(scratch) / str(resolution), args.images, resolution,
+                                                     workers=args.threads)
+
+            def rate(location: str, resolution=resolution) -> tuple[float, float]:
+                cfg = DataConfig(shards=location, resolution=resolution, backend="dali", num_threads=args.threads,
+                                 reads_in_flight=args.reads_in_flight)
+                return throughput(cfg, torch.device("cpu"), batch_size=args.batch_size, epochs=args.epochs)
+
+            measured = [rate(str(shards))]
+            if latencies:
+                server = serve.Nginx(Path(shards).resolve(), Path(scratch) / f"nginx-{resolution}").start()
+                try:
+                    for ms in latencies:
+                        proxy = serve.Proxy(server.port, delay_s=ms / 1e3).start()
+                        try:
+                            measured.append(rate(proxy.url))
+                        finally:
+                            proxy.stop()
+                finally:
+                    server.stop()
+            if args.url:
+                measured.append(rate(args.url))
+            rows.append((resolution, measured))
+    print(f"images/s and CPU ms per image of DALI on the CPU, batch {args.batch_size}, {args.threads} threads, "
+          f"data.reads_in_flight={args.reads_in_flight}, {os.cpu_count()} cores; ratios against disk")
+    print(throughput_table(titles, rows, baseline="disk"))
     return 0
 
 
@@ -104,13 +156,13 @@ def synthetic_shards(directory: Path, images: int, resolution: int, *, workers: 
 
 
 def throughput_table(titles: Sequence[str], rows: Sequence[tuple[int, Sequence[tuple[float, float] | None]]],
-                     *, tablefmt: str = "simple") -> str:
+                     *, tablefmt: str = "simple", baseline: str = "ref") -> str:
     """One row per (resolution, (images/s, CPU ms per image) of each loader): images/s, the ratio of each to the
     first loader's (the reference), CPU ms per image, and the reference's CPU time over each one's. A loader
     that did not run (None) is "–"."""
     names = [title if len(titles) > 2 or index == 0 else title.split()[0] for index, title in enumerate(titles)]
-    headers = ["resolution", *titles, *(f"{name}/ref" for name in names[1:]),
-               *(f"CPU {name}" for name in names), *(f"CPU ref/{name}" for name in names[1:])]
+    headers = ["resolution", *titles, *(f"{name}/{baseline}" for name in names[1:]),
+               *(f"CPU {name}" for name in names), *(f"CPU {baseline}/{name}" for name in names[1:])]
 
     def ratio(a: float | None, b: float | None) -> str | None:
         return f"{a / b:.2f}×" if a and b else None

@@ -12,7 +12,9 @@ ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)  # random-resized-crop aspect ratios (width 
 
 @dataclass
 class DataConfig:
-    shards: str | None = None  # directory made by `colorize-dist shards make|synth`; None: the trainer synthesizes
+    # Directory made by `colorize-dist shards make|synth`, or the URL of one (http(s)://host/path/, or any fsspec
+    # URL: s3://, gs://, ...); None: the trainer synthesizes
+    shards: str | None = None
     resolution: int = 64  # side of the square (L, ab) crops fed to the model
     backend: str = "auto"  # auto (DALI if installed, else reference) | dali | reference
     num_threads: int = 2  # DALI worker threads, or DataLoader worker processes for the reference loader
@@ -20,6 +22,7 @@ class DataConfig:
     flip: bool = True  # random horizontal flips for training
     hw_decoder_load: float = 0.65  # GPU only: share of JPEGs sent to the hardware decoder, rest to CUDA
     prefetch: int = 2  # batches prepared ahead
+    reads_in_flight: int = 64  # remote shards: sample reads (ranged requests) in flight at once, per rank
     shuffle_buffer: int = 1024  # shuffle window: each sample moves by less than this in an epoch; larger mixes more
 
     def validate(self) -> None:
@@ -35,5 +38,7 @@ class DataConfig:
             raise ConfigError(f"data.hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}")
         if self.prefetch < 1:
             raise ConfigError(f"data.prefetch must be at least 1, got {self.prefetch}")
+        if self.reads_in_flight < 1:
+            raise ConfigError(f"data.reads_in_flight must be at least 1, got {self.reads_in_flight}")
         if self.shuffle_buffer < 1:
             raise ConfigError(f"data.shuffle_buffer must be at least 1, got {self.shuffle_buffer}")

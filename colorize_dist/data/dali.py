@@ -204,7 +204,8 @@ class DaliSource:
         """Feed from (epoch, start) on; the batches in flight are run through the pipeline and dropped."""
         if self.stream is not None:
             self.stream.close()
-        self.stream = ReadAhead(self._prepare, self._plan(epoch, start), depth=self.cfg.prefetch + 1)
+        self.stream = ReadAhead(self._prepare, self._plan(epoch, start), depth=self.cfg.prefetch + 1,
+                                parallel=self.reading.batches_in_flight(self.layout.micro_batch))
         for _ in range(len(self.in_flight)):
             self._run(pipe, due=False)
             self.dropped += 1
@@ -229,7 +230,7 @@ class DaliSource:
                     size = known[:] = _oriented_size(data)
                 except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
                     batch.error = batch.error or (f"shard {shard} is damaged: sample {key} does not decode "
-                                                  f"({first_line(exc)}); {verify_hint(self.reading.directory)}")
+                                                  f"({first_line(exc)}); {verify_hint(self.reading.store.where)}")
             if size is None:  # fed as a placeholder; its error is raised when the batch is due
                 data, size = _placeholder(), (8, 8)
             left, top, right, bottom = batch.augment.box(size, draws)
@@ -257,7 +258,7 @@ class DaliSource:
             prepared = self.in_flight.popleft() if self.in_flight else None
             shards = ", ".join(sorted(set(prepared.batch.shards))) if prepared else "this split"
             raise ShardDataError(f"DALI could not decode an image of shard(s) {shards} "
-                                 f"({_dali_reason(exc)}); {verify_hint(self.reading.directory)}") from None
+                                 f"({_dali_reason(exc)}); {verify_hint(self.reading.store.where)}") from None
         prepared = self.in_flight.popleft()
         if due and prepared.batch.error is not None:
             raise ShardDataError(prepared.batch.error)

@@ -25,7 +25,6 @@ import logging
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,6 +35,7 @@ from colorize_dist.data.config import DataConfig
 from colorize_dist.data.manifest import SPLITS, ManifestError, MissingShardsError, list_shards
 from colorize_dist.data.reading import BatchReading
 from colorize_dist.data.sharding import Layout, MicroSlots, SplitSamples
+from colorize_dist.data.store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +161,9 @@ def build_loader(cfg: DataConfig, split: str, *, batch_size: int, global_batch: 
     failure.watch()
     try:
         layout = Layout(global_batch or batch_size * world_size, batch_size, rank, world_size)
-        samples = SplitSamples(tuple(list_shards(cfg.shards, split)))  # an empty split: one line
-        reading = BatchReading(samples, Path(cfg.shards), resolution=cfg.resolution,
+        store = open_store(cfg.shards, connections=cfg.reads_in_flight)
+        samples = SplitSamples(tuple(list_shards(store, split)))  # an empty split: one line
+        reading = BatchReading(samples, store, resolution=cfg.resolution,
                                seed=seed if augment else None, window=cfg.shuffle_buffer,
                                crop_scale=tuple(cfg.crop_scale), flip=cfg.flip)
         source = _source_class(cfg.backend)(reading, layout, cfg, device=device)

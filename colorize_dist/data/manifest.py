@@ -34,6 +34,7 @@ from typing import Any
 
 from colorize_dist.data.dali_index import count_images, index_images
 from colorize_dist.data.images import is_progressive_jpeg
+from colorize_dist.data.store import LocalStore, RemoteStore, Store, StoreUnavailable, open_store, redact
 from colorize_dist.files import atomic_write
 
 MANIFEST = "manifest.json"
@@ -119,20 +120,30 @@ def _manifest_entry(directory: Path, shard: Shard) -> dict[str, Any]:
     return entry
 
 
-def read_manifest(directory: str | Path) -> dict[str, Any]:
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise MissingShardsError(f"shard directory {directory} does not exist; {MAKE_HINT}")
-    path = directory / MANIFEST
-    if not path.is_file():
-        if (interrupted := interrupted_make(directory)) is not None:
-            raise MissingShardsError(f"{path} is missing: {interrupted}")
+def read_manifest(location: str | Path | Store) -> dict[str, Any]:
+    """The manifest of the shard set at `location` (a directory, a URL, or its open store), fetched once."""
+    store = location if isinstance(location, (LocalStore, RemoteStore)) else open_store(location)
+    if not store.exists():
+        raise MissingShardsError(f"shard directory {store.where} does not exist; {MAKE_HINT}")
+    path = store.root / MANIFEST
+    try:
+        text = store.read_text(path)
+    except FileNotFoundError:
+        if isinstance(store, RemoteStore):
+            raise MissingShardsError(f"{store.show(path)} is not there (404); check the URL (data.shards must name "
+                                     f"the folder that holds {MANIFEST})") from None
+        if (interrupted := interrupted_make(store.root)) is not None:
+            raise MissingShardsError(f"{path} is missing: {interrupted}") from None
         raise MissingShardsError(
             f"{path} is missing (an interrupted `shards make`?); rerun it with --force, "
-            f"or run `colorize-dist shards index {directory}` for shards written by other tools"
-        )
+            f"or run `colorize-dist shards index {store.where}` for shards written by other tools"
+        ) from None
+    except StoreUnavailable as exc:
+        raise ManifestError(str(exc)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{store.show(path)} cannot be read ({redact(str(exc))})") from None
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(text)
         for split in manifest["splits"].values():
             for entry in split["shards"]:
                 entry["file"], entry["samples"] = str(entry["file"]), int(entry["samples"])
@@ -141,7 +152,8 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
                 if "crc32" in entry:
                     entry["crc32"] = tuple(int(value, 16) for value in str(entry["crc32"]).split())
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ManifestError(f"{path} is not a valid shard manifest ({exc!r}); rebuild the shard set") from None
+        raise ManifestError(f"{store.show(path)} is not a valid shard manifest ({exc!r}); rebuild the shard set") \
+            from None
     return manifest
 
 
@@ -174,6 +186,16 @@ def interrupted_make(directory: Path) -> str | None:
             f"`colorize-dist shards make {source} {directory} ... --force` (its options as before)")
 
 
+def manifest_sha256(location: str | Path) -> str:
+    """The SHA-256 of the manifest of the shard set at `location` (a directory or a URL): which set was read."""
+    store = open_store(location)
+    path = store.root / MANIFEST
+    try:
+        return hashlib.sha256(store.read(path, 0, store.size(path) or 0)).hexdigest()
+    finally:
+        store.close()
+
+
 def manifest_shards(directory: Path, manifest: dict[str, Any], split: str) -> list[Shard]:
     """The shards the manifest lists for `split`, with what it records about each."""
     return [Shard(directory / entry["file"], entry["samples"], entry.get("bytes"), entry.get("sha256"),
@@ -181,36 +203,40 @@ def manifest_shards(directory: Path, manifest: dict[str, Any], split: str) -> li
             for entry in manifest["splits"].get(split, {}).get("shards", [])]
 
 
-def verify_hint(directory: Path) -> str:
+def verify_hint(directory: str | Path) -> str:
     return (f"run `colorize-dist shards verify {directory}`, then remake the set (`colorize-dist shards make ... "
             "--force`) or restore the shard")
 
 
-def list_shards(directory: str | Path, split: str) -> list[Shard]:
+def list_shards(location: str | Path | Store, split: str) -> list[Shard]:
     """The shards of one split in manifest order, each checked to be there (tar and index) with the size the
     manifest records: a truncated or replaced shard is refused here, before anything reads it."""
-    directory = Path(directory)
-    manifest = read_manifest(directory)
-    shards = [shard for shard in manifest_shards(directory, manifest, split) if shard.samples > 0]
+    store = location if isinstance(location, (LocalStore, RemoteStore)) else open_store(location)
+    manifest = read_manifest(store)
+    shards = [shard for shard in manifest_shards(store.root, manifest, split) if shard.samples > 0]
     if not shards:
         if split == "train" and manifest.get("val_fraction") == 1:
             fix = "it is a test set (made with --val-fraction 1): evaluate on it, train on another set"
         else:
             fix = f"remake it with a --val-fraction that leaves {split} images"
-        raise ManifestError(f"{directory / MANIFEST} lists no {split} images; {fix}")
-    for shard in shards:
-        if not shard.path.is_file():
+        raise ManifestError(f"{store.show(store.root / MANIFEST)} lists no {split} images; {fix}")
+    try:
+        sizes = list(store.map(store.size, [shard.path for shard in shards]))
+        indexes = list(store.map(store.size, [shard.index_path for shard in shards]))
+    except OSError as exc:
+        raise ManifestError(f"{store.where} cannot be read ({redact(str(exc))})") from None
+    for shard, size, index_size in zip(shards, sizes, indexes, strict=True):
+        if size is None:
             raise MissingShardsError(
-                f"shard file {shard.path} listed in {directory / MANIFEST} is missing; restore it, "
-                "or rebuild the set with `colorize-dist shards make ... --force`"
+                f"shard file {store.show(shard.path)} listed in {store.show(store.root / MANIFEST)} is missing; "
+                "restore it, or rebuild the set with `colorize-dist shards make ... --force`"
             )
-        if not shard.index_path.is_file():
+        if index_size is None:
             raise MissingShardsError(
-                f"index {shard.index_path} of shard {shard.path.name} is missing; rewrite it with "
-                f"`colorize-dist shards index {directory} --repair`"
+                f"index {store.show(shard.index_path)} of shard {shard.path.name} is missing; rewrite it with "
+                f"`colorize-dist shards index {store.where} --repair`"
             )
-        size = shard.path.stat().st_size
         if shard.size is not None and size != shard.size:
-            raise ShardDataError(f"shard {shard.path} is {size:,} bytes but {MANIFEST} says {shard.size:,} "
-                                 f"(truncated or replaced); {verify_hint(directory)}")
+            raise ShardDataError(f"shard {store.show(shard.path)} is {size:,} bytes but {MANIFEST} says "
+                                 f"{shard.size:,} (truncated or replaced); {verify_hint(store.where)}")
     return shards

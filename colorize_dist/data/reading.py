@@ -16,15 +16,14 @@ training thread never waits on the file system or the checksums (`pread` and `zl
 
 from __future__ import annotations
 
-import os
 import queue
 import tarfile
 import threading
 import zlib
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Generic, TypeVar
 
 import numpy as np
@@ -33,10 +32,10 @@ from colorize_dist.data.augment import Augment
 from colorize_dist.data.dali_index import dali_index, index_images
 from colorize_dist.data.manifest import MANIFEST, Shard, ShardDataError, verify_hint
 from colorize_dist.data.sharding import MicroSlots, SplitSamples, epoch_order, epoch_seed, slot_positions
+from colorize_dist.data.store import LocalStore, Store, StoreUnavailable, redact
 from colorize_dist.files import sha256_of
 
 BLOCK = 512  # tar header size
-MAX_OPEN_FILES = 64  # shards kept open per reader (a rank of a large set touches thousands)
 
 
 @dataclass(frozen=True)
@@ -51,23 +50,24 @@ class ShardSamples:
     sizes: tuple[int, ...]
 
 
-def parse_index(shard: Shard, directory: Path) -> ShardSamples:
+def parse_index(shard: Shard, store: Store) -> ShardSamples:
     """`shard`'s index, checked against the manifest (count) and the tar (every sample inside the file)."""
+    where, hint = store.show(shard.index_path), verify_hint(store.where)
     try:
-        images = index_images(shard.index_path.read_text())
+        images = index_images(store.read_text(shard.index_path))
     except (OSError, ValueError, IndexError) as exc:
-        raise ShardDataError(f"index {shard.index_path} is unreadable ({exc}); rewrite it with "
-                             f"`colorize-dist shards index {directory} --repair`") from None
+        raise ShardDataError(f"index {where} is unreadable ({redact(str(exc))}); rewrite it with "
+                             f"`colorize-dist shards index {store.where} --repair`") from None
     if len(images) != shard.samples:
-        raise ShardDataError(stale_index(shard, directory) or f"index {shard.index_path} lists {len(images)} images "
-                             f"but {MANIFEST} says {shard.samples}; {verify_hint(directory)}")
+        raise ShardDataError(stale_index(shard, store) or f"index {where} lists {len(images)} images but {MANIFEST} "
+                             f"says {shard.samples}; {hint}")
     if shard.crc32 is not None and len(shard.crc32) != shard.samples:
         raise ShardDataError(f"{MANIFEST} records {len(shard.crc32)} CRC-32s for the {shard.samples} samples of "
-                             f"{shard.path}; {verify_hint(directory)}")
-    size = shard.size if shard.size is not None else shard.path.stat().st_size
-    if images and images[-1][1] + images[-1][2] > size:
-        raise ShardDataError(stale_index(shard, directory) or f"shard {shard.path} ends before the samples its index "
-                             f"lists (truncated?); {verify_hint(directory)}")
+                             f"{store.show(shard.path)}; {hint}")
+    size = shard.size if shard.size is not None else store.size(shard.path)
+    if images and images[-1][1] + images[-1][2] > (size or 0):
+        raise ShardDataError(stale_index(shard, store) or f"shard {store.show(shard.path)} ends before the samples "
+                             f"its index lists (truncated?); {hint}")
     members = tuple(member for _, _, _, member in images)
     keys = tuple(map(tar_key, members))
     return ShardSamples(shard, keys, tuple(extension.lower() for extension, _, _, _ in images), members,
@@ -75,9 +75,12 @@ def parse_index(shard: Shard, directory: Path) -> ShardSamples:
                         tuple(size for _, _, size, _ in images))
 
 
-def stale_index(shard: Shard, directory: Path) -> str | None:
+def stale_index(shard: Shard, store: Store) -> str | None:
     """The one line for an index that does not describe its shard while the shard's bytes match their SHA-256 in the
-    manifest (so the index, not the shard, is wrong); None otherwise. Hashes the shard: for error paths only."""
+    manifest (so the index, not the shard, is wrong); None otherwise. Hashes the shard: for error paths only, and
+    only on disk (a remote shard would be downloaded whole)."""
+    if not isinstance(store, LocalStore):
+        return None
     try:
         if shard.sha256 is None or sha256_of(shard.path) != shard.sha256:
             return None
@@ -86,7 +89,7 @@ def stale_index(shard: Shard, directory: Path) -> str | None:
     except (OSError, tarfile.TarError):
         return None
     return (f"index {shard.index_path} does not match {shard.path.name}, whose bytes are those {MANIFEST} records "
-            f"(a stale index); rewrite it with `colorize-dist shards index {directory} --repair`")
+            f"(a stale index); rewrite it with `colorize-dist shards index {store.where} --repair`")
 
 
 def tar_key(member: str) -> str:
@@ -97,17 +100,15 @@ def tar_key(member: str) -> str:
 
 
 class ShardReader:
-    """Checked reads of the samples of some shards; each index is parsed and each file opened on first use."""
+    """Checked reads of the samples of some shards; each index is fetched and parsed on first use."""
 
-    def __init__(self, shards: tuple[Shard, ...], directory: Path):
-        self.shards, self.directory = shards, directory
+    def __init__(self, shards: tuple[Shard, ...], store: Store):
+        self.shards, self.store = shards, store
         self._tables: dict[int, ShardSamples] = {}
-        self._files: OrderedDict[int, int] = OrderedDict()  # shard → open descriptor, least recently used first
-        self._files_lock = threading.Lock()  # a repositioned loader's old read-ahead thread may still be reading
 
     def table(self, shard_index: int) -> ShardSamples:
         if shard_index not in self._tables:
-            self._tables[shard_index] = parse_index(self.shards[shard_index], self.directory)
+            self._tables[shard_index] = parse_index(self.shards[shard_index], self.store)
         return self._tables[shard_index]
 
     def batch_key(self, shard_index: int, sample_index: int) -> str:
@@ -116,20 +117,26 @@ class ShardReader:
         return f"{table.shard.path.stem}/{table.keys[sample_index].removeprefix('./')}"
 
     def check_indexes(self) -> None:
-        """Parse (and so check) every shard's index now: a bad index is refused before the first step."""
-        for shard_index in range(len(self.shards)):
-            self.table(shard_index)
+        """Fetch and parse (and so check) every shard's index now: a bad index is refused before the first step."""
+        for _ in self.store.map(self.table, range(len(self.shards))):
+            pass
 
     def read(self, shard_index: int, sample_index: int) -> bytes:
         """The image bytes of one sample, checked (header, length, CRC-32)."""
         table = self.table(shard_index)
         shard = table.shard
         offset, size, member = table.offsets[sample_index], table.sizes[sample_index], table.members[sample_index]
+        where, hint = self.store.show(shard.path), verify_hint(self.store.where)
         try:
-            block = os.pread(self._descriptor(shard_index), BLOCK + size, offset - BLOCK)
+            block = self.store.read(shard.path, offset - BLOCK, BLOCK + size)
+        except FileNotFoundError:
+            raise ShardDataError(f"shard {where} is missing (it was there when the run started); {hint}") from None
+        except StoreUnavailable as exc:
+            raise ShardDataError(f"{exc}; once it answers, rerun with `--resume auto` to continue from the last "
+                                 "checkpoint") from None
         except OSError as exc:
-            raise ShardDataError(f"shard {shard.path}: reading sample {member} failed ({exc.strerror}); "
-                                 f"{verify_hint(self.directory)}") from None
+            raise ShardDataError(f"shard {where}: reading sample {member} failed "
+                                 f"({redact(exc.strerror or str(exc))}); {hint}") from None
         problem = (f"is cut off ({len(block) - BLOCK} of {size} bytes; the file is truncated)"
                    if len(block) < BLOCK + size else _header_problem(block[:BLOCK], member, size))
         data = block[BLOCK:]
@@ -138,30 +145,12 @@ class ShardReader:
             if actual != expected:
                 problem = f"has CRC-32 {actual:08x}, {MANIFEST} says {expected:08x} (its bytes changed)"
         if problem is not None:
-            raise ShardDataError(stale_index(shard, self.directory) or f"shard {shard.path} is damaged: sample "
-                                 f"{member} {problem}; {verify_hint(self.directory)}")
+            raise ShardDataError(stale_index(shard, self.store) or f"shard {where} is damaged: sample {member} "
+                                 f"{problem}; {hint}")
         return data
 
-    def _descriptor(self, shard_index: int) -> int:
-        with self._files_lock:
-            if shard_index in self._files:
-                self._files.move_to_end(shard_index)
-                return self._files[shard_index]
-            if len(self._files) >= MAX_OPEN_FILES:
-                os.close(self._files.popitem(last=False)[1])
-            shard = self.shards[shard_index]
-            try:
-                self._files[shard_index] = os.open(shard.path, os.O_RDONLY)
-            except OSError as exc:
-                raise ShardDataError(f"shard {shard.path} cannot be opened ({exc.strerror}); "
-                                     f"{verify_hint(self.directory)}") from None
-            return self._files[shard_index]
-
     def close(self) -> None:
-        with self._files_lock:
-            for descriptor in self._files.values():
-                os.close(descriptor)
-            self._files.clear()
+        self.store.close()
 
 
 def _header_problem(header: bytes, member: str, size: int) -> str | None:
@@ -205,11 +194,11 @@ class EncodedBatch:
 class BatchReading:
     """One rank's reads of one split: micro-batch slots → `EncodedBatch`es."""
 
-    def __init__(self, split: SplitSamples, directory: Path, *, resolution: int, seed: int | None, window: int,
+    def __init__(self, split: SplitSamples, store: Store, *, resolution: int, seed: int | None, window: int,
                  crop_scale: tuple[float, float], flip: bool):
-        self.split, self.directory = split, directory
+        self.split, self.store = split, store
         self.resolution, self.seed, self.window, self.crop_scale, self.flip = resolution, seed, window, crop_scale, flip
-        self.reader = ShardReader(split.shards, directory)
+        self.reader = ShardReader(split.shards, store)
         self.reader.check_indexes()
         self._orders: dict[int, np.ndarray] = {}  # the current and the previous epoch's
 
@@ -229,15 +218,25 @@ class BatchReading:
         positions = slot_positions(self.order(slots.epoch), slots.slots)
         augment = self.augment(slots.epoch)
         batch = EncodedBatch(slots, positions, [], [], [], augment, augment.draws(slots.slots), None)
-        for shard_index, sample_index in zip(*map(np.ndarray.tolist, self.split.locate(positions)), strict=True):
+        samples = list(zip(*map(np.ndarray.tolist, self.split.locate(positions)), strict=True))
+        for shard_index, sample_index in samples:
             batch.keys.append(self.reader.batch_key(shard_index, sample_index))
-            batch.shards.append(str(self.split.shards[shard_index].path))
-            try:
-                batch.data.append(self.reader.read(shard_index, sample_index))
-            except ShardDataError as exc:
-                batch.data.append(None)
-                batch.error = batch.error or str(exc)
+            batch.shards.append(self.store.show(self.split.shards[shard_index].path))
+        for data in self.store.map(self._read, samples):  # in flight together from a remote store
+            batch.data.append(data if isinstance(data, bytes) else None)
+            if isinstance(data, ShardDataError):
+                batch.error = batch.error or str(data)
         return batch
+
+    def _read(self, sample: tuple[int, int]) -> bytes | ShardDataError:
+        try:
+            return self.reader.read(*sample)
+        except ShardDataError as exc:
+            return exc
+
+    def batches_in_flight(self, micro_batch: int) -> int:
+        """Micro-batches to read at once: one from disk; over a network, enough for `reads_in_flight` requests."""
+        return 1 if isinstance(self.store, LocalStore) else max(1, -(-self.store.connections // micro_batch))
 
     def close(self) -> None:
         self.reader.close()
@@ -248,23 +247,33 @@ _END = object()
 
 
 class ReadAhead(Generic[Item]):
-    """`load(slots)` for each of `plan`, in order, in a thread of its own, up to `depth` items ahead of `next()`.
+    """`load(slots)` for each of `plan`, in order, in a thread of its own, up to `depth` items ahead of `next()`;
+    `parallel` loads at once (remote shards: each waits on round trips, not on a core).
 
     The thread starts at the first `next()` (a DataLoader forks its workers before it asks for work, and a fork
     should not copy a thread in the middle of a read). What `load` raises is raised by the `next()` that would have
     returned its item; `close()` stops the thread within one `load`.
     """
 
-    def __init__(self, load: Callable[[MicroSlots], Item], plan: Iterator[MicroSlots], depth: int):
+    def __init__(self, load: Callable[[MicroSlots], Item], plan: Iterator[MicroSlots], depth: int, parallel: int = 1):
         self._items: queue.Queue = queue.Queue(maxsize=depth)
+        self._parallel = parallel
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(load, plan), name="colorize-read-ahead", daemon=True)
 
     def _run(self, load: Callable[[MicroSlots], Item], plan: Iterator[MicroSlots]) -> None:
         try:
-            for slots in plan:
-                if self._stop.is_set() or not self._put(load(slots)):
-                    return
+            with ThreadPoolExecutor(self._parallel, thread_name_prefix="colorize-read-batch") as pool:
+                loading: deque[Future] = deque()  # in plan order
+                for slots in plan:
+                    if self._stop.is_set():
+                        return
+                    loading.append(pool.submit(load, slots))
+                    if len(loading) == self._parallel and not self._put(loading.popleft().result()):
+                        return
+                while loading:
+                    if not self._put(loading.popleft().result()):
+                        return
         except BaseException as exc:  # re-raised in the consumer's thread
             self._put(exc)
         else:

@@ -24,7 +24,6 @@ import os
 import signal
 import weakref
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -57,8 +56,9 @@ class ReferenceSource:
 
     def batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, EncodedBatch]]:
         plan = micro_batches(self.layout, self.reading.split.total, epoch, start)
-        encoded = ReadAhead(self.reading.read, plan, depth=self.cfg.prefetch * self.cfg.num_threads + 1)
-        loader = DataLoader(Decoder(str(self.reading.directory)), sampler=encoded, batch_size=None,
+        encoded = ReadAhead(self.reading.read, plan, depth=self.cfg.prefetch * self.cfg.num_threads + 1,
+                            parallel=self.reading.batches_in_flight(self.layout.micro_batch))
+        loader = DataLoader(Decoder(self.reading.store.where), sampler=encoded, batch_size=None,
                             collate_fn=collate, num_workers=self.cfg.num_threads, prefetch_factor=self.cfg.prefetch,
                             pin_memory=self.device.type == "cuda",
                             worker_init_fn=functools.partial(_worker_init, parent=os.getpid()))
@@ -105,7 +105,7 @@ class Decoder(torch.utils.data.Dataset):
                     image = to_rgb8(ImageOps.exif_transpose(encoded))
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
                 batch.error = (f"shard {shard} is damaged: sample {key} does not decode ({first_line(exc)}); "
-                               f"{verify_hint(Path(self.directory))}")
+                               f"{verify_hint(self.directory)}")
                 break
             size = (batch.augment.resolution, batch.augment.resolution)
             image = image.resize(size, Image.Resampling.BILINEAR, box=batch.augment.box(image.size, draws))

@@ -10,7 +10,9 @@ import argparse
 import io
 import sys
 import tarfile
+import tempfile
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 from PIL import Image
@@ -28,20 +30,22 @@ from colorize_dist.data.manifest import (
     manifest_shards,
     read_manifest,
 )
+from colorize_dist.data.store import LocalStore, RemoteStore, open_store, redact
 from colorize_dist.files import first_line, sha256_of
 
 REMAKE = "remake the set (`colorize-dist shards make ... --force`) or restore the shard"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("directory", type=Path, help="shard set directory (holds manifest.json)")
+    parser.add_argument("directory", help="shard set directory (holds manifest.json), or its URL")
     parser.add_argument("--deep", action="store_true", help="also re-hash every shard (SHA-256; reads every byte "
                                                             "twice)")
 
 
 def main(args: argparse.Namespace) -> int:
+    store = open_store(args.directory)
     try:
-        manifest = read_manifest(args.directory)
+        manifest = read_manifest(store)
     except (MissingShardsError, ManifestError) as exc:
         print(f"shards verify: {first_line(exc)}", file=sys.stderr)
         return 2
@@ -50,14 +54,17 @@ def main(args: argparse.Namespace) -> int:
     checksums = all("crc32" in entry for split in manifest["splits"].values() for entry in split["shards"])
     rows = []
     for split, summary in manifest["splits"].items():
-        shards = manifest_shards(args.directory, manifest, split)
+        shards = manifest_shards(store.root, manifest, split)
         listed.update(shard.path for shard in shards)
         for shard in tqdm(shards, desc=f"verify {split}", unit="shard", leave=False):
-            problems += check_shard(shard, manifest.get("resolution"), args.directory, deep=args.deep)
+            if isinstance(store, LocalStore):
+                problems += check_shard(shard, manifest.get("resolution"), store.root, deep=args.deep)
+            else:
+                problems += check_remote_shard(store, shard, manifest.get("resolution"), deep=args.deep)
         rows.append((split, len(shards), summary["samples"]))
     print(tabulate(rows, headers=("split", "shards", "samples")))
-    for split in SPLITS:
-        for path in sorted((args.directory / split).glob("*")):
+    for split in SPLITS if isinstance(store, LocalStore) else ():  # a web server lists no folders
+        for path in sorted((store.root / split).glob("*")):
             if path.suffix == ".tar" and path not in listed:
                 problems.append(f"{path}: not listed in {MANIFEST}")
             elif path.suffix == ".partial":
@@ -67,11 +74,28 @@ def main(args: argparse.Namespace) -> int:
               f"still decode go unnoticed; `colorize-dist shards index {args.directory} --force` records them")
     for problem in problems:
         print(f"PROBLEM {problem}")
-    print(f"{len(problems)} problem(s) in {args.directory}" if problems else f"{args.directory}: OK")
+    print(f"{len(problems)} problem(s) in {store.where}" if problems else f"{store.where}: OK")
     return 1 if problems else 0
 
 
-def check_shard(shard: Shard, resolution: int | None, directory: Path, *, deep: bool = False) -> list[str]:
+def check_remote_shard(store: RemoteStore, shard: Shard, resolution: int | None, *, deep: bool) -> list[str]:
+    """`check_shard` of a shard at a URL: it and its index are fetched whole into a scratch folder (one shard at
+    a time), checked there, and the problems name the URL."""
+    with tempfile.TemporaryDirectory(prefix="colorize-verify-") as scratch:
+        local = Path(scratch) / shard.path
+        local.parent.mkdir(parents=True, exist_ok=True)
+        for path in (shard.path, shard.index_path):
+            try:
+                size = store.size(path)
+                if size is not None:
+                    (Path(scratch) / path).write_bytes(store.read(path, 0, size))
+            except OSError as exc:
+                return [f"{store.show(path)}: cannot be read ({redact(str(exc))}); check the server"]
+        problems = check_shard(replace(shard, path=local), resolution, store.where, deep=deep)
+    return [problem.replace(f"{scratch}/", store.where) for problem in problems]
+
+
+def check_shard(shard: Shard, resolution: int | None, directory: str | Path, *, deep: bool = False) -> list[str]:
     """Problems with one shard, each naming the file and its fix: size, tar, index, counts, checksums, images."""
     if not shard.path.is_file():
         return [f"{shard.path}: missing; {REMAKE}"]

@@ -37,7 +37,7 @@ from tabulate import tabulate
 
 from colorize_dist.data.augment import EVALUATION_CROP
 from colorize_dist.data.make import sample_key
-from colorize_dist.data.manifest import MANIFEST
+from colorize_dist.data.manifest import manifest_sha256
 from colorize_dist.eval import fid, intervals, strata
 from colorize_dist.eval.lpips import LPIPS_NET
 from colorize_dist.eval.names import DIRECTION, LABELS, LPIPS_METRICS
@@ -82,7 +82,7 @@ def protocol(*, shards: str | Path, split: str, images: int, resolution: int, re
         }
     return {
         "format": FORMAT,
-        "shards": {"manifest_sha256": sha256_of(Path(shards) / MANIFEST), "split": split, "images": images},
+        "shards": {"manifest_sha256": manifest_sha256(shards), "split": split, "images": images},
         "images": {"resolution": resolution, "crop": EVALUATION_CROP, "resize": resize_filter},
         "metrics": list(metrics),
         "implementations": implementations,

@@ -37,8 +37,9 @@ from accelerate import PartialState
 
 from colorize_dist.data import DataConfig, build_loader
 from colorize_dist.data.make import sample_key
-from colorize_dist.data.manifest import read_manifest
+from colorize_dist.data.manifest import MANIFEST, read_manifest
 from colorize_dist.data.reading import parse_index
+from colorize_dist.data.store import open_store, redact
 from colorize_dist.eval import card, fid, strata
 from colorize_dist.eval.lpips import LPIPS_NET, LPIPS_WEIGHTS_FILENAME, lpips_weights_path
 from colorize_dist.eval.metrics import evaluate
@@ -114,10 +115,10 @@ def main(args: argparse.Namespace) -> int:
         if args.fid_weights is not None and images < args.min_fid_images:
             raise ValueError(f"FID/KID/IS need at least {args.min_fid_images:,} images (--min-fid-images), the "
                              f"{args.split} split has {images:,}; score a larger split or leave out --fid-weights")
-        keys = split_keys(Path(args.shards), loader)
+        keys = split_keys(args.shards, loader)
         groups = read_groups(args.groups, keys) if args.groups is not None else None
         mean_ab = training_mean_ab(args.train_shards or _training_shards(Path(args.checkpoint), checkpoint)
-                                   or Path(args.shards))
+                                   or args.shards)
         evaluation = evaluate(generator, loader, device=state.device, fid_weights=args.fid_weights,
                               fid_reference=args.fid_reference, lpips_weights=args.lpips_weights,
                               fid_standard_error=args.fid_weights is not None, mean_ab=mean_ab.get("ab"),
@@ -127,8 +128,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if state.is_main_process:
         metrics = evaluation.metrics
-        report = {"checkpoint": str(checkpoint), "shards": str(args.shards), "split": args.split, "images": images,
-                  "resolution": resolution, "processes": state.num_processes, "metrics": metrics,
+        report = {"checkpoint": str(checkpoint), "shards": redact(str(args.shards)), "split": args.split,
+                  "images": images, "resolution": resolution, "processes": state.num_processes, "metrics": metrics,
                   "delta_e": "CIEDE2000 (k_L = k_C = k_H = 1), mean over pixels, then over images"}
         if args.lpips_weights is not None:
             report["lpips"] = {"net": LPIPS_NET, "version": "0.1 (torchmetrics' linear layers)",
@@ -150,7 +151,7 @@ def main(args: argparse.Namespace) -> int:
                for name, values in scores.items()}})
         evaluation_card = card.build_card(
             protocol=card.protocol(shards=args.shards, split=args.split, images=images, resolution=resolution,
-                                   resize_filter=resize_done(Path(args.shards), resolution, loader.resize_filter),
+                                   resize_filter=resize_done(args.shards, resolution, loader.resize_filter),
                                    metrics=list(evaluation.per_image), lpips_weights=args.lpips_weights,
                                    fid_weights=args.fid_weights, fid_reference=args.fid_reference,
                                    min_stratum_images=args.min_stratum_images, skin_region=args.skin_region,
@@ -207,9 +208,10 @@ def paired_comparison(first: str, second: str) -> tuple[dict[str, dict[str, floa
                                    {name: values_b[name] for name in names}), ""
 
 
-def split_keys(shards: Path, loader) -> list[str]:
+def split_keys(shards: str | Path, loader) -> list[str]:
     """Each image's sample key, in the split's order (the order of the gathered per-image values)."""
-    return [key.removeprefix("./") for shard in loader.split.shards for key in parse_index(shard, shards).keys]
+    store = open_store(shards)
+    return [key.removeprefix("./") for shard in loader.split.shards for key in parse_index(shard, store).keys]
 
 
 def read_groups(path: Path, keys: list[str]) -> dict[str, str]:
@@ -238,7 +240,7 @@ def read_groups(path: Path, keys: list[str]) -> dict[str, str]:
     return groups
 
 
-def training_mean_ab(train_shards: Path) -> dict[str, object]:
+def training_mean_ab(train_shards: str | Path) -> dict[str, object]:
     """The mean-ab baseline: the train split's mean (a, b) that `shards make` recorded, and where it comes from;
     or why there is none."""
     try:
@@ -249,21 +251,22 @@ def training_mean_ab(train_shards: Path) -> dict[str, object]:
     if value is None:
         reason = ("has no train images" if manifest["splits"]["train"]["samples"] == 0 else
                   "records no mean ab (made before it did: make it again)")
-        return {"ab": None, "why": f"the manifest of {train_shards} {reason}; pass --train-shards the set the model "
-                                   "was trained on"}
-    return {"ab": [float(value[0]), float(value[1])], "from": f"{train_shards / 'manifest.json'} (train split)"}
+        return {"ab": None, "why": f"the manifest of {redact(str(train_shards))} {reason}; pass --train-shards the "
+                                   "set the model was trained on"}
+    store = open_store(train_shards)
+    return {"ab": [float(value[0]), float(value[1])], "from": f"{store.show(store.root / MANIFEST)} (train split)"}
 
 
-def _training_shards(given: Path, checkpoint: Path) -> Path | None:
+def _training_shards(given: Path, checkpoint: Path) -> str | None:
     """The run's data.shards, from RUN/config.yaml, when the checkpoint belongs to a run directory."""
     config = _run_dir(given, checkpoint) / "config.yaml"
     if not config.is_file():
         return None
     shards = ((yaml.safe_load(config.read_text()) or {}).get("data") or {}).get("shards")
-    return Path(shards) if shards else None
+    return shards or None  # a directory or a URL (recorded with its credentials redacted: --train-shards then)
 
 
-def resize_done(shards: Path, resolution: int, resize_filter: str) -> str:
+def resize_done(shards: str | Path, resolution: int, resize_filter: str) -> str:
     """What resized the images: nothing when the shards' images are already resolution² (their manifest says so),
     else the loader's filter."""
     if read_manifest(shards).get("resolution") == resolution:

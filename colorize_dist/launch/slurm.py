@@ -40,6 +40,7 @@ import submitit
 from submitit.core.utils import FailedJobError, FailedSubmissionError
 
 from colorize_dist.config import ConfigError, save_config
+from colorize_dist.data.store import redact
 from colorize_dist.files import first_line
 from colorize_dist.launch.resources import SlurmResources
 from colorize_dist.training.config import Config, check_launch
@@ -226,9 +227,14 @@ def make_executor(folder: Path, resources: SlurmResources, array_parallelism: in
 def training_job(cfg: Config, run_dir: Path, resources: SlurmResources, resume: str = "auto",
                  accelerate_config: Path | None = None) -> TrainingJob:
     """The job that trains `cfg` in `run_dir`, its processes as `accelerate launch --config_file accelerate_config`
-    starts them; ConfigError when the global batch does not split over its tasks or the accelerate config is
-    unusable. The accelerate config is copied to RUN/accelerate.yaml on submission."""
+    starts them; ConfigError when the global batch does not split over its tasks, the accelerate config is
+    unusable, or the shard URL holds credentials. The accelerate config is copied to RUN/accelerate.yaml on
+    submission."""
     check_launch(cfg.train, resources.num_processes)
+    if cfg.data.shards is not None and redact(cfg.data.shards) != cfg.data.shards:
+        raise ConfigError("data.shards holds credentials in its URL; the trainer records RUN/config.yaml without "
+                          "them, so a requeued job could not read the shards: give them in ~/.netrc (http, https) "
+                          "or the store's own settings (e.g. AWS_* variables for s3://)")
     if accelerate_config is not None:
         accelerate_env(accelerate_config)  # a broken file fails here, in one line, not in the job
     return TrainingJob(run_dir.absolute(), resume, use_cpu=resources.gpus_per_node == 0,

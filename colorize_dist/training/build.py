@@ -24,6 +24,7 @@ from colorize_dist.data import synth
 from colorize_dist.data.loader import Batch, ColorLoader, build_loader, dali_available, first_batch
 from colorize_dist.data.make import ShardOptions
 from colorize_dist.data.manifest import MANIFEST
+from colorize_dist.data.store import redact
 from colorize_dist.eval.fid import load_inception
 from colorize_dist.models import DiscriminatorLoss, GeneratorLoss, build_discriminator, build_generator
 from colorize_dist.models.export import init_from_export
@@ -36,6 +37,7 @@ from colorize_dist.training.config import (
     check_launch,
     flat_config,
     load_training_config,
+    recorded_config,
 )
 from colorize_dist.training.divergence import DivergenceWatch
 from colorize_dist.training.ema import EMA
@@ -92,9 +94,9 @@ def setup(accelerator: Accelerator, cfg: Config, run_dir: Path, resume: str) -> 
     device, main_process = accelerator.device, accelerator.is_main_process
     if cfg.data.shards is None:
         cfg.data.shards = str(synthetic_shards(accelerator, run_dir, cfg.train.synth_images, cfg.data.resolution))
-    if main_process:
-        warn_if_config_changed(cfg, run_dir / "config.yaml")
-        save_config(cfg, run_dir / "config.yaml")
+    if main_process:  # a record of the run: credentials in a shard URL are not written down
+        warn_if_config_changed(recorded_config(cfg), run_dir / "config.yaml")
+        save_config(recorded_config(cfg), run_dir / "config.yaml")
 
     # Data: every rank reads its share of each global batch; the order depends on (seed, epoch) only.
     ranks = {"rank": accelerator.process_index, "world_size": accelerator.num_processes, "device": device}
@@ -144,7 +146,7 @@ def setup(accelerator: Accelerator, cfg: Config, run_dir: Path, resume: str) -> 
             total_steps = progress.step + remaining_steps(cfg, loader, progress)
         for update in updates:  # a run whose length changed (batch, epochs, max_steps) decays to its new end
             stretch_schedule(update.scheduler, cfg.optim, total_steps)
-    accelerator.init_trackers("colorize", config=flat_config(cfg))
+    accelerator.init_trackers("colorize", config=flat_config(recorded_config(cfg)))
 
     clock = Clock(progress.wall_s)
     return State(
@@ -165,7 +167,8 @@ def check_inputs(cfg: Config, loader: ColorLoader, val_loader: ColorLoader, devi
     """What would otherwise fail hours in, or silently: checked before the first step."""
     if cfg.train.batch_size > loader.samples:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the training split "
-                          f"({loader.samples} images in {cfg.data.shards}); lower train.batch_size or add images")
+                          f"({loader.samples} images in {redact(cfg.data.shards)}); lower train.batch_size or add "
+                          "images")
     if cfg.train.fid_weights is not None:
         load_inception(cfg.train.fid_weights, device)  # missing: FileNotFoundError naming it; cached for validation
     if "wandb" in cfg.train.trackers and importlib.util.find_spec("wandb") is None:

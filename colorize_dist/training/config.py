@@ -16,6 +16,7 @@ from pathlib import Path
 
 from colorize_dist.config import ConfigError, check_choice, load_config
 from colorize_dist.data.config import DataConfig
+from colorize_dist.data.store import redact
 from colorize_dist.eval.names import DIRECTION, INCEPTION_METRICS
 from colorize_dist.models.config import LossConfig, ModelConfig, check_compatible
 
@@ -181,6 +182,12 @@ def check_launch(cfg: TrainConfig, num_processes: int) -> int:
 def default_run_dir(cfg: Config, config_ref: str | Path) -> Path:
     """train.run_dir if set, else runs/<config name> (`runs/seed000` for `--config seed000` or seed000.yaml)."""
     return Path(cfg.train.run_dir or Path("runs") / Path(config_ref).stem)
+
+
+def recorded_config(cfg: Config) -> Config:
+    """`cfg` as the run's files and logs record it: a shard URL's credentials redacted."""
+    shards = None if cfg.data.shards is None else redact(cfg.data.shards)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shards=shards))
 
 
 def flat_config(cfg: Config) -> dict[str, str | int | float | bool]:

@@ -12,6 +12,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from colorize_dist.collectives import any_rank
+from colorize_dist.data.store import redact
 from colorize_dist.eval.metrics import compute_metrics
 from colorize_dist.eval.samples import sample_grid, save_grid
 from colorize_dist.models.export import save_generator
@@ -42,7 +43,7 @@ def validate(state: State) -> dict[str, float]:
         if progress.best is None and state.val_loader.samples < FEW_VALIDATION_IMAGES:
             log.warning("the best checkpoint (train.best_metric) and its export are chosen on the %d images of the "
                         "validation split of %s, so few that the choice is mostly noise; make the set with a "
-                        "larger --val-fraction", state.val_loader.samples, cfg.data.shards)
+                        "larger --val-fraction", state.val_loader.samples, redact(cfg.data.shards))
         progress.best = value
         save_checkpoint(accelerator, cfg, state.run_dir / checkpoint.CHECKPOINTS / checkpoint.BEST, progress,
                         **{cfg.train.best_metric: value})

@@ -8,6 +8,7 @@ import pytest
 
 from colorize_dist.bench.data import throughput_table
 from colorize_dist.cli import main as cli_main
+from tests.data.servers import require_nginx
 
 
 def rows_of(table: str) -> list[list[str]]:
@@ -44,3 +45,17 @@ def test_bench_data_command_prints_both_tables(capsys):
     assert resume[0] == ["resolution", "loader", "batch", "exact start", "replay"]
     assert [line[1] for line in resume[1:]] == header[1:header.index(ratio)]  # one row per loader
     assert all(line[2] == "3/6" for line in resume[1:])  # 48 images in batches of 8, resumed at half
+
+
+@pytest.mark.slow
+def test_bench_data_over_http_prints_disk_and_each_latency(capsys):
+    require_nginx()
+    assert cli_main(["bench", "data", "--resolutions", "32", "--images", "48", "--batch-size", "8", "--epochs", "1",
+                     "--threads", "1", "--latency", "0", "20"]) == 0
+    out = capsys.readouterr().out
+    lines = out[out.index("images/s and CPU ms per image of DALI"):].splitlines()
+    header, row = rows_of("\n".join(lines[1:4]))[:2]
+    row = dict(zip(header, row, strict=True))
+    assert header[:4] == ["resolution", "disk", "HTTP 0 ms", "HTTP 20 ms"] and "HTTP 20 ms/disk" in header
+    assert float(row["HTTP 20 ms/disk"].rstrip("×")) == pytest.approx(
+        float(row["HTTP 20 ms"]) / float(row["disk"]), rel=0.01, abs=0.01)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from colorize_dist.data import DataConfig, MissingShardsError, ShardDataError, build_loader, reading
+from colorize_dist.data import DataConfig, MissingShardsError, ShardDataError, build_loader, reading, store
 from colorize_dist.data.dali_index import index_images
 from colorize_dist.data.manifest import list_shards
 from tests.data.helpers import (
@@ -227,12 +227,12 @@ for batch in batches:
 
 
 def test_a_reader_keeps_few_files_open(jpeg_shards, monkeypatch):
-    monkeypatch.setattr(reading, "MAX_OPEN_FILES", 2)
+    monkeypatch.setattr(store, "MAX_OPEN_FILES", 2)
     shards = list_shards(jpeg_shards, "train")
-    reader = reading.ShardReader(tuple(shards), jpeg_shards)
+    reader = reading.ShardReader(tuple(shards), store.LocalStore(jpeg_shards))
     for _ in range(2):
         for index, shard in enumerate(shards):
             _, offset, size, _ = index_entries(shard.path)[0]
             assert reader.read(index, 0) == shard.path.read_bytes()[offset:offset + size]
-            assert len(reader._files) <= 2
+            assert len(reader.store._files) <= 2
     reader.close()

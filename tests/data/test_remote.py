@@ -1,0 +1,231 @@
+"""Shards on a web server (nginx, and a proxy in front of it playing latency and faults) read as from disk: the same
+batches, the same one-line errors naming the URL, transient faults retried."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+from safetensors.torch import load_file
+
+from colorize_dist.bench.serve import Nginx, Proxy
+from colorize_dist.config import ConfigError
+from colorize_dist.data import DataConfig, ManifestError, MissingShardsError, ShardDataError, build_loader, store
+from colorize_dist.data.store import open_store, redact
+from colorize_dist.launch.resources import SlurmResources
+from colorize_dist.launch.slurm import training_job
+from colorize_dist.training.config import load_training_config
+from tests.data.helpers import flip_sample, index_entries, run_cli
+from tests.data.servers import require_nginx
+from tests.training.helpers import assert_same_weights, launch, probe_weights, tiny_overrides, train_once
+
+
+@pytest.fixture(scope="module")
+def served(synth_shards, tmp_path_factory):
+    """nginx serving a folder holding the synthetic set (`good/`) and a copy with one damaged sample (`bad/`)."""
+    require_nginx()
+    root = tmp_path_factory.mktemp("www")
+    shutil.copytree(synth_shards, root / "good")
+    shutil.copytree(synth_shards, root / "bad")
+    flip_sample(root / "bad", "train/train-000001.tar", key="0000020")
+    server = Nginx(root, tmp_path_factory.mktemp("nginx")).start()
+    yield server, root
+    server.stop()
+
+
+def epoch_batches(shards: str | Path, **settings) -> list[tuple[list[str], torch.Tensor, torch.Tensor]]:
+    cfg = DataConfig(shards=str(shards), resolution=16, backend="reference", num_threads=1, **settings)
+    with build_loader(cfg, "train", batch_size=4, global_batch=8, rank=1, world_size=2, seed=3) as loader:
+        return [(batch.keys, batch.l, batch.ab) for batch in loader.epoch(1)]
+
+
+def assert_same_batches(first, second) -> None:
+    assert len(first) == len(second) > 0
+    for (keys_a, l_a, ab_a), (keys_b, l_b, ab_b) in zip(first, second, strict=True):
+        assert keys_a == keys_b
+        assert torch.equal(l_a, l_b) and torch.equal(ab_a, ab_b)
+
+
+def test_an_epoch_over_http_is_the_epoch_on_disk(served, synth_shards):
+    server, _ = served
+    assert_same_batches(epoch_batches(synth_shards), epoch_batches(server.url + "good/"))
+
+
+def test_any_fsspec_url_reads_the_same_samples(synth_shards):
+    """fsspec's own local filesystem behind a URL scheme: the fsspec store, byte for byte."""
+    fsspec_store = store.FsspecStore(f"local://{synth_shards}")
+    path = Path("train/train-000000.tar")
+    _, offset, size, _ = index_entries(synth_shards / path)[2]
+    assert fsspec_store.read(path, offset, size) == (synth_shards / path).read_bytes()[offset:offset + size]
+    assert fsspec_store.size(path) == (synth_shards / path).stat().st_size
+    assert fsspec_store.size(Path("train/nothing.tar")) is None
+
+
+def test_a_damaged_sample_over_http_is_one_line_naming_its_url(served):
+    server, _ = served
+    with pytest.raises(ShardDataError) as error:
+        epoch_batches(server.url + "bad/")
+    message = str(error.value)
+    assert message.startswith(f"shard {server.url}bad/train/train-000001.tar is damaged: sample 0000020.png has "
+                              "CRC-32") and "\n" not in message
+
+
+def test_a_missing_set_is_one_line_before_anything_is_read(served):
+    server, _ = served
+    with pytest.raises(MissingShardsError, match=rf"^{server.url}nowhere/manifest.json is not there \(404\); check "
+                                                 "the URL"):
+        epoch_batches(server.url + "nowhere/")
+
+
+def test_transient_faults_are_retried_and_change_nothing(served, synth_shards):
+    """Every 5th answer a 503, 429, reset or short body: the epoch is still the epoch on disk."""
+    server, _ = served
+    kinds = ("503", "429", "reset", "short")
+    proxy = Proxy(server.port, faults=kinds, period=5).start()
+    try:
+        assert_same_batches(epoch_batches(synth_shards), epoch_batches(proxy.url + "good/"))
+    finally:
+        proxy.stop()
+    assert set(proxy.faults) == set(kinds)
+
+
+def test_a_server_that_stays_down_is_one_line_naming_the_url_and_what_was_tried(served, monkeypatch):
+    server, _ = served
+    down = Proxy(server.port, faults=("503",)).start()
+    monkeypatch.setattr(store, "RETRIES", 3)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ManifestError) as error:
+            epoch_batches(down.url.replace("://", "://reader:s3cret@") + "good/?X-Signature=abc")
+        took = time.monotonic() - started
+    finally:
+        down.stop()
+    message = str(error.value)
+    assert "s3cret" not in message and "abc" not in message and "\n" not in message, message
+    assert message.startswith(f"http://127.0.0.1:{down.port}/good/manifest.json?*** did not answer: GET tried 4 "
+                              "times over"), message
+    assert "last HTTP 503" in message and took < 5
+
+
+def test_shards_verify_reads_a_url(served, capsys):
+    server, _ = served
+    assert run_cli("shards", "verify", server.url + "good/") == 0
+    assert capsys.readouterr().out.strip().endswith(f"{server.url}good/: OK")
+    assert run_cli("shards", "verify", server.url + "bad/") == 1
+    out = capsys.readouterr().out
+    assert (f"PROBLEM {server.url}bad/train/train-000001.tar: sample 0000020.png does not match its CRC-32 in "
+            "manifest.json") in out and "/tmp" not in out.replace(str(server.root), ""), out
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    ("https://user:pw@host.org/a/b.tar", "https://***@host.org/a/b.tar"),
+    ("see s3://bucket/x?X-Amz-Signature=0f&X-Amz-Credential=k, then", "see s3://bucket/x?*** then"),
+    ("/local/path/x.tar", "/local/path/x.tar"),
+])
+def test_credentials_in_urls_are_redacted(text, shown):
+    assert redact(text) == shown
+
+
+def test_an_open_store_names_files_without_credentials():
+    remote = open_store("https://me:secret@example.org/faces?sig=1")
+    assert remote.show(Path("train/a.tar")) == "https://example.org/faces/train/a.tar?***"
+    with pytest.raises(FileNotFoundError, match=r"^s3://\*\*\*@bucket/faces/ cannot be read here: Install s3fs"):
+        open_store("s3://me:secret@bucket/faces/")
+
+
+@pytest.mark.slow
+def test_training_over_http_equals_training_from_disk_and_writes_no_credentials(served, tmp_path):
+    """4 steps from the shards on disk and from the same shards over HTTP (with credentials in the URL): the
+    same generator and discriminator, and no file or log line of the run holds the password."""
+    server, root = served
+    url = server.url.replace("://", "://reader:s3cret@") + "good/"
+    runs = {}
+    for name, shards in (("disk", root / "good"), ("http", url)):
+        runs[name] = tmp_path / name
+        result = train_once(runs[name], tiny_overrides(shards, **{"train.max_steps": 4, "train.validate_every": 4,
+                                                                   "train.sample_every": 4}), timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert "s3cret" not in result.stdout + result.stderr
+    weights = sorted(path.relative_to(runs["disk"]) for path in runs["disk"].rglob("*.safetensors"))
+    assert weights == sorted(path.relative_to(runs["http"]) for path in runs["http"].rglob("*.safetensors"))
+    assert Path("export/generator_final.safetensors") in weights and len(weights) > 2  # and the checkpoint's
+    for relative in weights:
+        disk, http = (load_file(runs[name] / relative) for name in ("disk", "http"))
+        assert disk.keys() == http.keys()
+        for key in disk:
+            assert torch.equal(disk[key], http[key]), f"{relative}: {key}"
+    written = [path for path in runs["http"].rglob("*") if path.is_file()]
+    assert not [path for path in written if b"s3cret" in path.read_bytes()]
+    assert f"shards: http://***@127.0.0.1:{server.port}/good/" in (runs["http"] / "config.yaml").read_text()
+
+
+def test_slurm_jobs_refuse_credentials_in_the_shard_url(tmp_path):
+    """A requeued job trains from RUN/config.yaml, which the trainer records with the credentials redacted."""
+    cfg = load_training_config("tiny", ["data.shards=https://reader:s3cret@data.example.org/faces/"])
+    with pytest.raises(ConfigError, match=r"^data.shards holds credentials in its URL; .* ~/.netrc"):
+        training_job(cfg, tmp_path / "run", SlurmResources(gpus_per_node=0))
+    assert not (tmp_path / "run").exists()
+
+
+def test_webdataset_reads_our_shards_by_url_as_by_path(served, synth_shards):
+    """The `webdataset` library streams a served shard (its own http reader) to the same keys and bytes as the
+    file on disk, and as our ranged reads."""
+    server, _ = served
+    tar = "train/train-000002.tar"
+
+    def samples(location: str) -> dict[str, bytes]:
+        pipeline = wds.DataPipeline(wds.SimpleShardList([location]), wds.tarfile_to_samples())
+        return {sample["__key__"]: sample["png"] for sample in pipeline}
+
+    by_path, by_url = samples(str(synth_shards / tar)), samples(f"{server.url}good/{tar}")
+    assert by_url == by_path and len(by_path) == 7
+    remote = open_store(server.url + "good/")
+    ours = {key: remote.read(Path(tar), offset, size)
+            for key, (_, offset, size, _) in zip(by_path, index_entries(synth_shards / tar), strict=True)}
+    assert ours == by_path
+
+
+@pytest.mark.slow
+def test_two_processes_over_a_faulty_server_train_as_from_disk(served, tmp_path):
+    """2 processes (DDP), 4 steps, from disk and over HTTP through a proxy that answers every 7th request with a
+    503, a 429, a reset or a short body: every weight of both ranks the same, bit for bit."""
+    server, root = served
+    proxy = Proxy(server.port, faults=("503", "429", "reset", "short"), period=7).start()
+    try:
+        for name, shards in (("disk", root / "good"), ("http", proxy.url + "good/")):
+            result = launch("cpu_2proc.yaml", tmp_path / name,
+                            tiny_overrides(shards, **{"train.max_steps": 4, "train.batch_size": 8}), timeout=400)
+            assert result.returncode == 0, result.stderr[-3000:]
+    finally:
+        proxy.stop()
+    assert len(proxy.faults) >= 4
+    for rank in (0, 1):
+        assert_same_weights(probe_weights(tmp_path / "disk", rank), probe_weights(tmp_path / "http", rank),
+                            rtol=0, atol=0)
+
+
+def test_a_server_going_down_mid_epoch_is_one_line_naming_the_url_in_bounded_time(served, monkeypatch):
+    server, _ = served
+    monkeypatch.setattr(store, "RETRIES", 3)
+    proxy = Proxy(server.port).start()
+    cfg = DataConfig(shards=proxy.url + "good/", resolution=16, backend="reference", num_threads=1,
+                     reads_in_flight=2, prefetch=1)
+    with build_loader(cfg, "train", batch_size=2, seed=3) as loader:
+        batches = loader.epoch(0)
+        next(batches)
+        proxy.stop()  # the outage: connections refused from now on
+        started = time.monotonic()
+        with pytest.raises(ShardDataError) as error:
+            for _ in batches:
+                pass
+        took = time.monotonic() - started
+    message = str(error.value)
+    assert re.match(rf"{proxy.url}good/train/train-00000\d\.tar did not answer: GET bytes \d+-\d+ tried 4 times over "
+                    r"\d+\.\d s, last \w+; once it answers, rerun with `--resume auto` to continue from the last "
+                    r"checkpoint$", message), message
+    assert "\n" not in message and took < 10

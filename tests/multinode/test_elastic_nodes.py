@@ -3,7 +3,9 @@
 
 - the job goes on by itself on node 0 and finishes; the final weights equal those of one uninterrupted process;
 - node 1 started again joins at the next re-formation; killed once more beyond the restart budget, the job ends with
-  one line per loss and the checkpoints intact, and rerunning both nodes finishes equal to the uninterrupted run.
+  one line per loss and the checkpoints intact, and rerunning both nodes finishes equal to the uninterrupted run;
+- slurm/multi_node.sbatch with MIN_NODES on the local cluster's emulated nodes: a killed node's job step, and the
+  job still ends COMPLETED, equal.
 
 Both compare with one uninterrupted run (one plain process: the global batch makes every step the same samples on
 any number of processes, tests/training/test_elastic.py). The machines have a prefix and a subnet of their own.
@@ -11,8 +13,12 @@ any number of processes, tests/training/test_elastic.py). The machines have a pr
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -23,7 +29,9 @@ import torch
 from safetensors.torch import load_file
 
 from colorize_dist import cli
+from colorize_dist.launch.slurm import SUBMITIT_FOLDER
 from colorize_dist.training import checkpoint, elastic
+from tests.launch.test_slurm import job_info, logs, wait_for_first_checkpoint, wait_until_ended
 from tests.multinode import netns
 from tests.multinode.conftest import skip_or_fail
 from tests.multinode.test_two_nodes import LOST_LINE, Node, intact_checkpoints, tails, wait
@@ -219,3 +227,56 @@ def test_a_returning_node_rejoins_and_a_failure_beyond_the_restart_budget_ends_t
     largest = assert_same_final_weights(uninterrupted, run_dir)
     print(f"\nsecond loss beyond the budget: the job ended {ended:.1f} s after the kill with\n{second}\n"
           f"rerun: largest weight difference to the uninterrupted run {largest:.2g}")
+
+
+def job_processes(job_id: str, node: str) -> list[int]:
+    """The launcher and trainer processes of Slurm job `job_id` on `node` (not Slurm's own: slurmd, slurmstepd)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            environ = dict(item.split("=", 1) for item in (entry / "environ").read_text().split("\0") if "=" in item)
+            command = (entry / "cmdline").read_text().replace("\0", " ")
+        except (OSError, ValueError):
+            continue
+        if (environ.get("SLURM_JOB_ID") == job_id and environ.get("SLURMD_NODENAME") == node
+                and ("torchrun" in command or "train.py" in command)):
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.multinode
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_the_elastic_slurm_template_finishes_on_the_node_left(multinode_partition: str, even_shards: Path,
+                                                              uninterrupted: Path, tmp_path: Path) -> None:
+    """slurm/multi_node.sbatch with MIN_NODES=1 on the local cluster's two emulated nodes; the launcher and trainer
+    of the second node killed (as a crash would) after the first checkpoint. The job ends 0 by itself, equal."""
+    run_dir = tmp_path / "run"
+    (run_dir / SUBMITIT_FOLDER).mkdir(parents=True)
+    env = subprocess_env() | {"MIN_NODES": "1", "MAX_RESTARTS": "1", "CONFIG": "configs/tiny.yaml",
+                              "RUN_DIR": str(run_dir), "PROCESSES": "1", "ACCELERATE_USE_CPU": "1"}
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", "--no-kill", f"--partition={multinode_partition}", "--nodes=2", "--gpus-per-node=0",
+         "--cpus-per-task=1", "--time=10", f"--output={run_dir / SUBMITIT_FOLDER}/%j_log.out", f"--chdir={REPO}",
+         str(REPO / "slurm" / "multi_node.sbatch"), *settings(even_shards)],
+        env=env, capture_output=True, text=True, check=True)
+    job_id = submitted.stdout.strip()
+    try:
+        wait_for_first_checkpoint(run_dir)
+        second = subprocess.run(["scontrol", "show", "hostnames", job_info(job_id)["NodeList"]], capture_output=True,
+                                text=True, check=True).stdout.split()[1]
+        victims = job_processes(job_id, second)
+        assert victims, logs(run_dir)
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        info = wait_until_ended(job_id, run_dir, timeout=KILLED_BOUND_S)
+    finally:
+        subprocess.run(["scancel", job_id], check=False)
+    log = logs(run_dir)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log
+    assert re.search(rf"^train: lost rank \d \(node {second}, [\d.]+\) of 2 ranks: .*restart 1 of 1\), which resume",
+                     log, re.MULTILINE), log
+    assert re.search(r"^train: restart 1 of 1 after losing .* 1 process now \(2 before\)", log, re.MULTILINE), log
+    assert saved_by(run_dir)[MAX_STEPS] == 1
+    assert_same_final_weights(uninterrupted, run_dir)

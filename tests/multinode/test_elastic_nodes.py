@@ -273,10 +273,11 @@ def test_the_elastic_slurm_template_finishes_on_the_node_left(multinode_partitio
         info = wait_until_ended(job_id, run_dir, timeout=KILLED_BOUND_S)
     finally:
         subprocess.run(["scancel", job_id], check=False)
-    log = logs(run_dir)
-    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log
+    log = (run_dir / SUBMITIT_FOLDER / f"{job_id}_log.out").read_text(errors="replace")
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), f"{info}\n{log[-3000:]}"
     assert re.search(rf"^train: lost rank \d \(node {second}, [\d.]+\) of 2 ranks: .*restart 1 of 1\), which resume",
-                     log, re.MULTILINE), log
-    assert re.search(r"^train: restart 1 of 1 after losing .* 1 process now \(2 before\)", log, re.MULTILINE), log
+                     log, re.MULTILINE), log[-3000:]
+    assert re.search(r"^train: restart 1 of 1 after losing .* 1 process now \(2 before\)", log,
+                     re.MULTILINE), log[-3000:]
     assert saved_by(run_dir)[MAX_STEPS] == 1
     assert_same_final_weights(uninterrupted, run_dir)

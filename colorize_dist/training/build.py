@@ -28,7 +28,7 @@ from colorize_dist.data.store import redact
 from colorize_dist.eval.fid import load_inception
 from colorize_dist.models import DiscriminatorLoss, GeneratorLoss, build_discriminator, build_generator
 from colorize_dist.models.export import init_from_export
-from colorize_dist.training import peers
+from colorize_dist.training import elastic, peers
 from colorize_dist.training.checkpoint import Progress
 from colorize_dist.training.config import (
     MIXED_PRECISION,
@@ -146,6 +146,8 @@ def setup(accelerator: Accelerator, cfg: Config, run_dir: Path, resume: str) -> 
             total_steps = progress.step + remaining_steps(cfg, loader, progress)
         for update in updates:  # a run whose length changed (batch, epochs, max_steps) decays to its new end
             stretch_schedule(update.scheduler, cfg.optim, total_steps)
+    if main_process and (report := elastic.restart_report(run_dir, progress.step, accelerator.num_processes)):
+        print(f"train: {report}", flush=True)  # after a loss of ranks: who, the new size, the steps lost
     accelerator.init_trackers("colorize", config=flat_config(recorded_config(cfg)))
 
     clock = Clock(progress.wall_s)

@@ -22,7 +22,8 @@ or gradient, weights gone NaN/inf (never checkpointed), or losses that exploded 
 (`training.divergence`: that step is not checkpointed); 2 bad configuration, missing or broken inputs, a run
 directory in use by another run, or a full disk (the last good checkpoint stays); 3 other ranks stopped answering
 (a node died, froze or lost its network; train.collective_timeout_s bounds the wait): one line per surviving node
-names them, and rerunning every node resumes from the last checkpoint.
+names them, and rerunning every node resumes from the last checkpoint; under torchrun with --max-restarts, the
+launcher restarts the workers on the nodes left instead, and they resume by themselves (training/elastic.py).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def main(args: argparse.Namespace) -> int:
     from colorize_dist.data.manifest import ManifestError
     from colorize_dist.training.checkpoint import CHECKPOINTS, CheckpointWriteError, latest_valid
     from colorize_dist.training.divergence import DivergedError
+    from colorize_dist.training.elastic import after_loss
     from colorize_dist.training.loop import train
     from colorize_dist.training.milestones import NonFiniteLossError
     from colorize_dist.training.peers import PeerLostError
@@ -74,8 +76,7 @@ def main(args: argparse.Namespace) -> int:
     except PeerLostError as exc:
         if exc.report:
             last = latest_valid(run_dir / CHECKPOINTS, verify_hashes=False)
-            print(f"train: {exc}; rerun every node to resume from {last or 'the start (no checkpoint yet)'}",
-                  file=sys.stderr, flush=True)
+            print(f"train: {exc}; {after_loss(last)}", file=sys.stderr, flush=True)
         return EXIT_PEER_LOST
     leave_process_group()
     return 0 if result.finished else EXIT_RESUMABLE

@@ -26,7 +26,7 @@ from colorize_dist.collectives import any_rank
 from colorize_dist.data.loader import Batch
 from colorize_dist.eval.metrics import compute_metrics
 from colorize_dist.models.export import save_generator
-from colorize_dist.training import checkpoint, peers
+from colorize_dist.training import checkpoint, elastic, peers
 from colorize_dist.training.build import State, build_accelerator, setup
 from colorize_dist.training.config import Config
 from colorize_dist.training.milestones import NonFiniteLossError, save_step_checkpoint, validate, write_samples
@@ -68,14 +68,22 @@ def train(cfg: Config, run_dir: Path, resume: str = "auto", cpu: bool = False) -
     even where there are GPUs."""
     watch_launcher()  # an orphaned trainer stops (checkpoints) instead of training on
     accelerator = build_accelerator(cfg, run_dir, cpu)
-    with peers.reporting_lost_peers(), run_dir_lock(accelerator, run_dir):  # PeerLostError: ranks gone
-        state = setup(accelerator, cfg, run_dir, resume)
-        with stop_on_signals(), contextlib.closing(state.bar):  # closed on errors too: a message starts its own line
-            while not state.done:
-                micro_batches = next_micro_batches(state)
-                outcome = gan_step(state, micro_batches)
-                after_step(state, micro_batches, outcome)
-        return finish(state)
+    state = None
+    try:
+        with peers.reporting_lost_peers(), run_dir_lock(accelerator, run_dir):  # PeerLostError: ranks gone
+            state = setup(accelerator, cfg, run_dir, resume)
+            with stop_on_signals(), contextlib.closing(state.bar):  # closed on errors too: a message starts a line
+                while not state.done:
+                    micro_batches = next_micro_batches(state)
+                    outcome = gan_step(state, micro_batches)
+                    after_step(state, micro_batches, outcome)
+            return finish(state)
+    except peers.PeerLostError as exc:
+        if exc.first:  # for the restart's report (elastic.restart_report); the lost-rank line matters more
+            with contextlib.suppress(OSError):
+                elastic.record_loss(run_dir, exc.lost, state.progress.step if state is not None else None,
+                                    accelerator.num_processes)
+        raise
 
 
 def next_micro_batches(state: State) -> list[MicroBatch]:

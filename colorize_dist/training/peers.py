@@ -49,9 +49,11 @@ STAND_IN_S = 30.0  # how long a rank that gave up keeps answering (through a sta
 class PeerLostError(RuntimeError):
     """A collective failed because other ranks no longer answer; the message names them and their nodes."""
 
-    def __init__(self, message: str, report: bool):
+    def __init__(self, message: str, report: bool, lost: str = "", first: bool = False):
         super().__init__(message)
         self.report = report  # True on the lowest remaining rank of each node: it prints the message
+        self.lost = lost  # who: "rank 1 (node n1, 10.0.0.2)"
+        self.first = first  # True on the lowest remaining rank of all: it records the loss (elastic.record_loss)
 
 
 @dataclass(frozen=True)
@@ -176,8 +178,10 @@ def reporting_lost_peers() -> Iterator[None]:
                 signal.signal(signal.SIGTERM, on_sigterm)
             raise
         responder.hand_over(STAND_IN_S)
-        present = [peer.rank for peer in roster if peer.node == me.node and peer not in lost]
-        raise PeerLostError(_describe(lost, len(roster), exc), report=me.rank == min(present)) from exc
+        present = [peer.rank for peer in roster if peer not in lost]
+        on_node = [rank for rank in present if roster[rank].node == me.node]
+        raise PeerLostError(_describe(lost, len(roster), exc), report=me.rank == min(on_node), lost=_who(lost),
+                            first=me.rank == min(present)) from exc
     finally:
         responder.close()
 
@@ -197,13 +201,17 @@ def _answers(peer: Peer) -> bool:
 
 
 def _describe(lost: list[Peer], world: int, exc: BaseException) -> str:
+    return (f"lost {_who(lost)} of {world} ranks: no answer (crashed, killed, frozen or cut off from the network); "
+            f"the collective here failed with: {_gist(exc)}")
+
+
+def _who(lost: list[Peer]) -> str:
+    """'rank 1 (node n1, 10.0.0.2)', 'ranks 2-3 (node n1, 10.0.0.2) and rank 5 (node n2, 10.0.0.3)'."""
     by_node: dict[tuple[str, str], list[int]] = {}
     for peer in lost:
         by_node.setdefault((peer.node, peer.address), []).append(peer.rank)
-    nodes = " and ".join(f"{'ranks' if len(ranks) > 1 else 'rank'} {_ranges(ranks)} (node {node}, {address})"
-                         for (node, address), ranks in by_node.items())
-    return (f"lost {nodes} of {world} ranks: no answer (crashed, killed, frozen or cut off from the network); "
-            f"the collective here failed with: {_gist(exc)}")
+    return " and ".join(f"{'ranks' if len(ranks) > 1 else 'rank'} {_ranges(ranks)} (node {node}, {address})"
+                        for (node, address), ranks in by_node.items())
 
 
 def _ranges(numbers: list[int]) -> str:

@@ -2,14 +2,15 @@
 hostname and address, sharing this host's file system as a cluster shares its shared file system.
 
     with Machines(2) as machines:              # needs root and iproute2; everything is deleted on exit
-        machines[0].address                    # "10.231.0.1" (machine i: 10.231.0.<i+1>, interface eth0)
+        machines[0].address                    # "10.231.0.1" (machine i: SUBNET.<i+1>, interface eth0)
         machines[1].popen([...], log=path)     # runs inside machine 1's namespace, hostname colorize-node1
         machines[1].kill()                     # SIGKILL to every process of machine 1
 
 Each machine is a namespace with a veth interface whose other end sits on a bridge inside a hub namespace that
 only the machines reach: no address is added to this host's own namespace and no route leads out, so nothing
 the machines send can leave them. Names carry this process's pid, so test sessions running side by side do not
-collide; namespaces left by a session that was killed (its pid gone) are deleted by the next one. `problem()`
+collide, and tests that need machines of their own at the same time take another prefix and subnet; namespaces left
+by a session that was killed (its pid gone) are deleted by the next one. `problem()`
 says why machines cannot be made here (not root, no `ip netns`), for a skip reason.
 """
 
@@ -116,13 +117,13 @@ class Machine:
 class Machines:
     """`count` machines on one switch; a context manager that deletes every namespace and link it made."""
 
-    def __init__(self, count: int, prefix: str = "colorize"):
+    def __init__(self, count: int, prefix: str = "colorize", subnet: str = SUBNET):
         if not 2 <= count <= 200:
             raise ValueError(f"count must be 2..200, got {count}")
         self.prefix = prefix
         tag = f"{prefix}-{os.getpid()}"
         self.hub = f"{tag}-hub"
-        self.machines = [Machine(i, f"{tag}-node{i}", f"{prefix}-node{i}", f"{SUBNET}.{i + 1}") for i in range(count)]
+        self.machines = [Machine(i, f"{tag}-node{i}", f"{prefix}-node{i}", f"{subnet}.{i + 1}") for i in range(count)]
 
     def __enter__(self) -> Machines:
         sweep_stale(self.prefix)

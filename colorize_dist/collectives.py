@@ -12,7 +12,9 @@ Where they run, in the order of a training run (all EVERY RANK):
 - training/peers.py `reporting_lost_peers`: `all_gather_objects` of each rank's address, once at the start;
 - training/rundir.py, training/resume.py: `broadcast_from_rank0` of rank 0's decision (lock, resume point,
   conversion problem), so that every rank raises alike;
-- training/loop.py `stop_reason`, every train.log_every steps: `any_rank` (stop signal, dead launcher, time);
+- training/telemetry.py: `all_gather_objects` of each rank's host name, once at the start;
+- training/loop.py `log_interval`, every train.log_every steps: `all_gather_rows` of each rank's stop flags (stop
+  signal, dead launcher, time) and its figures of the interval (training/telemetry.py);
   training/divergence.py `DivergenceWatch.losses`, on the same steps: `mean_over_ranks_` of the loss magnitude;
 - training/ema.py: `mean_over_ranks_` of floating-point buffers, every step (only for norms that have them);
 - training/milestones.py: `any_rank` of NaN weights before each step checkpoint; training/checkpoint.py:
@@ -130,6 +132,16 @@ def broadcast_from_rank0(values: list[Any]) -> list[Any]:
     if is_distributed():
         dist.broadcast_object_list(values, src=0)
     return values
+
+
+def all_gather_rows(values: list[float], device: torch.device) -> list[list[float]]:
+    """EVERY RANK: every rank's `values` (float64, the same length on each), in rank order, on every rank."""
+    row = torch.tensor(values, dtype=torch.float64, device=device)
+    if not is_distributed():
+        return [row.tolist()]
+    rows = [torch.empty_like(row) for _ in range(world_size())]
+    dist.all_gather(rows, row)
+    return torch.stack(rows).tolist()
 
 
 def all_gather_objects(value: Any) -> list[Any]:

@@ -393,7 +393,8 @@ def _memory_section(r: dict[str, Any]) -> str:
             for row in r["rows"]]
     total = r.get("gpu_memory_mib")
     text = (f"## Peak memory per batch size\n\nA few `{r['variant']}` training steps per row (G and D, one "
-            "process); torch's max_memory_allocated" + (f", of {total:,} MiB on the GPU" if total else "") + ".\n\n"
+            "process); the peak torch reserved plus the device memory outside torch (CUDA context, DALI's pool, "
+            "nvJPEG)" + (f", of {total:,} MiB on the GPU" if total else "") + ".\n\n"
             + _table(rows, ["config", "batch", "peak MiB", "status", "error"], floatfmt=",.0f"))
     fits = memory_fits(r["rows"], total)
     if fits:

@@ -90,7 +90,7 @@ class VariantResult:
     steps_per_s: float  # medians of the loop's logged intervals after the warm-up steps
     images_per_s: float
     data_wait: float  # share of the time spent waiting for the loader
-    peak_memory_mib: float | None  # the run's summary.json (CUDA: max_memory_allocated), None if not written
+    peak_memory_mib: float | None  # the run's summary.json (CUDA: device-wide, see training/summary.py); None: none
     memory: str | None  # what peak_memory_mib measures
 
 

@@ -145,8 +145,8 @@ NOTES = [
     "loader.",
     "- Weak-scaling efficiency: images/s per GPU (process) over that of the point with the fewest, among points "
     "that differ only in their number of GPUs and batch size.",
-    "- Peak memory: the largest over processes; on GPUs torch's max_memory_allocated, on CPUs the peak resident "
-    "set size.",
+    "- Peak memory: the largest over processes; on GPUs the most torch reserved plus the device memory outside "
+    "torch (CUDA context, DALI's pool, nvJPEG), on CPUs the peak resident set size.",
     "- FLOPs: model FLOPs per training image, 3·G + 8·D forward FLOPs (2 per multiply-add; the perceptual VGG16 "
     "is not counted); compute: that × images seen; MFU: images/s × FLOPs per image / (GPUs × dense peak at the "
     "run's precision). See `colorize_dist/study/costs.py`.",

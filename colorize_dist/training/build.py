@@ -28,6 +28,7 @@ from colorize_dist.data.store import redact
 from colorize_dist.eval.fid import load_inception
 from colorize_dist.models import DiscriminatorLoss, GeneratorLoss, build_discriminator, build_generator
 from colorize_dist.models.export import init_from_export
+from colorize_dist.study.costs import peak_flops, point_cost
 from colorize_dist.training import elastic, peers
 from colorize_dist.training.checkpoint import Progress
 from colorize_dist.training.config import (
@@ -42,7 +43,8 @@ from colorize_dist.training.config import (
 from colorize_dist.training.divergence import DivergenceWatch
 from colorize_dist.training.ema import EMA
 from colorize_dist.training.resume import check_resume, find_resume, load_resume
-from colorize_dist.training.summary import Clock
+from colorize_dist.training.summary import Clock, device_name
+from colorize_dist.training.telemetry import Telemetry
 from colorize_dist.training.update import Update
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,7 @@ class State:
     memory_format: torch.memory_format
     batches: Iterator[Batch]
     clock: Clock
+    telemetry: Telemetry
     bar: tqdm
     divergence: DivergenceWatch
     metrics: dict[str, float] = field(default_factory=dict)
@@ -151,6 +154,12 @@ def setup(accelerator: Accelerator, cfg: Config, run_dir: Path, resume: str) -> 
     accelerator.init_trackers("colorize", config=flat_config(recorded_config(cfg)))
 
     clock = Clock(progress.wall_s)
+    peak = (cfg.train.peak_tflops * 1e12 if cfg.train.peak_tflops
+            else peak_flops(device_name(device), accelerator.mixed_precision) if device.type == "cuda" else None)
+    watched = Telemetry(run_dir, device, rank=accelerator.process_index, world_size=accelerator.num_processes,
+                        forward_modules=[net for net in (generator, discriminator) if net is not None],
+                        cost=point_cost(cfg) if peak else None, peak_flops=peak,  # no MFU without a peak
+                        straggler_margin=cfg.train.straggler_margin, straggler_intervals=cfg.train.straggler_intervals)
     return State(
         accelerator=accelerator, cfg=cfg, run_dir=run_dir, loader=loader, val_loader=val_loader,
         sample_batch=sample_batch, generator=generator, discriminator=discriminator,
@@ -160,7 +169,7 @@ def setup(accelerator: Accelerator, cfg: Config, run_dir: Path, resume: str) -> 
         generator_update=generator_update, discriminator_update=discriminator_update, generator_loss=generator_loss,
         discriminator_loss=discriminator_loss, ema=ema, progress=progress, total_steps=total_steps,
         memory_format=memory_format, batches=clock.wait(endless(loader, progress.epoch, progress.sample)),
-        clock=clock, done=progress.step >= total_steps,
+        clock=clock, telemetry=watched, done=progress.step >= total_steps,
         divergence=DivergenceWatch(cfg.optim.lr, cfg.train.pretrain_steps if cfg.adversarial else 0),
         bar=tqdm(total=total_steps, initial=progress.step, unit="step", disable=not main_process, dynamic_ncols=True))
 

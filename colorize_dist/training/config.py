@@ -81,12 +81,21 @@ class TrainConfig:
     # A collective (all-reduce, barrier, checkpoint) that waits longer than this for another rank ends the run with
     # one line naming the ranks that no longer answer; rank 0 alone may hash a large checkpoint meanwhile.
     collective_timeout_s: float = 600.0
+    peak_tflops: float | None = None  # one GPU's dense peak for MFU; None: the data sheet of a known GPU (study/costs)
+    # A rank slower than the others' median by this fraction (forward time or data wait per step) for
+    # straggler_intervals logging intervals in a row is named in a warning (training/telemetry.py).
+    straggler_margin: float = 0.5
+    straggler_intervals: int = 3
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints",
-                     "validate_every", "sample_every", "num_samples", "max_nonfinite_steps", "synth_images"):
+                     "validate_every", "sample_every", "num_samples", "max_nonfinite_steps", "synth_images",
+                     "straggler_intervals"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        if self.straggler_margin <= 0 or (self.peak_tflops is not None and self.peak_tflops <= 0):
+            raise ConfigError(f"train.straggler_margin and train.peak_tflops must be positive, got "
+                              f"{self.straggler_margin}, {self.peak_tflops}")
         if not self.collective_timeout_s > 0:
             raise ConfigError(f"train.collective_timeout_s must be positive, got {self.collective_timeout_s}")
         if self.max_steps < 0 or self.pretrain_steps < 0:

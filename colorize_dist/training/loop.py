@@ -14,6 +14,7 @@ step checkpoints and the samples are milestones.py's, the clock and the final su
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,17 +23,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from colorize_dist.collectives import any_rank
 from colorize_dist.data.loader import Batch
 from colorize_dist.eval.metrics import compute_metrics
 from colorize_dist.models.export import save_generator
-from colorize_dist.training import checkpoint, elastic, peers
+from colorize_dist.training import checkpoint, elastic, peers, telemetry
 from colorize_dist.training.build import State, build_accelerator, setup
 from colorize_dist.training.config import Config
 from colorize_dist.training.milestones import NonFiniteLossError, save_step_checkpoint, validate, write_samples
 from colorize_dist.training.rundir import run_dir_lock
 from colorize_dist.training.stop import launcher_lost, stop_on_signals, stop_requested, watch_launcher
-from colorize_dist.training.summary import status_line, summary, write_summary
+from colorize_dist.training.summary import summary, write_summary
 from colorize_dist.training.update import Outcome
 
 STEP_RNG_STREAM = 2  # spawn key of the per-step torch seeds, apart from the data's (see data.sharding, augment)
@@ -169,16 +169,13 @@ def after_step(state: State, micro_batches: list[MicroBatch], outcome: StepOutco
     state.bar.update()
     state.done = progress.step >= state.total_steps
 
+    state.telemetry.tick()
+
     # Logging steps also decide, on every rank alike, whether to stop early: a signal, a dead launcher, or
-    # train.max_time spent (one all-reduce every train.log_every steps, which bounds the reaction time).
+    # train.max_time spent (one all-gather every train.log_every steps, which bounds the reaction time).
     if progress.step % cfg.train.log_every == 0:
-        rates = state.clock.lap(cfg.train.log_every * cfg.train.batch_size)
-        values = {key: float(value) for key, value in outcome.logs.items() if value is not None}
-        values |= rates | {"lr": state.generator_update.scheduler.get_last_lr()[0], "nonfinite": progress.nonfinite}
-        accelerator.log(values, step=progress.step)
-        state.bar.set_postfix(status_line(values), refresh=False)
+        state.stopped = log_interval(state, outcome)
         state.divergence.losses(progress.step, outcome.logs)  # DivergedError: the losses exploded
-        state.stopped = stop_reason(state)
     if progress.step % cfg.train.sample_every == 0 and accelerator.is_main_process:
         write_samples(accelerator, state.ema.model, state.sample_batch, cfg.model.generator.color_space,
                       state.run_dir / "samples", progress.step)
@@ -186,8 +183,12 @@ def after_step(state: State, micro_batches: list[MicroBatch], outcome: StepOutco
     if progress.step % cfg.train.validate_every == 0 or state.done:
         state.metrics = validate(state)
     if state.stopped or progress.step % cfg.train.checkpoint_every == 0 or state.done:
+        started = time.perf_counter()
         save_step_checkpoint(accelerator, cfg, state.run_dir / checkpoint.CHECKPOINTS, progress, *state.networks,
                              state.ema.model)
+        blocked = time.perf_counter() - started
+        state.telemetry.blocked(blocked)
+        accelerator.print(f"checkpoint {checkpoint.step_name(progress.step)}: the step waited {blocked:.2f} s")
     if state.stopped:
         accelerator.print(f"{state.stopped}: checkpoint at step {progress.step} saved; resume with --resume auto")
         state.done = True
@@ -235,17 +236,28 @@ def step_seed(seed: int, batch: Batch, rank: int) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def stop_reason(state: State) -> str | None:
-    """Why to stop now, the same on every rank (one all-reduce): a stop signal, a dead launcher, train.max_time."""
-    budget = state.cfg.train.max_time_s
+def log_interval(state: State, outcome: StepOutcome) -> str | None:
+    """A logging step on every rank: the interval's figures of every rank (RUN/metrics.jsonl, trackers, progress
+    bar) and the stop decision, in one all-gather. Returns why to stop now, the same on every rank: a stop
+    signal, a dead launcher, train.max_time spent."""
+    cfg, progress = state.cfg, state.progress
+    images = cfg.train.log_every * cfg.train.batch_size
+    budget = cfg.train.max_time_s
     over_time = budget is not None and state.clock.elapsed() >= budget
-    requested, lost, over_time = any_rank(stop_requested(), launcher_lost(), over_time,
-                                          device=state.accelerator.device)
+    (requested, lost, over_time), record = state.telemetry.interval(
+        state.clock.lap(images), images, [stop_requested(), launcher_lost(), over_time],
+        adversarial=cfg.adversarial and progress.step > cfg.train.pretrain_steps)
+    losses = {key: float(value) for key, value in outcome.logs.items() if value is not None}
+    record = {"kind": "interval", "step": progress.step, "wall_s": round(state.clock.total(), 3), **record, **losses,
+              "lr": state.generator_update.scheduler.get_last_lr()[0], "nonfinite": progress.nonfinite}
+    state.accelerator.log(telemetry.tracker_scalars(record), step=progress.step)
+    state.telemetry.write(record)
+    state.bar.set_postfix(telemetry.status(record), refresh=False)
     if lost:
         return "launcher gone (a rank's parent process died)"
     if requested:
         return "stop requested"
-    return f"train.max_time={state.cfg.train.max_time} spent" if over_time else None
+    return f"train.max_time={cfg.train.max_time} spent" if over_time else None
 
 
 def add_logs(logs: dict[str, torch.Tensor | None], prefix: str, terms: dict[str, torch.Tensor],

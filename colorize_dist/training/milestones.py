@@ -35,7 +35,9 @@ def validate(state: State) -> dict[str, float]:
     accelerator, cfg, progress = state.accelerator, state.cfg, state.progress
     metrics = compute_metrics(state.ema.model, state.val_loader, device=accelerator.device,
                               fid_weights=cfg.train.fid_weights)
-    accelerator.log({f"val/{name}": value for name, value in metrics.items()}, step=progress.step)
+    scores = {f"val/{name}": value for name, value in metrics.items()}
+    accelerator.log(scores, step=progress.step)
+    state.telemetry.write({"kind": "validation", "step": progress.step, **scores})
     if (worse := state.divergence.validation(progress.step, metrics)) is not None:  # NaN: DivergedError
         log.warning(worse)
     value = metrics[cfg.train.best_metric]

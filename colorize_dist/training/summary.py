@@ -10,8 +10,9 @@ memory (one all-reduce), so all ranks must call `write_summary`. Throughput over
      "peak_memory_mib": 812.5, "memory": "peak RSS", "device": "cpu", "num_processes": 1,
      "mixed_precision": "no", "wall_s": 41.2, "worse_than_gray": null, "written": "2026-11-21T19:20:03+00:00"}
 
-`memory` says what `peak_memory_mib` measures: on GPUs torch's `max_memory_allocated` (tensors only, what a
-batch size must fit in), on CPUs the peak resident set size of the process; the largest over ranks either way.
+`memory` says what `peak_memory_mib` measures: on GPUs the most torch's allocator reserved plus the device memory
+outside torch at the end (CUDA context, DALI's pool, nvJPEG: what a batch size must fit beside), on CPUs the peak
+resident set size of the process; the largest over ranks either way.
 `wall_s` is the run's training time over all its starts (each resume adds to what its checkpoint recorded) and
 `images_seen` the samples read over all of them (padding copies not counted). `worse_than_gray` is null, or the line
 saying that the last validation scored under the gray baseline (`divergence`): the exports then predict worse than
@@ -44,9 +45,14 @@ SUMMARY = "summary.json"
 
 
 def peak_memory(device: torch.device) -> tuple[float, str]:
-    """(MiB, what was measured) of this process: CUDA tensors at their peak, else the peak resident set size."""
+    """(MiB, what was measured) of this process. On a GPU: the most torch's caching allocator held, plus what the
+    device holds outside it now (the CUDA context, DALI's pool, nvJPEG, cuDNN/cuBLAS handles, other processes),
+    so that a batch "fits" only if everything on the device fits. On a CPU: the peak resident set size."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max_memory_allocated"
+        free, total = torch.cuda.mem_get_info(device)
+        outside_torch = max(0, (total - free) - torch.cuda.memory_reserved(device))
+        return ((torch.cuda.max_memory_reserved(device) + outside_torch) / 2**20,
+                "cuda max_memory_reserved + device memory outside torch")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / (2**20 if sys.platform == "darwin" else 2**10), "peak RSS"
 
@@ -122,11 +128,6 @@ class Clock:
         rates = {"images_per_s": images / elapsed, "data_wait": self.waiting / elapsed}
         self.lap_start, self.waiting = now, 0.0
         return rates
-
-
-def status_line(logs: dict[str, float]) -> dict[str, str]:
-    short = {"loss/g_total": "G", "loss/d_total": "D", "images_per_s": "img/s", "data_wait": "wait"}
-    return {label: f"{logs[key]:.3g}" for key, label in short.items() if key in logs}
 
 
 def summary(state: State) -> str:

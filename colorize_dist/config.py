@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -50,6 +51,9 @@ def resolve_config(ref: str | Path) -> Path:
     raise ConfigError(f"config {ref} is neither a file nor a preset; presets: {', '.join(preset_names())}")
 
 
+SEXAGESIMAL = re.compile(r"[-+]?\d[\d_]*(:[0-5]?\d)+")
+
+
 def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
                 section: str | None = None) -> T:
     """Schema defaults, then the YAML file or preset (or one `section` of it), then `key=value` overrides.
@@ -68,6 +72,9 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.batch_size=32)")
+        key, value = item.split("=", 1)
+        if SEXAGESIMAL.fullmatch(value.strip()):  # YAML 1.1 reads 1:30 as 90; on a command line it means the text
+            item = f"{key}='{value.strip()}'"
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as exc:

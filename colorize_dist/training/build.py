@@ -42,6 +42,7 @@ from colorize_dist.training.config import (
 )
 from colorize_dist.training.divergence import DivergenceWatch
 from colorize_dist.training.ema import EMA
+from colorize_dist.training.profile import ProfileWindow
 from colorize_dist.training.resume import check_resume, find_resume, load_resume
 from colorize_dist.training.summary import Clock, device_name
 from colorize_dist.training.telemetry import Telemetry
@@ -80,6 +81,7 @@ class State:
     batches: Iterator[Batch]
     clock: Clock
     telemetry: Telemetry
+    profile: ProfileWindow | None  # train.profile's window, None when off
     bar: tqdm
     divergence: DivergenceWatch
     metrics: dict[str, float] = field(default_factory=dict)
@@ -171,6 +173,8 @@ def setup(accelerator: Accelerator, cfg: Config, run_dir: Path, resume: str) -> 
         memory_format=memory_format, batches=clock.wait(endless(loader, progress.epoch, progress.sample)),
         clock=clock, telemetry=watched, done=progress.step >= total_steps,
         divergence=DivergenceWatch(cfg.optim.lr, cfg.train.pretrain_steps if cfg.adversarial else 0),
+        profile=(ProfileWindow(cfg.train.profile, run_dir, accelerator.process_index, device)
+                 if cfg.train.profile is not None else None),
         bar=tqdm(total=total_steps, initial=progress.step, unit="step", disable=not main_process, dynamic_ncols=True))
 
 

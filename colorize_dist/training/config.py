@@ -86,6 +86,7 @@ class TrainConfig:
     # straggler_intervals logging intervals in a row is named in a warning (training/telemetry.py).
     straggler_margin: float = 0.5
     straggler_intervals: int = 3
+    profile: str | None = None  # START:STEPS: a torch.profiler trace of those steps (training/profile.py)
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints",
@@ -102,6 +103,8 @@ class TrainConfig:
             raise ConfigError("train.max_steps and train.pretrain_steps must be ≥ 0")
         if self.max_time is not None:
             parse_duration("train.max_time", self.max_time)
+        if self.profile is not None:
+            parse_window(self.profile)
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.mixed_precision is not None:
@@ -169,6 +172,18 @@ def parse_duration(name: str, text: str | int | float) -> float:
     if not seconds > 0:
         raise ConfigError(f"{name} must be positive, got {text!r}")
     return seconds
+
+
+def parse_window(text: str) -> tuple[int, int]:
+    """(START, STEPS) of train.profile's "START:STEPS"; ConfigError otherwise."""
+    try:
+        start, steps = (int(part) for part in str(text).split(":"))
+    except ValueError:
+        raise ConfigError(f"train.profile={text!r}: expected START:STEPS, e.g. 100:5 (the 5 steps after step 100)"
+                          ) from None
+    if start < 0 or steps < 1:
+        raise ConfigError(f"train.profile={text!r}: START must be ≥ 0 and STEPS ≥ 1")
+    return start, steps
 
 
 def load_training_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:

@@ -170,6 +170,8 @@ def after_step(state: State, micro_batches: list[MicroBatch], outcome: StepOutco
     state.done = progress.step >= state.total_steps
 
     state.telemetry.tick()
+    if state.profile is not None:
+        state.profile.step(progress.step)
 
     # Logging steps also decide, on every rank alike, whether to stop early: a signal, a dead launcher, or
     # train.max_time spent (one all-gather every train.log_every steps, which bounds the reaction time).

@@ -14,7 +14,9 @@ import psutil
 import pytest
 import torch
 
+from colorize_dist.config import ConfigError
 from colorize_dist.training import command, telemetry
+from colorize_dist.training.config import load_training_config
 from colorize_dist.training.summary import peak_memory
 from colorize_dist.training.telemetry import RANK_FIELDS, Stragglers, job_record, read_metrics
 from tests.training.helpers import LAUNCH_ENV, REPO, TRAIN_SCRIPT, launch_command, subprocess_env, tiny_overrides
@@ -28,7 +30,8 @@ INTERVAL_KEYS = {"kind", "step", "wall_s", "images_per_s", "mfu", "step_s_median
 def one_process_run(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("telemetry") / "run"
     overrides = tiny_overrides(shards, **{"train.max_steps": 6, "train.validate_every": 4,
-                                          "train.checkpoint_every": 4, "train.sample_every": 100})
+                                          "train.checkpoint_every": 4, "train.sample_every": 100,
+                                          "train.profile": "1:2"})
     assert command.main(command.parse(["--run-dir", str(run_dir), *overrides])) == 0
     return run_dir
 
@@ -49,6 +52,24 @@ def test_metrics_jsonl_has_one_line_per_interval_and_validation(one_process_run:
     assert intervals[0]["checkpoint_block_s"] == 0 and intervals[2]["checkpoint_block_s"] > 0
     assert [record["step"] for record in records if record["kind"] == "validation"] == [4, 6]
     assert all("val/psnr_lab" in record for record in records if record["kind"] == "validation")
+
+
+def test_profile_window_writes_a_chrome_trace_of_its_steps(one_process_run: Path) -> None:
+    """train.profile=1:2: steps 3 and 4 in a trace that TensorBoard's plugin and Perfetto read (Chrome JSON)."""
+    (trace,) = (one_process_run / "profile").glob("rank0.*.pt.trace.json")
+    events = json.loads(trace.read_text())["traceEvents"]
+    steps = sorted({event["name"] for event in events if event.get("name", "").startswith("ProfilerStep#")})
+    assert steps == ["ProfilerStep#1", "ProfilerStep#2"]  # #0 warmed the profiler up
+    names = {event.get("name") for event in events}
+    assert {"aten::convolution", "Optimizer.step#Adam.step"} <= names, sorted(names)[:50]
+
+
+def test_profile_window_must_be_start_and_steps() -> None:
+    with pytest.raises(ConfigError, match=r"train.profile='5': expected START:STEPS"):
+        load_training_config("tiny", ["train.profile=5"])
+    with pytest.raises(ConfigError, match="STEPS ≥ 1"):
+        load_training_config("tiny", ["train.profile=5:0"])
+    assert load_training_config("tiny", ["train.profile=100:5"]).train.profile == "100:5"  # not YAML 1.1's 6005
 
 
 def test_gpu_memory_counts_the_whole_device(monkeypatch) -> None:

@@ -13,6 +13,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "color"): ("colorize_dist.bench.color", "RGB→Lab throughput: our kernels vs skimage, kornia, OpenCV"),
     ("bench", "data"): ("colorize_dist.bench.data", "images/s of the DALI pipeline vs the reference loader"),
     ("bench", "train"): ("colorize_dist.bench.train", "training throughput: fp32 vs bf16 vs channels_last vs compile"),
+    ("bench", "checkpoint"): ("colorize_dist.bench.checkpoint",
+                              "time a checkpoint holds the step: hashing on it vs after"),
     ("bench", "gpu"): ("colorize_dist.bench.gpu", "a GPU node's benchmark: kernel, loaders, training, memory, MFU"),
     ("shards", "make"): ("colorize_dist.data.make", "make WebDataset shards from a folder, .zip or .tar of images"),
     ("shards", "synth"): ("colorize_dist.data.synth", "write the built-in synthetic dataset as a shard set"),

@@ -15,6 +15,7 @@ import json
 import logging
 import re
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -67,12 +68,21 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (a full disk); the message names the folder, the space and what survived."""
 
 
-def save_checkpoint(accelerator: Accelerator, folder: Path, **info: Any) -> None:
-    """Save the full training state to `folder` atomically; call on every rank. `info` goes to the manifest.
+def save_checkpoint(accelerator: Accelerator, folder: Path, *, background: bool = False, keep: int | None = None,
+                    **info: Any) -> None:
+    """Save the full training state to `folder` atomically; call on every rank. `info` goes to the manifest; `keep`:
+    then prune the step checkpoints to the `keep` newest (rank 0).
+
+    The ranks wait for each other while they write their files (DeepSpeed's save is a collective). What follows is
+    rank 0's alone: hashing every file into the manifest, the rename into place and pruning. With `background`,
+    rank 0 does it in a thread while every rank trains on; the next save (or `wait_for_saves`) waits for it first,
+    and a failure of it is raised there, on every rank. A kill meanwhile leaves `.tmp-<name>/`, which is no
+    checkpoint: a resume takes the newest complete one, as after a kill during the write.
 
     A failed write (a full disk ends torch's zip writer with "unexpected pos") leaves no folder behind and raises
     on every rank alike, so no rank waits for the others forever.
     """
+    previous_folder, previous_error = _take_pending(accelerator)
     temporary = folder.with_name(f".tmp-{folder.name}")
     if accelerator.is_main_process:
         shutil.rmtree(temporary, ignore_errors=True)
@@ -83,23 +93,72 @@ def save_checkpoint(accelerator: Accelerator, folder: Path, **info: Any) -> None
         accelerator.save_state(str(temporary))
     except (OSError, RuntimeError) as exc:
         error = exc
-    (failed,) = any_rank(error is not None, device=accelerator.device)
-    if not failed and accelerator.is_main_process:
-        try:
-            files = {path.relative_to(temporary).as_posix(): {"size": path.stat().st_size, "sha256": sha256_of(path)}
-                     for path in sorted(temporary.rglob("*")) if path.is_file()}
-            atomic_write(temporary / MANIFEST, json.dumps({**info, "files": files}, indent=1))
-            _replace(temporary, folder)
-        except OSError as exc:
-            error = exc
+    (failed,) = any_rank(error is not None or previous_error is not None, device=accelerator.device)
+    if failed:
+        _raise_write_error(accelerator, previous_folder if previous_error else folder, temporary,
+                           previous_error or error)
+    if accelerator.is_main_process:
+        if background:
+            _pending[0] = (folder, _FINISHER.submit(_finish, temporary, folder, info, keep))
+        else:
+            error = _finish_quietly(temporary, folder, info, keep)
+    if not background:
+        (failed,) = any_rank(error is not None, device=accelerator.device)
+        if failed:
+            _raise_write_error(accelerator, folder, temporary, error)
+
+
+_FINISHER = ThreadPoolExecutor(1, thread_name_prefix="colorize-checkpoint")  # its thread is joined at exit
+_pending: list[tuple[Path, Future] | None] = [None]  # rank 0's save being finished in the background
+
+
+def _finish(temporary: Path, folder: Path, info: dict[str, Any], keep: int | None) -> None:
+    """Rank 0: the manifest (size and SHA-256 of every file), the rename into place, pruning."""
+    files = {path.relative_to(temporary).as_posix(): {"size": path.stat().st_size, "sha256": sha256_of(path)}
+             for path in sorted(temporary.rglob("*")) if path.is_file()}
+    atomic_write(temporary / MANIFEST, json.dumps({**info, "files": files}, indent=1))
+    _replace(temporary, folder)
+    if keep is not None:
+        prune(folder.parent, keep)
+
+
+def _finish_quietly(temporary: Path, folder: Path, info: dict[str, Any], keep: int | None) -> OSError | None:
+    try:
+        _finish(temporary, folder, info, keep)
+    except OSError as exc:
+        return exc
+    return None
+
+
+def _take_pending(accelerator: Accelerator) -> tuple[Path | None, OSError | None]:
+    """Rank 0: wait for the save being finished in the background, if any: (its folder, its error or None)."""
+    pending, _pending[0] = _pending[0], None
+    if pending is None or not accelerator.is_main_process:
+        return None, None
+    folder, future = pending
+    try:
+        future.result()
+    except OSError as exc:
+        return folder, exc
+    return folder, None
+
+
+def wait_for_saves(accelerator: Accelerator) -> None:
+    """Every rank: wait until rank 0 has finished the last background save; its failure raises on every rank."""
+    folder, error = _take_pending(accelerator)
     (failed,) = any_rank(error is not None, device=accelerator.device)
     if failed:
-        problem = _write_problem(folder, error)  # before cleaning up: the partial folder shows a full disk
-        if accelerator.is_main_process:
-            shutil.rmtree(temporary, ignore_errors=True)
-        if problem is None and error is not None:
-            raise error
-        raise CheckpointWriteError(problem or f"saving checkpoint {folder} failed on another rank; see its log")
+        folder = folder or Path("checkpoint")
+        _raise_write_error(accelerator, folder, folder.with_name(f".tmp-{folder.name}"), error)
+
+
+def _raise_write_error(accelerator: Accelerator, folder: Path, temporary: Path, error: BaseException | None) -> None:
+    problem = _write_problem(folder, error)  # before cleaning up: the partial folder shows a full disk
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+    if problem is None and error is not None:
+        raise error
+    raise CheckpointWriteError(problem or f"saving checkpoint {folder} failed on another rank; see its log")
 
 
 def _write_problem(folder: Path, error: BaseException | None) -> str | None:

@@ -208,6 +208,7 @@ def finish(state: State) -> TrainResult:
     if not state.stopped and not state.metrics:  # resumed a finished run: report its final state
         state.metrics = compute_metrics(ema, state.val_loader, device=accelerator.device,
                                         fid_weights=cfg.train.fid_weights)
+    checkpoint.wait_for_saves(accelerator)  # the last one complete before the summary says the run is resumable
     accelerator.print(summary(state))
     write_summary(accelerator, cfg, state.run_dir, progress, state.metrics, total_steps=state.total_steps,
                   finished=not state.stopped, wall_s=state.clock.total(),

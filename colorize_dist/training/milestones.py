@@ -72,19 +72,21 @@ def save_step_checkpoint(accelerator: Accelerator, cfg: Config, root: Path, prog
     finite = torch.stack([param.detach().isfinite().all() for module in modules for param in module.parameters()])
     (poisoned,) = any_rank(~finite.all(), device=accelerator.device)
     if poisoned:
+        checkpoint.wait_for_saves(accelerator)  # the last good one complete before it is named
         raise NonFiniteLossError(
             f"the weights became NaN/inf by step {progress.step} and were not checkpointed; the last good checkpoint "
             f"is {checkpoint.latest_valid(root, verify_hashes=False) or 'none (start afresh)'}. Try a lower "
             "optim.lr, optim.grad_clip > 0, or bf16 instead of fp16")
-    save_checkpoint(accelerator, cfg, root / checkpoint.step_name(progress.step), progress)
-    if accelerator.is_main_process:
-        checkpoint.prune(root, cfg.train.keep_checkpoints)
+    save_checkpoint(accelerator, cfg, root / checkpoint.step_name(progress.step), progress,
+                    keep=cfg.train.keep_checkpoints)
 
 
-def save_checkpoint(accelerator: Accelerator, cfg: Config, folder: Path, progress: Progress, **info: float) -> None:
-    """`checkpoint.save_checkpoint` with what a resume checks: the processes and the global batch."""
-    checkpoint.save_checkpoint(accelerator, folder, step=progress.step, world_size=accelerator.num_processes,
-                               global_batch=cfg.train.batch_size, **info)
+def save_checkpoint(accelerator: Accelerator, cfg: Config, folder: Path, progress: Progress, *,
+                    keep: int | None = None, **info: float) -> None:
+    """`checkpoint.save_checkpoint` with what a resume checks (the processes and the global batch), hashed, renamed
+    into place and pruned (`keep`) in the background on rank 0 (`finish` waits for it)."""
+    checkpoint.save_checkpoint(accelerator, folder, background=True, keep=keep, step=progress.step,
+                               world_size=accelerator.num_processes, global_batch=cfg.train.batch_size, **info)
 
 
 def write_samples(accelerator: Accelerator, ema: nn.Module, batch, color_space: str, folder: Path,

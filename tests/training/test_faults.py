@@ -193,6 +193,21 @@ def test_resume_mistakes_end_in_one_line_naming_the_cause(shards: Path, tmp_path
 
 # ---------------------------------------------------------------- during the run
 
+def test_a_background_save_is_never_seen_half_done_and_prunes_once_complete(tmp_path: Path) -> None:
+    """Rank 0 hashes, renames and prunes after the step goes on: meanwhile the newest valid checkpoint is the
+    previous one or the new one, never a partial folder; after `wait_for_saves`, exactly the newest `keep`."""
+    accelerator = Accelerator(cpu=True)
+    accelerator.prepare(torch.nn.Linear(64, 64))
+    names = [checkpoint.step_name(step) for step in range(1, 5)]
+    for index, name in enumerate(names):
+        checkpoint.save_checkpoint(accelerator, tmp_path / name, background=True, keep=2, step=index + 1)
+        latest = checkpoint.latest_valid(tmp_path)
+        assert latest is None or latest.name in names[max(0, index - 1):index + 1]
+    checkpoint.wait_for_saves(accelerator)
+    assert [folder.name for folder in checkpoint.step_checkpoints(tmp_path)] == names[-2:]
+    assert all(checkpoint.check(tmp_path / name) is None for name in names[-2:])
+    assert not list(tmp_path.glob(".tmp-*"))
+
 @pytest.mark.slow
 def test_a_diverged_run_stops_in_one_line_before_it_is_called_finished(shards: Path, tmp_path: Path) -> None:
     """optim.lr=1e9: the losses stay finite (D's WGAN terms reach 1e19, G's tanh saturates), so the NaN guard never

@@ -25,6 +25,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("study", "run"): ("colorize_dist.study.run", "run a scaling study's points, here or as Slurm job arrays"),
     ("study", "report"): ("colorize_dist.study.report", "a study's results.csv, report.md and plots"),
     ("train",): ("colorize_dist.training.command", "train the colorization GAN (one process; see accelerate launch)"),
+    ("runs",): ("colorize_dist.training.runs", "throughput, MFU, memory and validation of runs over their steps"),
     ("eval",): ("colorize_dist.eval.evaluate", "evaluate an exported generator on a shard set"),
     ("colorize",): ("colorize_dist.eval.colorize", "colorize images of any size with an exported generator"),
     ("export",): ("colorize_dist.models.export", "write a run's EMA generator as ONNX (checked against PyTorch)"),

@@ -24,3 +24,11 @@ def test_every_command_parses_its_own_help(words: tuple[str, ...], capsys: pytes
         build_parser([*words, "--help"]).parse_args([*words, "--help"])
     assert exit_status.value.code == 0
     assert "usage: colorize-dist " + " ".join(words) in capsys.readouterr().out
+
+
+def test_runs_help_imports_nothing_heavy() -> None:
+    """`colorize-dist runs --help` answers at once: no torch, matplotlib or tabulate before a run is read."""
+    code = ("import sys; from colorize_dist import cli; cli.build_parser(['runs', '--help']).format_help(); "
+            "heavy = {'torch', 'accelerate', 'matplotlib', 'tabulate'} & set(sys.modules); print(sorted(heavy))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert result.stdout.strip() == "[]"

@@ -14,6 +14,7 @@ import psutil
 import pytest
 import torch
 
+from colorize_dist import cli
 from colorize_dist.config import ConfigError
 from colorize_dist.training import command, telemetry
 from colorize_dist.training.config import load_training_config
@@ -70,6 +71,23 @@ def test_profile_window_must_be_start_and_steps() -> None:
     with pytest.raises(ConfigError, match="STEPS ≥ 1"):
         load_training_config("tiny", ["train.profile=5:0"])
     assert load_training_config("tiny", ["train.profile=100:5"]).train.profile == "100:5"  # not YAML 1.1's 6005
+
+
+def test_runs_prints_each_interval_and_plots(one_process_run: Path, tmp_path: Path, capsys) -> None:
+    figure = tmp_path / "runs.png"
+    assert cli.main(["runs", str(one_process_run), str(one_process_run), "--plot", str(figure)]) == 0
+    out = capsys.readouterr().out
+    assert out.count(f"{one_process_run}: finished at step 6 of 6") == 2
+    table = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("|")]
+    steps = [int(cells[0]) for cells in table if cells[0].strip().isdigit()]
+    assert steps == [2, 4, 6, 2, 4, 6]
+    assert figure.stat().st_size > 10_000
+
+
+def test_runs_without_metrics_is_one_line(tmp_path: Path, capsys) -> None:
+    assert cli.main(["runs", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"runs: no metrics.jsonl in {tmp_path} (a run writes it from its first " \
+                                              "logging step)"
 
 
 def test_gpu_memory_counts_the_whole_device(monkeypatch) -> None:

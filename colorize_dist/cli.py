@@ -15,6 +15,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "train"): ("colorize_dist.bench.train", "training throughput: fp32 vs bf16 vs channels_last vs compile"),
     ("bench", "checkpoint"): ("colorize_dist.bench.checkpoint",
                               "time a checkpoint holds the step: hashing on it vs after"),
+    ("bench", "telemetry"): ("colorize_dist.bench.telemetry", "what the per-interval metrics cost a training step"),
     ("bench", "gpu"): ("colorize_dist.bench.gpu", "a GPU node's benchmark: kernel, loaders, training, memory, MFU"),
     ("shards", "make"): ("colorize_dist.data.make", "make WebDataset shards from a folder, .zip or .tar of images"),
     ("shards", "synth"): ("colorize_dist.data.synth", "write the built-in synthetic dataset as a shard set"),

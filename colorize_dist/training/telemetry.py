@@ -204,7 +204,18 @@ class Telemetry:
         """One line of RUN/metrics.jsonl (rank 0; flushed, so `tail -f` and `colorize-dist runs` see it at once)."""
         if self.main:
             with self.path.open("a") as file:
-                file.write(json.dumps(record) + "\n")
+                file.write(json.dumps(significant(record)) + "\n")
+
+
+def significant(value: Any, digits: int = 4) -> Any:
+    """`value` with its floats to `digits` significant digits (what the measurements hold; shorter lines)."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {key: significant(item, digits) for key, item in value.items()}
+    if isinstance(value, list):
+        return [significant(item, digits) for item in value]
+    return value
 
 
 def job_record(ranks: list[dict[str, Any]], flops_per_image: float | None, peak_flops: float | None,

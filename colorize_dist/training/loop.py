@@ -247,11 +247,13 @@ def log_interval(state: State, outcome: StepOutcome) -> str | None:
     images = cfg.train.log_every * cfg.train.batch_size
     budget = cfg.train.max_time_s
     over_time = budget is not None and state.clock.elapsed() >= budget
+    rates = state.clock.lap(images)
     (requested, lost, over_time), record = state.telemetry.interval(
-        state.clock.lap(images), images, [stop_requested(), launcher_lost(), over_time],
+        rates, images, [stop_requested(), launcher_lost(), over_time],
         adversarial=cfg.adversarial and progress.step > cfg.train.pretrain_steps)
     losses = {key: float(value) for key, value in outcome.logs.items() if value is not None}
-    record = {"kind": "interval", "step": progress.step, "wall_s": round(state.clock.total(), 3), **record, **losses,
+    record = {"kind": "interval", "step": progress.step, "wall_s": round(state.clock.total(), 3), **record,
+              "data_wait": rates["data_wait"], **losses,  # rank 0's share of time waiting (studies read it)
               "lr": state.generator_update.scheduler.get_last_lr()[0], "nonfinite": progress.nonfinite}
     state.accelerator.log(telemetry.tracker_scalars(record), step=progress.step)
     state.telemetry.write(record)

@@ -10,7 +10,8 @@ RUN/metrics.jsonl per interval:
 
     {"kind": "interval", "step": 20, "wall_s": 9.81, "images_per_s": 41.3, "mfu": null,
      "step_s_median": 0.094, "step_s_max": 0.131, "data_wait_s": 0.002, "forward_s": 0.031,
-     "memory_mib": 905.2, "memory": "rss", "checkpoint_block_s": 0.0, "loss/g_total": 0.61, "lr": 0.001, ...,
+     "memory_mib": 905.2, "memory": "rss", "checkpoint_block_s": 0.0, "data_wait": 0.02, "loss/g_total": 0.61,
+     "lr": 0.001, ...,
      "ranks": [{"rank": 0, "host": "node1", "images_per_s": 20.7, "step_s_median": 0.093, "step_s_max": 0.131,
                 "data_wait_s": 0.001, "forward_s": 0.030, "allocated_mib": null, "reserved_mib": null,
                 "device_used_mib": null, "rss_mib": 905.2}, ...]}
@@ -19,7 +20,8 @@ Top level, over the job: images/s of all ranks together; MFU (study/costs.py's F
 dense peak: train.peak_tflops, else the data sheet of a known GPU; null on CPUs and unknown GPUs); the slowest
 rank's median and worst step time (seconds), data wait and forward time (seconds per step); the largest memory
 figure of any rank (`memory` says which: device-wide used memory on GPUs, resident set size on CPUs); and the
-seconds checkpoints held the step since the previous line. Per rank: the same measured on that rank, with
+seconds checkpoints held the step since the previous line; `data_wait`, rank 0's share of the interval spent
+waiting for data (what studies read from TensorBoard). Per rank: the same measured on that rank, with
 torch's allocated and reserved memory and the device-wide used memory (the CUDA context, DALI's pool, nvJPEG and
 other processes included) on GPUs, or the resident set size on CPUs. Validation adds
 `{"kind": "validation", "step": ..., "val/psnr_lab": ...}` lines. Keys are only ever added, never renamed.

@@ -24,7 +24,7 @@ from tests.training.helpers import LAUNCH_ENV, REPO, TRAIN_SCRIPT, launch_comman
 
 MiB = 2**20
 INTERVAL_KEYS = {"kind", "step", "wall_s", "images_per_s", "mfu", "step_s_median", "step_s_max", "data_wait_s",
-                 "forward_s", "memory_mib", "memory", "checkpoint_block_s", "ranks", "lr", "nonfinite"}
+                 "forward_s", "memory_mib", "memory", "checkpoint_block_s", "data_wait", "ranks", "lr", "nonfinite"}
 
 
 @pytest.fixture(scope="module")

@@ -208,6 +208,7 @@ def test_a_background_save_is_never_seen_half_done_and_prunes_once_complete(tmp_
     assert all(checkpoint.check(tmp_path / name) is None for name in names[-2:])
     assert not list(tmp_path.glob(".tmp-*"))
 
+
 @pytest.mark.slow
 def test_a_diverged_run_stops_in_one_line_before_it_is_called_finished(shards: Path, tmp_path: Path) -> None:
     """optim.lr=1e9: the losses stay finite (D's WGAN terms reach 1e19, G's tanh saturates), so the NaN guard never

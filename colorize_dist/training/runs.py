@@ -91,6 +91,9 @@ def plot(histories: list[tuple[Path, list[dict[str, Any]]]], out: Path) -> None:
         axes[-1].plot([record["step"] for record in validations],
                       [record.get("val/psnr_lab", math.nan) for record in validations], marker="o", label=run.name)
         axes[-1].set(title="val psnr_lab (dB)", xlabel="step")
+    if not any(record["kind"] == "interval" and record["mfu"] is not None for _, records in histories
+               for record in records):
+        axes[1].text(0.5, 0.5, "none: no GPU peak (CPU runs)", ha="center", va="center", transform=axes[1].transAxes)
     axes[0].legend()
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out)

@@ -14,6 +14,8 @@ from typing import Literal
 
 import torch
 
+from colorize_dist.errors import UserError
+
 Impl = Literal["kernel", "ref"]
 
 L_SCALE = 1.0 / 50.0
@@ -24,7 +26,7 @@ _OUT_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _REBUILD_HINT = "rebuild with `pip install -e .` (CUDA_HOME/nvcc visible for the CUDA kernels), or pass impl='ref'"
 
 
-class KernelUnavailableError(RuntimeError):
+class KernelUnavailableError(UserError, RuntimeError):
     """The compiled kernel for the requested device is not built."""
 
 

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from colorize_dist.color import AB_SCALE, L_SCALE, L_SHIFT, lab_to_linear_rgb, lab_to_rgb, rgb_to_lab
 from colorize_dist.data.images import to_8bit
+from colorize_dist.errors import UserError
 from colorize_dist.eval.metrics import colorize_batch
 from colorize_dist.files import atomic_path, first_line, writable_directory
 from colorize_dist.models.export import load_generator, load_onnx_generator, resolve_checkpoint
@@ -226,8 +227,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     for option, value in (("--batch-size", args.batch_size), ("--max-pixels", args.max_pixels)):
         if value < 1:
-            print(f"colorize: {option} must be at least 1, got {value}", file=sys.stderr)
-            return 2
+            raise UserError(f"{option} must be at least 1, got {value}")
     # One process per GPU under `accelerate launch` or torchrun; CPU when asked or without a GPU (then gloo).
     state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
     try:
@@ -236,9 +236,8 @@ def main(args: argparse.Namespace) -> int:
             generator, _, resolution = load_onnx_generator(args.onnx, device=state.device)
         else:
             generator, _, resolution = load_generator(resolve_checkpoint(args.checkpoint), device=state.device)
-    except (OSError, ValueError, ModuleNotFoundError) as exc:
-        print(f"colorize: {first_line(exc)}", file=sys.stderr)
-        return 2
+    except (OSError, ValueError, ModuleNotFoundError) as exc:  # the generator file, the onnx packages
+        raise UserError(first_line(exc)) from exc
     jobs, problems = collect_jobs(args.inputs, args.out)
     if state.is_main_process:
         for problem in problems:
@@ -261,9 +260,8 @@ def main(args: argparse.Namespace) -> int:
                                       else np.hstack([picture.alpha, picture.alpha]))
                     written += 1
             except OSError as exc:
-                print(f"colorize: cannot write {job.output} ({exc.strerror or first_line(exc)}); free space or "
-                      f"choose another --out; {written} images written before it are complete", file=sys.stderr)
-                return 2
+                raise UserError(f"cannot write {job.output} ({exc.strerror or first_line(exc)}); free space or "
+                                f"choose another --out; {written} images written before it are complete") from exc
             progress.update(len(batch) + len(unreadable))
         progress.close()
     print(f"colorize: rank {state.process_index}: wrote {written} images to {args.out}"

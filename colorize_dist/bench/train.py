@@ -25,7 +25,8 @@ import torch
 from tabulate import tabulate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from colorize_dist import cli
+from colorize_dist.data.make import ShardOptions
+from colorize_dist.data.synth import write_synthetic_shards
 from colorize_dist.errors import UserError
 from colorize_dist.study import costs
 from colorize_dist.training.config import Config, load_training_config
@@ -119,9 +120,8 @@ def run_variant(name: str, run_dir: Path, *, config: str | Path | None = None, s
 
 
 def make_synthetic_shards(out: Path, cfg: Config) -> Path:
-    cli.main(["shards", "synth", str(out), "--n", str(cfg.train.synth_images), "--resolution",
-              str(cfg.data.resolution), "--format", "png", "--workers", "1"])
-    return out
+    return write_synthetic_shards(out, cfg.train.synth_images, cfg.data.resolution,
+                                  options=ShardOptions(image_format="png", workers=1))
 
 
 def logged_rates(run_dir: Path, warmup: int) -> tuple[float, float]:

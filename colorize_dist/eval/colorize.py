@@ -36,7 +36,7 @@ from accelerate import PartialState
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from colorize_dist.color import AB_SCALE, L_SCALE, L_SHIFT, lab_to_linear_rgb, lab_to_rgb, rgb_to_lab
+from colorize_dist.color import denormalise_ab, lab_to_linear_rgb, lab_to_rgb, normalise_l, rgb_to_lab
 from colorize_dist.data.images import to_8bit
 from colorize_dist.errors import UserError
 from colorize_dist.eval.metrics import colorize_batch
@@ -77,7 +77,7 @@ def model_input(rgb: np.ndarray, size: int, max_pixels: int,
     height, width = rgb.shape[:2]
     scale = size / max(height, width)
     inner_h, inner_w = max(1, round(height * scale)), max(1, round(width * scale))
-    narrowed = torch.cat([_resize(_lightness(rgb[start:stop], device) * L_SCALE + L_SHIFT, stop - start, inner_w)
+    narrowed = torch.cat([_resize(normalise_l(_lightness(rgb[start:stop], device)), stop - start, inner_w)
                           for start, stop in row_bands(height, width, max_pixels)], dim=2)
     resized = _resize(narrowed, inner_h, inner_w)
     top, left = (size - inner_h) // 2, (size - inner_w) // 2
@@ -116,7 +116,7 @@ def render(rgb: np.ndarray, ab: torch.Tensor, max_pixels: int, device: torch.dev
         y0, y1, wy = _bilinear_taps(ab.shape[-2], height, start, stop, device)
         rows = ab[:, :, y0] * (1 - wy)[:, None] + ab[:, :, y1] * wy[:, None]
         band_ab = rows[..., x0] * (1 - wx) + rows[..., x1] * wx
-        lab = clamp_to_srgb_gamut(torch.cat([_lightness(rgb[start:stop], device), band_ab / AB_SCALE], dim=1))
+        lab = clamp_to_srgb_gamut(torch.cat([_lightness(rgb[start:stop], device), denormalise_ab(band_ab)], dim=1))
         out[start:stop] = lab_to_rgb(lab, dtype=torch.uint8)[0].permute(1, 2, 0).cpu().numpy()
     return out
 

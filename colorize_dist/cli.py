@@ -1,13 +1,18 @@
 """The `colorize-dist` command line (also `python -m colorize_dist`).
 
 Each subcommand lives in the module that does the work; that module defines `add_arguments(parser)` and
-`main(args) -> int | None`. Only the module of the command being run is imported (they pull in torch,
-DeepSpeed, submitit…), so `colorize-dist --help` answers at once; the help lines live in the table below.
+`main(args) -> int | None`, which parses no further than turning the arguments into the library's typed calls.
+Only the module of the command being run is imported (they pull in torch, DeepSpeed, submitit…), so
+`colorize-dist --help` answers at once; the help lines live in the table below. Errors a user can fix
+(`colorize_dist.errors.UserError`) leave through `run`: one line on stderr and the error's exit status.
 """
 
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
+
+from colorize_dist.errors import UserError
 
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "color"): ("colorize_dist.bench.color", "RGB→Lab throughput: our kernels vs skimage, kornia, OpenCV"),
@@ -49,7 +54,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
             sub.description = module.__doc__
             sub.formatter_class = argparse.RawDescriptionHelpFormatter
             module.add_arguments(sub)
-            sub.set_defaults(run=module.main)
+            sub.set_defaults(run=module.main, command_name=" ".join(words))
     return parser
 
 
@@ -64,7 +69,18 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
-    return args.run(args) or 0
+    return run(args.command_name, args.run, args)
+
+
+def run(command: str, main: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
+    """`main(args)`'s exit status; a UserError becomes `COMMAND: message` (one line) on stderr and its status."""
+    try:
+        return main(args) or 0
+    except UserError as exc:
+        message = " ".join(str(exc).strip().split("\n")[0].split())
+        if message:  # an empty message: already reported (e.g. by another process of the same node)
+            print(f"{command}: {message}", file=sys.stderr, flush=True)
+        return exc.exit_status
 
 
 if __name__ == "__main__":

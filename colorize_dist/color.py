@@ -5,7 +5,9 @@ current stream); `impl="ref"` selects the pure-PyTorch reference, which the test
 against and which is differentiable (the perceptual loss converts predictions to RGB through it).
 There is no silent fallback: a missing kernel raises `KernelUnavailableError` saying how to rebuild.
 
-Model normalisation (as pix2pix's colorization mode): l = L/50 − 1 ∈ [−1, 1], ab = (a, b)/110.
+Model normalisation (as pix2pix's colorization mode): l = L/50 − 1 ∈ [−1, 1], ab = (a, b)/110. It is written
+here only (`normalise_l`, `normalise_ab`, `normalise_lab`, `denormalise_ab`, `denormalise_lab`, and the kernels'
+constants); data, models and evaluation call these.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+
+from colorize_dist.errors import UserError
 
 Impl = Literal["kernel", "ref"]
 
@@ -24,7 +28,7 @@ _OUT_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _REBUILD_HINT = "rebuild with `pip install -e .` (CUDA_HOME/nvcc visible for the CUDA kernels), or pass impl='ref'"
 
 
-class KernelUnavailableError(RuntimeError):
+class KernelUnavailableError(UserError, RuntimeError):
     """The compiled kernel for the requested device is not built."""
 
 
@@ -61,7 +65,8 @@ def rgb_to_l_ab(rgb: torch.Tensor, *, dtype: torch.dtype = torch.float32, impl: 
     ab = _output(out_ab, "out[1]", (n, 2, h, w), dtype, rgb.device)
     if impl == "ref":
         lab = _ref_rgb_to_lab(rgb)
-        return l.copy_(lab[:, :1] * L_SCALE + L_SHIFT), ab.copy_(lab[:, 1:] * AB_SCALE)
+        normalised = normalise_lab(lab)
+        return l.copy_(normalised[:, :1]), ab.copy_(normalised[:, 1:])
     _launch_rgb_to_lab(rgb, l, ab, h * w, 2 * h * w, L_SCALE, L_SHIFT, AB_SCALE, dtype, num_threads)
     return l, ab
 
@@ -94,9 +99,36 @@ def lab_to_rgb(lab: torch.Tensor, *, dtype: torch.dtype = torch.float32, impl: I
     return rgb
 
 
+def normalise_l(lightness: torch.Tensor) -> torch.Tensor:
+    """CIELAB L in [0, 100] → the model's l in [−1, 1]."""
+    return lightness * L_SCALE + L_SHIFT
+
+
+def normalise_ab(ab: torch.Tensor) -> torch.Tensor:
+    """CIELAB a and b (about [−110, 110]) → the model's ab."""
+    return ab * AB_SCALE
+
+
+def normalise_lab(lab: torch.Tensor) -> torch.Tensor:
+    """CIELAB (N, 3, H, W) → the model's normalisation, every channel in about [−1, 1]."""
+    return torch.cat([normalise_l(lab[:, :1]), normalise_ab(lab[:, 1:])], dim=1)
+
+
+def denormalise_ab(ab: torch.Tensor) -> torch.Tensor:
+    """The model's ab → CIELAB a and b (about [−110, 110])."""
+    return ab / AB_SCALE
+
+
+def denormalise_lab(lab: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The model's normalised Lab (N, 3, H, W) → CIELAB (L in [0, 100], a and b in about [−110, 110]) in `dtype`
+    (float64 by default, for metrics; the losses take float32). Differentiable."""
+    lab = lab.to(dtype)
+    return torch.cat([(lab[:, :1] - L_SHIFT) / L_SCALE, denormalise_ab(lab[:, 1:])], dim=1)
+
+
 def l_ab_to_lab(l: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
     """Undo the model normalisation: (l, ab) → float32 CIELAB (N, 3, H, W). Differentiable."""
-    return torch.cat([(l.float() - L_SHIFT) / L_SCALE, ab.float() / AB_SCALE], dim=1)
+    return denormalise_lab(torch.cat([l.float(), ab.float()], dim=1), torch.float32)
 
 
 # --- kernels -------------------------------------------------------------------------------------------

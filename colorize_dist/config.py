@@ -20,13 +20,14 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from colorize_dist.errors import UserError
 from colorize_dist.files import atomic_write, first_line
 
 T = TypeVar("T")
 BASE_KEY = "base"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad config file, key or value; the message is meant for the user as is."""
 
 

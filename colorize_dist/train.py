@@ -6,7 +6,8 @@ colorize_dist/training/command.py and the loop colorize_dist/training/loop.py.
 
 import sys
 
+from colorize_dist import cli
 from colorize_dist.training import command
 
 if __name__ == "__main__":
-    sys.exit(command.main(command.parse()))
+    sys.exit(cli.run("train", command.main, command.parse()))

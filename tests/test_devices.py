@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from colorize_dist import _C, devices
+from colorize_dist import _C, cli, devices
 from colorize_dist.devices import DeviceError, check_node, libraries_on, local_device_index, rank_device
 from colorize_dist.training import command
 
@@ -143,10 +143,10 @@ def test_train_given_a_gpu_it_cannot_see_ends_at_start_up_in_one_line(tmp_path, 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
     start = time.monotonic()
-    status = command.main(command.parse(["--config", "tiny", "--run-dir", str(tmp_path / "run")]))
+    status = cli.run("train", command.main, command.parse(["--config", "tiny", "--run-dir", str(tmp_path / "run")]))
     elapsed = time.monotonic() - start
     lines = capsys.readouterr().err.splitlines()
-    assert status == command.EXIT_USAGE and len(lines) == 1, lines
+    assert status == DeviceError.exit_status == 2 and len(lines) == 1, lines
     assert lines[0].startswith("train: this job was given GPUs (CUDA_VISIBLE_DEVICES=0) but torch sees none; found "
                                f"torch {torch.__version__}")
     assert lines[0].endswith("or pass --cpu to train on the CPU") and not (tmp_path / "run" / "synthetic").exists()

@@ -20,6 +20,7 @@ from tabulate import tabulate
 
 from colorize_dist import color
 from colorize_dist.bench.timing import seconds_per_call
+from colorize_dist.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if min(args.sizes) < 1 or not args.megapixels > 0 or not args.min_time > 0:
+        raise UserError("--sizes, --megapixels and --min-time must be positive")
     rows, verdicts = [], []
     for size in args.sizes:
         rgb = random_images(size, args.megapixels)

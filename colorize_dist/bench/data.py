@@ -35,6 +35,7 @@ from colorize_dist.bench import serve
 from colorize_dist.data import DataConfig, build_loader, synth
 from colorize_dist.data.loader import dali_available
 from colorize_dist.data.make import ShardOptions
+from colorize_dist.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,11 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if args.epochs < 1 or min(args.resolutions) < 1:
-        raise SystemExit("bench data: --epochs and --resolutions must be at least 1")
+        raise UserError("--epochs and --resolutions must be at least 1", exit_status=1)
     if args.resume_at is not None and not 0.0 < args.resume_at < 1.0:
-        raise SystemExit("bench data: --resume-at must be between 0 and 1")
+        raise UserError("--resume-at must be between 0 and 1", exit_status=1)
     if not dali_available():
-        raise SystemExit("bench data: nvidia.dali is not installed; pip install 'colorize-dist[dali]'")
+        raise UserError("nvidia.dali is not installed; pip install 'colorize-dist[dali]'", exit_status=1)
     if args.latency is not None or args.url is not None:
         return remote_main(args)
     runs = loader_runs(args.threads, on_gpu=torch.cuda.is_available())
@@ -90,8 +91,8 @@ def main(args: argparse.Namespace) -> int:
 def remote_main(args: argparse.Namespace) -> int:
     """Images/s of DALI on the CPU from disk, over HTTP at each --latency, and from --url, side by side."""
     if args.latency is not None and not os.path.exists(serve.NGINX):
-        raise SystemExit("bench data: --latency serves the shards with nginx, which is not installed "
-                         "(apt-get install -y nginx)")
+        raise UserError("--latency serves the shards with nginx, which is not installed (apt-get install -y nginx)",
+                        exit_status=1)
     latencies = args.latency or []
     titles = ["disk", *(f"HTTP {ms:g} ms" for ms in latencies), *(["--url"] if args.url else [])]
     rows = []

@@ -46,6 +46,7 @@ from tabulate import tabulate
 from colorize_dist.bench import color as bench_color
 from colorize_dist.bench import data as bench_data
 from colorize_dist.bench import train as bench_train
+from colorize_dist.errors import UserError
 from colorize_dist.files import atomic_write
 from colorize_dist.training.config import load_training_config
 
@@ -125,18 +126,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if args.steps <= args.warmup + 1 or args.warmup < 1:
-        print("bench gpu: need 1 <= --warmup < --steps - 1", file=sys.stderr)
-        return 2
+        raise UserError("need 1 <= --warmup < --steps - 1")
     chosen = [name.strip() for name in args.stages.split(",") if name.strip()]
     unknown = sorted(set(chosen) - set(MEASURED))
     if unknown or not chosen:
-        print(f"bench gpu: --stages {args.stages!r}: unknown {', '.join(unknown) or '(none given)'}; choose from "
-              f"{','.join(MEASURED)}", file=sys.stderr)
-        return 2
+        raise UserError(f"--stages {args.stages!r}: unknown {', '.join(unknown) or '(none given)'}; choose from "
+                        f"{','.join(MEASURED)}")
     if not torch.cuda.is_available():
-        print("bench gpu: no CUDA device here (torch.cuda.is_available() is False); run it on a GPU node, or use "
-              "bench color / data / train for CPU figures", file=sys.stderr)
-        return EXIT_NO_GPU
+        raise UserError("no CUDA device here (torch.cuda.is_available() is False); run it on a GPU node, or use "
+                        "bench color / data / train for CPU figures", exit_status=EXIT_NO_GPU)
     stages = ("env", *(name for name in MEASURED if name in chosen))
     return run_benchmark(BenchOptions(out=args.out, stages=stages, shards=args.shards, steps=args.steps,
                                       warmup=args.warmup, run_timeout=args.run_timeout,

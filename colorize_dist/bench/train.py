@@ -25,8 +25,9 @@ import torch
 from tabulate import tabulate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from colorize_dist import cli
-from colorize_dist.config import ConfigError
+from colorize_dist.data.make import ShardOptions
+from colorize_dist.data.synth import write_synthetic_shards
+from colorize_dist.errors import UserError
 from colorize_dist.study import costs
 from colorize_dist.training.config import Config, load_training_config
 from colorize_dist.training.summary import read_summary
@@ -54,21 +55,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if args.steps <= args.warmup + 1 or args.warmup < 1:
-        raise SystemExit("bench train: need 1 <= --warmup < --steps - 1")
-    try:
-        cfg = load_training_config(args.config or DEFAULT_CONFIG, args.overrides)
-    except ConfigError as exc:
-        raise SystemExit(f"bench train: {exc}") from None
+        raise UserError("need 1 <= --warmup < --steps - 1", exit_status=1)
+    cfg = load_training_config(args.config or DEFAULT_CONFIG, args.overrides)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-train-") as scratch:
         shards = cfg.data.shards or make_synthetic_shards(Path(scratch) / "shards", cfg)
         for index, name in enumerate(args.variants):
             print(f"bench train: {name} ...", file=sys.stderr, flush=True)
-            try:
-                result = run_variant(name, Path(scratch) / f"run-{index}", config=args.config, shards=shards,
-                                     overrides=args.overrides, steps=args.steps, warmup=args.warmup)
-            except VariantError as exc:
-                raise SystemExit(f"bench train: {exc}") from None
+            result = run_variant(name, Path(scratch) / f"run-{index}", config=args.config, shards=shards,
+                                 overrides=args.overrides, steps=args.steps, warmup=args.warmup)
             rows.append([name, result.steps_per_s, result.images_per_s, result.data_wait,
                          mfu(cfg, result.images_per_s, name)])
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
@@ -79,8 +74,10 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-class VariantError(RuntimeError):
+class VariantError(UserError, RuntimeError):
     """A variant's training run failed or ran out of time; the message holds the end of its stderr."""
+
+    exit_status = 1
 
 
 @dataclass(frozen=True)
@@ -123,9 +120,8 @@ def run_variant(name: str, run_dir: Path, *, config: str | Path | None = None, s
 
 
 def make_synthetic_shards(out: Path, cfg: Config) -> Path:
-    cli.main(["shards", "synth", str(out), "--n", str(cfg.train.synth_images), "--resolution",
-              str(cfg.data.resolution), "--format", "png", "--workers", "1"])
-    return out
+    return write_synthetic_shards(out, cfg.train.synth_images, cfg.data.resolution,
+                                  options=ShardOptions(image_format="png", workers=1))
 
 
 def logged_rates(run_dir: Path, warmup: int) -> tuple[float, float]:

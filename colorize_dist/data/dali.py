@@ -22,10 +22,8 @@ CPU windows of 4:2:0 photos equal PIL's pixels exactly (tests/data/test_decode.p
 argument only, without a GPU.
 
 Region-of-interest decoding: DALI 2.4's `decoders.image_slice` (nvImageCodec) "uses the ROI decoding when
-possible", on the CPU and with `mixed`, where baseline JPEGs go to the hardware decoder when there is one. At our
-crops (80–100 % of the image) it saves little on the CPU: 0.62 ms of CPU per 256² JPEG against 0.59 for a full
-decode (and 0.77 for a full decode then `fn.slice`; BENCHMARKS.md). Whether the GPU's hardware engine skips the
-rest of an image is up to nvImageCodec and the GPU, and has not been measured; the window is the same either way.
+possible", on the CPU and with `mixed`, where baseline JPEGs go to the hardware decoder when there is one; what it
+saves at our crops (80–100 % of the image) is in BENCHMARKS.md. The window is the same either way.
 Windows are in the image's displayed orientation (DALI applies EXIF rotation, as the reference loader does),
 computed from its header before decoding (tested with EXIF-rotated JPEGs).
 
@@ -269,7 +267,7 @@ class DaliSource:
 
         Resized in DALI: the dense batch itself, through DLPack. Otherwise each crop is resized by torch, with one
         torch thread: per-sample ops this small gain nothing from OpenMP, whose idle workers would spin between
-        them, burning the cores DALI decodes on (6× the CPU time per image, measured)."""
+        them, burning the cores DALI decodes on (BENCHMARKS.md, data loading)."""
         if self.resize_in_dali:
             return torch.from_dlpack(images.as_tensor())
         resolution = self.cfg.resolution

@@ -1,7 +1,8 @@
 """DALI's index files (`.idx` beside each tar): where each sample's components are, and which are images.
 
-The loaders find samples through these (DALI reads them itself; the reference loader parses them too),
-so both read exactly the samples the index lists.
+Both loaders find samples through these: `reading.BatchReading` parses them and reads each sample's bytes,
+which it hands to DALI's external source or to the reference loader's workers, so both read exactly the samples
+the index lists. DALI itself never opens the index or the tar.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from colorize_dist.data.manifest import (
     shard_record,
     write_manifest,
 )
-from colorize_dist.files import atomic_write, first_line
+from colorize_dist.files import atomic_write
 
 KEPT_INFO = ("source", "resolution", "image_format", "val_fraction", "split_rule", "sample_order", "jpeg_quality",
              "grayscale", "min_size", "background", "transparent_on_background", "skipped")
@@ -54,15 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        if args.repair:
-            repaired = repair_indexes(args.directory)
-            print(f"rewrote {len(repaired)} index file(s)" + "".join(f"\n  {path}" for path in repaired))
-            return 0
-        manifest = index_shards(args.directory, force=args.force)
-    except (ShardError, ManifestError, MissingShardsError) as exc:
-        print(f"shards index: {first_line(exc)}", file=sys.stderr)
-        return 2
+    if args.repair:
+        repaired = repair_indexes(args.directory)
+        print(f"rewrote {len(repaired)} index file(s)" + "".join(f"\n  {path}" for path in repaired))
+        return 0
+    manifest = index_shards(args.directory, force=args.force)
     rows = [(split, summary["samples"], len(summary["shards"])) for split, summary in manifest["splits"].items()]
     print(tabulate(rows, headers=("split", "images", "shards")))
     return 0

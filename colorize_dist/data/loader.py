@@ -25,6 +25,7 @@ import logging
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from colorize_dist.color import rgb_to_l_ab
 from colorize_dist.data import failure
 from colorize_dist.data.config import DataConfig
 from colorize_dist.data.manifest import SPLITS, ManifestError, MissingShardsError, list_shards
-from colorize_dist.data.reading import BatchReading
+from colorize_dist.data.reading import BatchReading, EncodedBatch
 from colorize_dist.data.sharding import Layout, MicroSlots, SplitSamples
 from colorize_dist.data.store import open_store
 
@@ -75,8 +76,28 @@ class DeviceHold:
         self.held.clear()
 
 
+class Source(Protocol):
+    """What decodes one rank's micro-batches for a ColorLoader: `DaliSource` (data/dali.py) or `ReferenceSource`
+    (data/reference.py), made as `Source(reading, layout, cfg, device=device)`."""
+
+    @property
+    def resize_filter(self) -> str:
+        """What resizes each crop to the resolution."""
+
+    def describe(self) -> str:
+        """Which loader and decoder path this is, in one line."""
+
+    def batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, EncodedBatch]]:
+        """uint8 RGB crops (B, H, W, 3), and what was read, for each of this rank's micro-batches of `epoch` from
+        sample `start` on."""
+
+    def close(self) -> None:
+        """Release the pipeline or the workers' state, and the shard files."""
+
+
 class ColorLoader:
-    def __init__(self, source, layout: Layout, split: SplitSamples, *, device: torch.device, dtype: torch.dtype):
+    def __init__(self, source: Source, layout: Layout, split: SplitSamples, *, device: torch.device,
+                 dtype: torch.dtype):
         self.source, self.layout, self.split, self.device, self.dtype = source, layout, split, device, dtype
         self.hold = DeviceHold()  # device batches handed to the kernel, until it has run
 
@@ -179,7 +200,7 @@ def first_batch(cfg: DataConfig, split: str, *, batch_size: int, device: torch.d
         return next(loader.epoch(0))
 
 
-def _source_class(backend: str) -> type:
+def _source_class(backend: str) -> type[Source]:
     if backend == "auto":
         backend = "dali" if dali_available() else "reference"
     if backend == "dali":

@@ -201,14 +201,10 @@ def writer_options(args: argparse.Namespace) -> ShardOptions:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        if args.resolution is None and not args.keep_original:
-            raise ShardError("--resolution is required (or pass --keep-original)")
-        make_shards(args.source, args.out, resolution=None if args.keep_original else args.resolution,
-                    options=writer_options(args), rules=SkipRules(keep_gray=args.keep_gray, min_size=args.min_size))
-    except ShardError as exc:
-        print(f"shards make: {first_line(exc)}", file=sys.stderr)
-        return 2
+    if args.resolution is None and not args.keep_original:
+        raise ShardError("--resolution is required (or pass --keep-original)")
+    make_shards(args.source, args.out, resolution=None if args.keep_original else args.resolution,
+                options=writer_options(args), rules=SkipRules(keep_gray=args.keep_gray, min_size=args.min_size))
     return 0
 
 

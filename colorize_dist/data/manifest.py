@@ -35,6 +35,7 @@ from typing import Any
 from colorize_dist.data.dali_index import count_images, index_images
 from colorize_dist.data.images import is_progressive_jpeg
 from colorize_dist.data.store import LocalStore, RemoteStore, Store, StoreUnavailable, open_store, redact
+from colorize_dist.errors import UserError
 from colorize_dist.files import atomic_write
 
 MANIFEST = "manifest.json"
@@ -44,11 +45,11 @@ PEEK_BYTES = 1 << 16  # enough of a JPEG to reach its frame header past EXIF and
 MAKE_HINT = "make one with `colorize-dist shards make SRC DIR` or `colorize-dist shards synth DIR`"
 
 
-class MissingShardsError(FileNotFoundError):
+class MissingShardsError(UserError, FileNotFoundError):
     """A shard directory, its manifest, a shard or its index is missing; the message names it and says what to do."""
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """A manifest that cannot be read or does not describe the requested split."""
 
 
@@ -57,7 +58,7 @@ class ShardDataError(ManifestError):
     line naming the shard and the fix."""
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A shard set cannot be written as asked (bad options, no readable images, an existing output, a full
     disk); the message is one line saying what to change."""
 

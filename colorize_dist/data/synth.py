@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,6 @@ from colorize_dist.data.make import (
     writer_options,
 )
 from colorize_dist.data.manifest import ShardError
-from colorize_dist.files import first_line
 
 # Background colour ramp: hue follows luminance.
 NAVY = np.array([30.0, 50.0, 125.0])
@@ -100,11 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        write_synthetic_shards(args.out, args.n, args.resolution, options=writer_options(args))
-    except ShardError as exc:
-        print(f"shards synth: {first_line(exc)}", file=sys.stderr)
-        return 2
+    write_synthetic_shards(args.out, args.n, args.resolution, options=writer_options(args))
     return 0
 
 

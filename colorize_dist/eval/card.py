@@ -38,6 +38,7 @@ from tabulate import tabulate
 from colorize_dist.data.augment import EVALUATION_CROP
 from colorize_dist.data.make import sample_key
 from colorize_dist.data.manifest import manifest_sha256
+from colorize_dist.errors import UserError
 from colorize_dist.eval import fid, intervals, strata
 from colorize_dist.eval.lpips import LPIPS_NET
 from colorize_dist.eval.names import DIRECTION, LABELS, LPIPS_METRICS
@@ -51,7 +52,7 @@ SPREAD_LABELS = {"fid": "jackknife SE", "kid": f"std over {fid.KID_SUBSETS} subs
                  "inception_score": f"std over {fid.IS_SPLITS} splits"}
 
 
-class CardError(ValueError):
+class CardError(UserError, ValueError):
     """A card that cannot be read or compared; the message is one line naming the file or the field."""
 
 

@@ -36,8 +36,9 @@ from accelerate import PartialState
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from colorize_dist.color import AB_SCALE, L_SCALE, L_SHIFT, lab_to_linear_rgb, lab_to_rgb, rgb_to_lab
+from colorize_dist.color import denormalise_ab, lab_to_linear_rgb, lab_to_rgb, normalise_l, rgb_to_lab
 from colorize_dist.data.images import to_8bit
+from colorize_dist.errors import UserError
 from colorize_dist.eval.metrics import colorize_batch
 from colorize_dist.files import atomic_path, first_line, writable_directory
 from colorize_dist.models.export import load_generator, load_onnx_generator, resolve_checkpoint
@@ -76,7 +77,7 @@ def model_input(rgb: np.ndarray, size: int, max_pixels: int,
     height, width = rgb.shape[:2]
     scale = size / max(height, width)
     inner_h, inner_w = max(1, round(height * scale)), max(1, round(width * scale))
-    narrowed = torch.cat([_resize(_lightness(rgb[start:stop], device) * L_SCALE + L_SHIFT, stop - start, inner_w)
+    narrowed = torch.cat([_resize(normalise_l(_lightness(rgb[start:stop], device)), stop - start, inner_w)
                           for start, stop in row_bands(height, width, max_pixels)], dim=2)
     resized = _resize(narrowed, inner_h, inner_w)
     top, left = (size - inner_h) // 2, (size - inner_w) // 2
@@ -115,7 +116,7 @@ def render(rgb: np.ndarray, ab: torch.Tensor, max_pixels: int, device: torch.dev
         y0, y1, wy = _bilinear_taps(ab.shape[-2], height, start, stop, device)
         rows = ab[:, :, y0] * (1 - wy)[:, None] + ab[:, :, y1] * wy[:, None]
         band_ab = rows[..., x0] * (1 - wx) + rows[..., x1] * wx
-        lab = clamp_to_srgb_gamut(torch.cat([_lightness(rgb[start:stop], device), band_ab / AB_SCALE], dim=1))
+        lab = clamp_to_srgb_gamut(torch.cat([_lightness(rgb[start:stop], device), denormalise_ab(band_ab)], dim=1))
         out[start:stop] = lab_to_rgb(lab, dtype=torch.uint8)[0].permute(1, 2, 0).cpu().numpy()
     return out
 
@@ -226,8 +227,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     for option, value in (("--batch-size", args.batch_size), ("--max-pixels", args.max_pixels)):
         if value < 1:
-            print(f"colorize: {option} must be at least 1, got {value}", file=sys.stderr)
-            return 2
+            raise UserError(f"{option} must be at least 1, got {value}")
     # One process per GPU under `accelerate launch` or torchrun; CPU when asked or without a GPU (then gloo).
     state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
     try:
@@ -236,9 +236,8 @@ def main(args: argparse.Namespace) -> int:
             generator, _, resolution = load_onnx_generator(args.onnx, device=state.device)
         else:
             generator, _, resolution = load_generator(resolve_checkpoint(args.checkpoint), device=state.device)
-    except (OSError, ValueError, ModuleNotFoundError) as exc:
-        print(f"colorize: {first_line(exc)}", file=sys.stderr)
-        return 2
+    except (OSError, ValueError, ModuleNotFoundError) as exc:  # the generator file, the onnx packages
+        raise UserError(first_line(exc)) from exc
     jobs, problems = collect_jobs(args.inputs, args.out)
     if state.is_main_process:
         for problem in problems:
@@ -261,9 +260,8 @@ def main(args: argparse.Namespace) -> int:
                                       else np.hstack([picture.alpha, picture.alpha]))
                     written += 1
             except OSError as exc:
-                print(f"colorize: cannot write {job.output} ({exc.strerror or first_line(exc)}); free space or "
-                      f"choose another --out; {written} images written before it are complete", file=sys.stderr)
-                return 2
+                raise UserError(f"cannot write {job.output} ({exc.strerror or first_line(exc)}); free space or "
+                                f"choose another --out; {written} images written before it are complete") from exc
             progress.update(len(batch) + len(unreadable))
         progress.close()
     print(f"colorize: rank {state.process_index}: wrote {written} images to {args.out}"

@@ -40,6 +40,7 @@ from colorize_dist.data.make import sample_key
 from colorize_dist.data.manifest import MANIFEST, read_manifest
 from colorize_dist.data.reading import parse_index
 from colorize_dist.data.store import open_store, redact
+from colorize_dist.errors import UserError
 from colorize_dist.eval import card, fid, strata
 from colorize_dist.eval.lpips import LPIPS_NET, LPIPS_WEIGHTS_FILENAME, lpips_weights_path
 from colorize_dist.eval.metrics import evaluate
@@ -98,8 +99,7 @@ def main(args: argparse.Namespace) -> int:
     if args.compare is not None:
         return compare(*args.compare)
     if args.checkpoint is None or args.shards is None:
-        print("eval: --checkpoint and --shards are required (or --compare A B to compare two cards)", file=sys.stderr)
-        return 2
+        raise UserError("--checkpoint and --shards are required (or --compare A B to compare two cards)")
     # One process per GPU under `accelerate launch` or torchrun; CPU when asked or without a GPU (then gloo).
     state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
     try:
@@ -123,9 +123,8 @@ def main(args: argparse.Namespace) -> int:
                               fid_reference=args.fid_reference, lpips_weights=args.lpips_weights,
                               fid_standard_error=args.fid_weights is not None, mean_ab=mean_ab.get("ab"),
                               skin_region=args.skin_region, progress=state.is_main_process)
-    except (OSError, ValueError) as exc:
-        print(f"eval: {first_line(exc)}", file=sys.stderr)
-        return 2
+    except (OSError, ValueError) as exc:  # UserErrors among them, and the files' own errors
+        raise UserError(first_line(exc)) from exc
     if state.is_main_process:
         metrics = evaluation.metrics
         report = {"checkpoint": str(checkpoint), "shards": redact(str(args.shards)), "split": args.split,
@@ -135,7 +134,7 @@ def main(args: argparse.Namespace) -> int:
             report["lpips"] = {"net": LPIPS_NET, "version": "0.1 (torchmetrics' linear layers)",
                                "weights": str(lpips_weights_path(args.lpips_weights).resolve())}
         if args.fid_weights is not None:
-            report["inception"] = inception_report(args, images)
+            report["inception"] = inception_report(args.shards, args.fid_weights, args.fid_reference, images)
         atomic_write(out / "metrics.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
         stratified = (card.Strata.from_groups(keys, groups) if groups is not None
                       else card.Strata.from_ita(evaluation.ita))
@@ -175,17 +174,12 @@ def main(args: argparse.Namespace) -> int:
 
 
 def compare(first: str, second: str) -> int:
-    """Print two cards side by side; status 2, with one line naming the first difference, if their protocols differ."""
-    try:
-        cards = card.load_card(first), card.load_card(second)
-    except card.CardError as exc:
-        print(f"eval: {exc}", file=sys.stderr)
-        return 2
+    """Print two cards side by side; a UserError naming the first difference if their protocols differ."""
+    cards = card.load_card(first), card.load_card(second)
     difference = card.first_difference(*cards)
     if difference is not None:
-        print(f"eval: the cards' protocols differ at {difference}; their numbers are not comparable: evaluate both "
-              "with the same shard set, split, resolution, metrics and weights", file=sys.stderr)
-        return 2
+        raise UserError(f"the cards' protocols differ at {difference}; their numbers are not comparable: evaluate "
+                        "both with the same shard set, split, resolution, metrics and weights")
     paired, why = paired_comparison(first, second)
     print(card.comparison(*cards, names=(first, second), paired=paired))
     if paired is None:
@@ -274,17 +268,17 @@ def resize_done(shards: str | Path, resolution: int, resize_filter: str) -> str:
     return resize_filter
 
 
-def inception_report(args: argparse.Namespace, images: int) -> dict:
+def inception_report(shards: str, fid_weights: str, fid_reference: str | None, images: int) -> dict:
     """How FID, KID and IS were computed, for metrics.json: N, weights, resize filter, JPEG, protocol."""
-    image_format = read_manifest(args.shards).get("image_format")
+    image_format = read_manifest(shards).get("image_format")
     return {
         "images": images,
-        **fid.weights_info(args.fid_weights),
+        **fid.weights_info(fid_weights),
         "resize": fid.RESIZE_FILTER,
         "jpeg_compressed": {"predictions": False,  # quantised to 8 bits, never JPEG-encoded
                             "ground_truth": {"jpg": True, "png": False}.get(image_format)},  # None: unknown
         "ground_truth_format": image_format,
-        "reference": args.fid_reference,
+        "reference": fid_reference,
         "kid": {"kernel": "(x·y/2048 + 1)^3", "subsets": fid.KID_SUBSETS,
                 "subset_size": min(fid.KID_SUBSET_SIZE, images), "seed": fid.SEED},
         "inception_score": {"logits": "pool · W^T (no bias)", "splits": min(fid.IS_SPLITS, images),

@@ -12,7 +12,8 @@ PIL's bicubic filter — antialiased when shrinking, a = −0.5; `F.interpolate(
 in float64 matches `PIL.Image.resize(..., BICUBIC)` on float images to 2e-5 of 255 — and clamped to
 [0, 255]. pytorch-fid's own wrapper resizes bilinearly without antialiasing instead.
 
-- FID: per-rank float64 sums (n, Σx, XᵀX) reduced exactly in one all-reduce (StyleGAN's approach);
+- FID: per-rank float64 sums (n, Σx, XᵀX) reduced exactly in one all-reduce (StyleGAN instead gathers every
+  rank's features to every rank before accumulating its float64 moments);
   μ = Σx / n and Σ = (XᵀX − n·μμᵀ) / (n − 1), the unbiased covariance of pytorch-fid's `np.cov`; the
   Fréchet distance is pytorch-fid's `calculate_frechet_distance`.
 - KID (Bińkowski et al. 2018): the unbiased MMD² with the cubic polynomial kernel k(x, y) = (xᵀy/d + 1)³,

@@ -55,7 +55,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from tqdm import tqdm
 
 from colorize_dist.collectives import broadcast_from_rank0, gather_to_rank0, sum_over_ranks
-from colorize_dist.color import AB_SCALE, L_SCALE, L_SHIFT, rgb_to_lab
+from colorize_dist.color import denormalise_lab, normalise_ab, normalise_lab, rgb_to_lab
 from colorize_dist.data.loader import ColorLoader
 from colorize_dist.eval import fid
 from colorize_dist.eval.lpips import load_lpips, lpips_scores
@@ -92,17 +92,6 @@ def colorize_batch(generator: Callable[[torch.Tensor], torch.Tensor], l: torch.T
         return torch.cat([l.float(), output], dim=1), rgb
     rgb8 = (rgb * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
     return normalise_lab(rgb_to_lab(rgb8)), rgb
-
-
-def normalise_lab(lab: torch.Tensor) -> torch.Tensor:
-    """CIELAB (N, 3, H, W) → the model's normalisation, every channel in about [−1, 1]."""
-    return torch.cat([lab[:, :1] * L_SCALE + L_SHIFT, lab[:, 1:] * AB_SCALE], dim=1)
-
-
-def denormalise_lab(lab: torch.Tensor) -> torch.Tensor:
-    """The model's normalised Lab (N, 3, H, W) → CIELAB (L in [0, 100], a and b in about [−110, 110]), float64."""
-    lab = lab.double()
-    return torch.cat([(lab[:, :1] - L_SHIFT) / L_SCALE, lab[:, 1:] / AB_SCALE], dim=1)
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float) -> torch.Tensor:
@@ -316,7 +305,7 @@ def baseline_batch(l: torch.Tensor, mean_ab: tuple[float, float] | None) -> tupl
     units); as (normalised Lab, RGB in [0, 1]), as `colorize_batch` gives the model's."""
     ab = torch.zeros((len(l), 2, *l.shape[-2:]), dtype=l.dtype, device=l.device)
     if mean_ab is not None:
-        ab += torch.tensor(mean_ab, dtype=l.dtype, device=l.device)[None, :, None, None] * AB_SCALE
+        ab += normalise_ab(torch.tensor(mean_ab, dtype=l.dtype, device=l.device)[None, :, None, None])
     return torch.cat([l, ab], dim=1), to_rgb(l, ab, "ab").clamp(0.0, 1.0)
 
 

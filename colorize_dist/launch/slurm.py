@@ -41,6 +41,7 @@ from submitit.core.utils import FailedJobError, FailedSubmissionError
 
 from colorize_dist.config import ConfigError, save_config
 from colorize_dist.data.store import redact
+from colorize_dist.errors import UserError
 from colorize_dist.files import first_line
 from colorize_dist.launch.resources import SlurmResources
 from colorize_dist.training.config import Config, check_launch
@@ -58,8 +59,10 @@ class TrainerFailedError(RuntimeError):
     """The trainer exited with an error; its message is in the task's log."""
 
 
-class SlurmError(RuntimeError):
+class SlurmError(UserError, RuntimeError):
     """Slurm refused the job, or is not installed here; the message is one line."""
+
+    exit_status = 1
 
 
 @dataclass(frozen=True)

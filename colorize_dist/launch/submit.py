@@ -26,21 +26,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shlex
-import sys
 from pathlib import Path
 
 import submitit
 import yaml
 
-from colorize_dist.config import ConfigError
 from colorize_dist.launch import slurm
 from colorize_dist.launch.options import add_resource_arguments, resources_from_arguments
 from colorize_dist.launch.resources import SlurmResources
 from colorize_dist.training.command import add_arguments as add_training_arguments
 from colorize_dist.training.config import Config, default_run_dir, load_training_config
-
-EXIT_SLURM = 1
-EXIT_USAGE = 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,22 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_training_config(args.config, args.overrides)
-        run_dir = args.run_dir or default_run_dir(cfg, args.config)
-        resources = resources_from_arguments(args, SlurmResources(job_name=f"colorize-{run_dir.absolute().name}"))
-        job = slurm.training_job(cfg, run_dir, resources, args.resume, args.accelerate_config)
-    except ConfigError as exc:
-        print(f"submit: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        if args.dry_run:
-            print_dry_run(cfg, job, resources)
-            return 0
-        (submitted,) = slurm.submit([(cfg, job)], resources, job.run_dir / slurm.SUBMITIT_FOLDER)
-    except slurm.SlurmError as exc:
-        print(f"submit: {exc}", file=sys.stderr)
-        return EXIT_SLURM
+    cfg = load_training_config(args.config, args.overrides)
+    run_dir = args.run_dir or default_run_dir(cfg, args.config)
+    resources = resources_from_arguments(args, SlurmResources(job_name=f"colorize-{run_dir.absolute().name}"))
+    job = slurm.training_job(cfg, run_dir, resources, args.resume, args.accelerate_config)
+    if args.dry_run:
+        print_dry_run(cfg, job, resources)
+        return 0
+    (submitted,) = slurm.submit([(cfg, job)], resources, job.run_dir / slurm.SUBMITIT_FOLDER)
     print_submitted(submitted, job, resources)
     return 0
 

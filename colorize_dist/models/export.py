@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from torch import nn
 
 from colorize_dist.color import AB_SCALE
 from colorize_dist.config import ConfigError
+from colorize_dist.errors import UserError
 from colorize_dist.files import atomic_path, first_line, sha256_of
 from colorize_dist.models.config import GeneratorConfig
 from colorize_dist.models.generator import build_generator
@@ -57,7 +57,7 @@ EXPORT_DIR = "export"
 EXPORT_NAMES = ("generator_best.safetensors", "generator_final.safetensors")  # preference order in a run dir
 
 
-class GeneratorFileError(ValueError):
+class GeneratorFileError(UserError, ValueError):
     """A generator file that exists but cannot be used; the message names the file and what to do."""
 
 
@@ -271,11 +271,10 @@ def main(args: argparse.Namespace) -> int:
         source = resolve_checkpoint(args.onnx)
         out = args.out or source.with_suffix(".onnx")
         if out.is_dir():
-            raise IsADirectoryError(f"--out {out} is a folder; name the .onnx file to write")
+            raise UserError(f"--out {out} is a folder; name the .onnx file to write")
         result = export_onnx(source, out, args.opset)
-    except (OSError, ValueError, ModuleNotFoundError) as exc:
-        print(f"export: {first_line(exc)}", file=sys.stderr)
-        return 2
+    except (OSError, ValueError, ModuleNotFoundError) as exc:  # a file, the onnx packages
+        raise UserError(first_line(exc)) from exc
     sizes = ", ".join(f"{height}×{width}" for height, width in result.sizes)
     print(f"export: wrote {result.path} (ONNX opset {result.opset}; dynamic batch, height and width in multiples "
           f"of {result.size_multiple}); onnxruntime vs PyTorch on {sizes}: max |Δ| {result.max_delta:.2g} "

@@ -13,7 +13,6 @@ even 1024² costs no memory or time.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,8 +22,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from colorize_dist.config import load_config
-from colorize_dist.data.config import DataConfig
+from colorize_dist.config import ConfigError, load_config, read_yaml, resolve_config
 from colorize_dist.models.config import DiscriminatorConfig, GeneratorConfig, ModelConfig
 from colorize_dist.models.discriminator import build_discriminator
 from colorize_dist.models.generator import build_generator
@@ -116,17 +114,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="config overrides, e.g. generator.depth=4 (before --resolution)")
 
 
+def config_resolution(config: str) -> list[int]:
+    """The config's data.resolution (its `base:` chain included), else DEFAULT_RESOLUTIONS."""
+    resolution = (read_yaml(resolve_config(config)).get("data") or {}).get("resolution")
+    if resolution is None:
+        return DEFAULT_RESOLUTIONS
+    if not isinstance(resolution, int) or isinstance(resolution, bool):
+        raise ConfigError(f"{config}: data.resolution must be an integer, got {resolution!r}")
+    return [resolution]
+
+
 def main(args: argparse.Namespace) -> int | None:
-    try:
-        cfg = load_config(ModelConfig, args.config, args.overrides, section="model")
-        resolutions = args.resolution or (
-            [load_config(DataConfig, args.config, section="data").resolution] if args.config else DEFAULT_RESOLUTIONS)
-        for resolution in resolutions:
-            cfg.generator.check_resolution(resolution)
-            cfg.discriminator.check_resolution(resolution)
-        table = cost_table(cfg, resolutions)
-    except ValueError as exc:  # ConfigError, or a resolution the models cannot take
-        print(f"model-info: {exc}", file=sys.stderr)
-        return 2
-    print(table)
+    cfg = load_config(ModelConfig, args.config, args.overrides, section="model")
+    resolutions = args.resolution or (config_resolution(args.config) if args.config else DEFAULT_RESOLUTIONS)
+    for resolution in resolutions:  # ConfigError: a resolution the models cannot take
+        cfg.generator.check_resolution(resolution)
+        cfg.discriminator.check_resolution(resolution)
+    print(cost_table(cfg, resolutions))
     return None

@@ -1,7 +1,8 @@
 """The colour spaces the generator can predict, and how each becomes RGB.
 
-"ab": 2 channels, CIELAB a/b divided by 110, so tanh's (−1, 1) covers the Lab gamut; the L input supplies
-lightness. "rgb" (the seeds' colour-space ablation): 3 channels, RGB in [0, 1] mapped to (−1, 1) as 2·rgb − 1.
+"ab": 2 channels, CIELAB a/b divided by 110 (colorize_dist.color's normalisation), so tanh's (−1, 1) covers the
+Lab gamut; the L input supplies lightness. "rgb" (the seeds' colour-space ablation): 3 channels, RGB in [0, 1]
+mapped to (−1, 1) as 2·rgb − 1.
 """
 
 from __future__ import annotations

@@ -15,13 +15,11 @@ import argparse
 import csv
 import io
 import math
-import sys
 from datetime import datetime, timezone
 from typing import Any
 
 from tabulate import tabulate
 
-from colorize_dist.config import ConfigError
 from colorize_dist.eval.names import LABELS
 from colorize_dist.files import atomic_write
 from colorize_dist.study.collect import PointResult, collect, report_metrics
@@ -31,7 +29,6 @@ from colorize_dist.study.plots import PLOTS, Plot, draw_all
 from colorize_dist.study.record import DONE
 
 RESULTS, REPORT = "results.csv", "report.md"
-EXIT_USAGE = 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,11 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        plan, _ = load_plan(args.study, args.overrides, args.out, reuse_overrides=True)
-    except ConfigError as exc:
-        print(f"study report: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    plan, _ = load_plan(args.study, args.overrides, args.out, reuse_overrides=True)
     results = write_report(plan, args.peak_tflops)
     print(summary_line(results))
     print(f"report: {plan.out / REPORT}  results: {plan.out / RESULTS}  plots: {plan.out / PLOTS}/")

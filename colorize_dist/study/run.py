@@ -33,6 +33,7 @@ from colorize_dist.config import ConfigError
 from colorize_dist.data.make import ShardOptions
 from colorize_dist.data.manifest import MANIFEST
 from colorize_dist.data.synth import write_synthetic_shards
+from colorize_dist.errors import UserError
 from colorize_dist.launch.options import add_resource_arguments, given_resources
 from colorize_dist.study.cluster import SLURM_FOLDER
 from colorize_dist.study.command import add_study_arguments, load_plan
@@ -41,7 +42,7 @@ from colorize_dist.study.plan import Plan
 from colorize_dist.study.record import DONE, read_record, write_study_args
 from colorize_dist.study.status import is_done
 
-EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,9 +71,8 @@ def main(args: argparse.Namespace) -> int:
         elif not args.dry_run and not all(point.launch.partition for point in plan.points):
             raise ConfigError("give --local to run here, or --partition (or launch.partition in the study) for "
                               "Slurm")
-    except (ConfigError, ValueError) as exc:
-        print(f"study run: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    except ValueError as exc:  # ConfigError, or a value the plan cannot take
+        raise UserError(str(exc)) from exc
     if args.dry_run:
         print_plan(plan, args.local)
         return 0
@@ -147,7 +147,6 @@ def run_local(plan: Plan) -> int:
 
 def run_slurm(plan: Plan, wait: bool, poll_s: float) -> int | None:
     """Submit what is not done nor queued; with `wait`, until every job has ended (then 0), else None."""
-    from colorize_dist.launch.slurm import SlurmError
     from colorize_dist.study.cluster import active_jobs, submit_points, wait_for
 
     active = active_jobs()
@@ -162,11 +161,8 @@ def run_slurm(plan: Plan, wait: bool, poll_s: float) -> int | None:
         else:
             to_submit.append(point)
     folder = (plan.out / SLURM_FOLDER).absolute()
-    try:
-        submitted = submit_points(to_submit, folder, f"study-{plan.study.name}", plan.study.array_parallelism)
-    except SlurmError as exc:
-        print(f"study run: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    # SlurmError (status 1): Slurm refused the jobs or is not installed
+    submitted = submit_points(to_submit, folder, f"study-{plan.study.name}", plan.study.array_parallelism)
     for name, job_id in submitted.items():
         print(f"{name}: submitted as Slurm job {job_id}")
     if submitted:

@@ -23,6 +23,7 @@ from typing import Any
 from accelerate import Accelerator
 
 from colorize_dist.collectives import any_rank
+from colorize_dist.errors import UserError
 from colorize_dist.files import atomic_write, first_line, sha256_of
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def step_name(step: int) -> str:
     return f"step-{step:07d}"
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(UserError, RuntimeError):
     """A checkpoint could not be written (a full disk); the message names the folder, the space and what survived."""
 
 

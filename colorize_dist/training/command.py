@@ -29,15 +29,12 @@ launcher restarts the workers on the nodes left instead, and they resume by them
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from colorize_dist.config import ConfigError
+from colorize_dist.errors import UserError
 from colorize_dist.training.config import DEFAULT_CONFIG, default_run_dir, load_training_config
 from colorize_dist.training.stop import EXIT_RESUMABLE
 
-EXIT_DIVERGED = 1
-EXIT_USAGE = 2
 EXIT_PEER_LOST = 3
 
 
@@ -54,30 +51,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Parsed arguments → exit status; errors a user can fix are one line on stderr, not a traceback."""
-    from colorize_dist.data.manifest import ManifestError
-    from colorize_dist.training.checkpoint import CHECKPOINTS, CheckpointWriteError, latest_valid
-    from colorize_dist.training.divergence import DivergedError
+    """Parsed arguments → exit status. Errors a user can fix (UserError) leave through `cli.run`, one line each."""
+    from colorize_dist.training.checkpoint import CHECKPOINTS, latest_valid
     from colorize_dist.training.elastic import after_loss
     from colorize_dist.training.loop import train
-    from colorize_dist.training.milestones import NonFiniteLossError
     from colorize_dist.training.peers import PeerLostError
 
+    cfg = load_training_config(args.config, args.overrides)
+    run_dir = args.run_dir or default_run_dir(cfg, args.config)
     try:
-        cfg = load_training_config(args.config, args.overrides)
-        run_dir = args.run_dir or default_run_dir(cfg, args.config)
         result = train(cfg, run_dir, args.resume, cpu=args.cpu)
-    except (ConfigError, FileNotFoundError, ManifestError, CheckpointWriteError) as exc:
-        print(f"train: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (NonFiniteLossError, DivergedError) as exc:
-        print(f"train: {exc}", file=sys.stderr)
-        return EXIT_DIVERGED
-    except PeerLostError as exc:
-        if exc.report:
-            last = latest_valid(run_dir / CHECKPOINTS, verify_hashes=False)
-            print(f"train: {exc}; {after_loss(last)}", file=sys.stderr, flush=True)
-        return EXIT_PEER_LOST
+    except FileNotFoundError as exc:  # e.g. train.fid_weights or VGG weights that are not there
+        raise UserError(str(exc)) from exc
+    except PeerLostError as exc:  # one line per surviving node: from its lowest rank, the others stay quiet
+        last = latest_valid(run_dir / CHECKPOINTS, verify_hashes=False) if exc.report else None
+        raise UserError(f"{exc}; {after_loss(last)}" if exc.report else "", exit_status=EXIT_PEER_LOST) from exc
     leave_process_group()
     return 0 if result.finished else EXIT_RESUMABLE
 

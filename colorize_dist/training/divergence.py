@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from colorize_dist.collectives import mean_over_ranks_
+from colorize_dist.errors import UserError
 
 JUMP = 1e3  # losses this many times their level: diverged (a healthy run's move by a few times)
 WINDOW = 10  # logged magnitudes in the running median
@@ -33,8 +34,10 @@ TOTALS = ("loss/g_total", "loss/d_total")
 CAUSE = "the learning rate is the likely cause (optim.lr={lr:g}): lower it, or set optim.grad_clip > 0"
 
 
-class DivergedError(RuntimeError):
+class DivergedError(UserError, RuntimeError):
     """The losses exploded, or validation went NaN; the message names the step and the likely cause."""
+
+    exit_status = 1  # as NonFiniteLossError: the run diverged, its last good checkpoint stays
 
 
 @dataclass

@@ -13,6 +13,7 @@ from torch import nn
 
 from colorize_dist.collectives import any_rank
 from colorize_dist.data.store import redact
+from colorize_dist.errors import UserError
 from colorize_dist.eval.metrics import compute_metrics
 from colorize_dist.eval.samples import sample_grid, save_grid
 from colorize_dist.models.export import save_generator
@@ -26,8 +27,10 @@ log = logging.getLogger(__name__)
 FEW_VALIDATION_IMAGES = 100  # below: the choice of the best checkpoint is warned about
 
 
-class NonFiniteLossError(RuntimeError):
-    """Too many NaN/inf losses in a row; the message says where and what to try."""
+class NonFiniteLossError(UserError, RuntimeError):
+    """Too many NaN/inf losses in a row, or NaN/inf weights; the message says where and what to try."""
+
+    exit_status = 1  # not a usage error: the run diverged (its last good checkpoint stays)
 
 
 def validate(state: State) -> dict[str, float]:

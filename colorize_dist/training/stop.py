@@ -3,9 +3,9 @@ process that launched this one, or `request_stop()`.
 
 A request only sets a flag. The loop reads the flags of every rank in one all-reduce on its logging steps
 (train.log_every), so every rank takes the same decision at the same step: save a checkpoint, then return
-EXIT_RESUMABLE. A request is thus acted on within train.log_every steps. A caller that runs
-`colorize_dist.train.main` in its own process (e.g. a submitit job whose `checkpoint()` is invoked on preemption)
-calls `request_stop()` instead of sending a signal.
+EXIT_RESUMABLE. A request is thus acted on within train.log_every steps. Code that calls
+`colorize_dist.training.loop.train` in its own process (not through a launcher it could signal) calls
+`request_stop()` from another thread instead.
 
 A launcher (`accelerate launch`, torchrun) that is killed — by the OOM killer, or a `kill -9` of a job's main
 process — cannot stop its trainers: torch elastic starts each in a session of its own, so they would train on as

@@ -19,10 +19,12 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from colorize_dist import cli
 from colorize_dist.config import ConfigError
 from colorize_dist.training import checkpoint, command, milestones
 from colorize_dist.training.checkpoint import Progress
 from colorize_dist.training.config import load_training_config
+from colorize_dist.training.divergence import DivergedError
 from colorize_dist.training.resume import find_resume
 from tests.training.helpers import (
     LAUNCH_ENV,
@@ -129,7 +131,7 @@ def test_a_run_whose_checkpoints_are_all_damaged_is_refused_unless_resume_none(t
 
 @pytest.mark.parametrize("override", ["optim.lr=inf", "optim.lr=nan", "loss.alpha=-inf", "optim.betas=[0.5,nan]"])
 def test_non_finite_numbers_in_the_config_are_refused(override: str, tmp_path: Path, capsys) -> None:
-    assert command.main(command.parse(["--run-dir", str(tmp_path), override])) == 2
+    assert cli.run("train", command.main, command.parse(["--run-dir", str(tmp_path), override])) == 2
     error = capsys.readouterr().err
     assert error.startswith("train: ") and "must be a finite number" in error and error.count("\n") == 1
     assert not (tmp_path / "config.yaml").exists()
@@ -215,7 +217,7 @@ def test_a_diverged_run_stops_in_one_line_before_it_is_called_finished(shards: P
     fires. Before: the run ended "finished" with its exports; now it stops at the logging step after the jump."""
     run_dir = tmp_path / "run"
     result, seconds = timed_run(run_dir, tiny_overrides(shards, **{"optim.lr": 1e9, "train.max_steps": 40}))
-    assert result.returncode == command.EXIT_DIVERGED and seconds < BOUND_S, result.stderr
+    assert result.returncode == DivergedError.exit_status == 1 and seconds < BOUND_S, result.stderr
     line = error_line(result)
     match = re.fullmatch(r"train: the losses diverged at step (\d+): their magnitude \S+ is \S+ times their running "
                          r"level \S+; the learning rate is the likely cause \(optim.lr=1e\+09\): lower it, or set "
@@ -385,7 +387,7 @@ def test_max_time_stops_resumably_and_the_summary_adds_up_over_starts(shards: Pa
 @pytest.mark.parametrize("value", ["2x", "-5m", "0"])
 def test_a_bad_max_time_is_one_line(value: str, tmp_path: Path, capsys) -> None:
     args = command.parse(["--run-dir", str(tmp_path / "run"), f"train.max_time={value}"])
-    assert command.main(args) == 2
+    assert cli.run("train", command.main, args) == 2
     line = capsys.readouterr().err.strip()
     assert line.startswith("train: train.max_time") and "\n" not in line
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from colorize_dist import cli
 from colorize_dist.config import ConfigError, preset_names
 from colorize_dist.training import checkpoint, command
 from colorize_dist.training.config import TrainConfig, check_launch, load_training_config
@@ -34,7 +35,7 @@ from tests.training.helpers import (
 # ---------------------------------------------------------------- configuration errors (fast, in-process)
 
 def train_cli(*argv: str) -> int:
-    return command.main(command.parse(list(argv)))
+    return cli.run("train", command.main, command.parse(list(argv)))
 
 
 @pytest.mark.parametrize(("override", "message"), [

@@ -109,6 +109,9 @@ def residual_chroma(image: Image.Image) -> float:
 
 
 def ab_sums(image: Image.Image) -> tuple[float, float, int]:
-    """The sums of CIELAB a and b over an RGB image's pixels, and its pixel count (for a set's mean ab)."""
-    lab = rgb_to_lab(torch.from_numpy(np.array(image.convert("RGB")))[None], num_threads=1)[0].double()
-    return float(lab[1].sum()), float(lab[2].sum()), image.width * image.height
+    """The sums of CIELAB a and b over an RGB image's pixels, and its pixel count (for a set's mean ab).
+
+    Summed by NumPy: torch's own reductions go multi-threaded on large images, and in `shards make`'s forked
+    workers an OpenMP pool inherited from the parent can hang them."""
+    lab = rgb_to_lab(torch.from_numpy(np.array(image.convert("RGB")))[None], num_threads=1)[0].numpy()
+    return float(lab[1].sum(dtype=np.float64)), float(lab[2].sum(dtype=np.float64)), image.width * image.height

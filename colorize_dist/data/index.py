@@ -32,6 +32,7 @@ from colorize_dist.data.manifest import (
     SPLITS,
     ManifestError,
     MissingShardsError,
+    Shard,
     ShardError,
     interrupted_make,
     manifest_shards,
@@ -42,7 +43,7 @@ from colorize_dist.data.manifest import (
 from colorize_dist.files import atomic_write
 
 KEPT_INFO = ("source", "resolution", "image_format", "val_fraction", "split_rule", "sample_order", "jpeg_quality",
-             "grayscale", "min_size", "background", "transparent_on_background", "skipped")
+             "grayscale", "min_size", "background", "transparent_on_background", "skipped", "review", "contact_sheet")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,6 +93,8 @@ def index_shards(directory: Path, *, force: bool = False) -> dict[str, Any]:
     info = {key: previous[key] for key in KEPT_INFO if key in previous}
     info = info or {"source": "indexed by `colorize-dist shards index`", "resolution": None,
                     "image_format": "as stored", "split_rule": "train/ and val/ folders"}
+    if "mean_ab" in previous and all(_same_shards(previous, split, shards[split]) for split in SPLITS):
+        info["mean_ab"] = previous["mean_ab"]  # the card's mean-ab baseline holds while the bytes are the same
     manifest = write_manifest(directory, shards, **info)
     if interrupted is not None:  # adopted with --force: what the make left unfinished goes
         partial = [path for split in SPLITS for path in (directory / split).glob("*.partial")]
@@ -105,6 +108,11 @@ def index_shards(directory: Path, *, force: bool = False) -> dict[str, Any]:
     elif images < recorded:
         print(f"note: adopted {images} images (--force); the previous {MANIFEST} listed {recorded}", file=sys.stderr)
     return manifest
+
+
+def _same_shards(previous: dict[str, Any], split: str, shards: list[Shard]) -> bool:
+    recorded = previous.get("splits", {}).get(split, {}).get("shards", [])
+    return [entry.get("sha256") for entry in recorded] == [shard.sha256 for shard in shards]
 
 
 def repair_indexes(directory: Path) -> list[Path]:

@@ -212,6 +212,24 @@ def test_verify_names_count_and_index_mismatches(made_shards, tmp_path, capsys):
     assert f"{index}: does not match" in report
 
 
+def test_reindexing_keeps_what_make_recorded_and_the_mean_ab_only_of_the_same_bytes(made_shards, tmp_path, capsys):
+    out = tmp_path / "reindexed"
+    shutil.copytree(made_shards, out)
+    made = json.loads((out / "manifest.json").read_text())
+    assert made["mean_ab"]["train"] is not None and "review" in made
+    assert run_cli("shards", "index", out, "--force") == 0
+    same = json.loads((out / "manifest.json").read_text())
+    assert {key: same.get(key) for key in ("mean_ab", "review", "contact_sheet", "skipped")} == \
+        {key: made.get(key) for key in ("mean_ab", "review", "contact_sheet", "skipped")}
+    last = sorted((out / "train").glob("*.tar"))[-1]
+    last.unlink()
+    last.with_suffix(".idx").unlink()
+    assert run_cli("shards", "index", out, "--force") == 0
+    fewer = json.loads((out / "manifest.json").read_text())
+    assert "mean_ab" not in fewer and fewer["review"] == made["review"]  # other bytes: no baseline of the old ones
+    capsys.readouterr()
+
+
 def test_foreign_shards_are_indexed(tmp_path, capsys):
     """Shards from webdataset.ShardWriter and GNU tar (directories, ./ prefixes, extra components)."""
     train, val = tmp_path / "set" / "train", tmp_path / "set" / "val"

@@ -19,6 +19,8 @@ ERRORS = {
     ("bench", "data"): (["--epochs", "0"], 1, "--epochs and --resolutions must be at least 1"),
     ("bench", "train"): (["--steps", "2", "--warmup", "1"], 1, "need 1 <= --warmup < --steps - 1"),
     ("bench", "gpu"): (["--warmup", "0"], 2, "need 1 <= --warmup < --steps - 1"),
+    ("bench", "checkpoint"): (["--repeats", "0"], 2, "--repeats must be at least 1"),
+    ("bench", "telemetry"): (["--steps", "0"], 2, "--steps must be at least 1"),
     ("shards", "make"): ([MISSING, "{tmp}/out"], 2, "--resolution is required"),
     ("shards", "synth"): (["{tmp}/file", "--n", "4"], 2, "{tmp}/file"),
     ("shards", "verify"): ([MISSING], 2, MISSING),
@@ -33,6 +35,7 @@ ERRORS = {
     ("colorize",): ([MISSING, "--checkpoint", MISSING, "--out", "{tmp}/out", "--batch-size", "0"], 2,
                     "--batch-size must be at least 1"),
     ("export",): (["--onnx", MISSING], 2, MISSING),
+    ("runs",): ([MISSING], 2, f"no metrics.jsonl in {MISSING}"),
 }
 
 

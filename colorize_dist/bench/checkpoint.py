@@ -17,6 +17,7 @@ import torch
 from accelerate import Accelerator
 from tabulate import tabulate
 
+from colorize_dist.errors import UserError
 from colorize_dist.models import build_discriminator, build_generator
 from colorize_dist.training import checkpoint
 from colorize_dist.training.config import load_training_config
@@ -30,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.repeats < 1:
+        raise UserError("--repeats must be at least 1")
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
         rows = measure(args.config, Path(folder), args.repeats)
     print(tabulate(rows, ["variant", "checkpoint MiB", "step blocked s (median)", "until complete s (median)"],

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
+from colorize_dist.errors import UserError
 from colorize_dist.models import build_discriminator, build_generator
 from colorize_dist.training.config import check_launch, load_training_config
 from colorize_dist.training.telemetry import Telemetry
@@ -33,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.steps < 1:
+        raise UserError("--steps must be at least 1")
     cfg = load_training_config(args.config)
     batch = check_launch(cfg.train, 1)
     l = torch.rand(batch, 1, cfg.data.resolution, cfg.data.resolution)

@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from colorize_dist.config import ConfigError
 from colorize_dist.data.store import LocalStore, redact
 from colorize_dist.files import writable_directory
 
@@ -50,7 +51,11 @@ class ShardCache:
     """The cache of one remote set's shards in `directory` (made if missing), at most `max_bytes` on the node."""
 
     def __init__(self, directory: str | Path, shards: tuple[Shard, ...], max_bytes: int):
-        self.directory, self.max_bytes = writable_directory(directory, "data.cache_dir"), max_bytes
+        try:
+            self.directory = writable_directory(directory, "data.cache_dir")
+        except OSError as exc:  # a setting to change, as the run ends in one line
+            raise ConfigError(str(exc)) from None
+        self.max_bytes = max_bytes
         self.shards = {shard.path: shard for shard in shards if shard.sha256 is not None and shard.size is not None}
         self.local = LocalStore(directory)
         self._state: dict[Path, str] = {}  # path → "fetching" | "ready" | "remote" (not cached, by choice or fault)

@@ -208,8 +208,10 @@ class HttpStore(RemoteStore):
             if response.status != 200:
                 raise OSError(f"HTTP {response.status} {response.reason}")
             yield from response.stream(size)
-        finally:
-            response.release_conn()
+        except BaseException:  # a fault or a stop: the rest of the body is not read, so the connection is not reused
+            response.close()
+            raise
+        response.release_conn()
 
     def _size(self, url: str) -> int | None:
         response = self._request("HEAD", url, {})

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from colorize_dist.bench.serve import Nginx, Proxy
+from colorize_dist.config import ConfigError
 from colorize_dist.data import DataConfig, build_loader
 from colorize_dist.data.cache import ShardCache
 from colorize_dist.data.manifest import list_shards
@@ -190,3 +191,10 @@ def test_the_cache_stays_within_its_bound_removing_other_sets_shards_least_recen
     assert store.cache.read(shards[3].path, 0, shards[3].size, store) is None  # a remote read, from now on
     assert sorted(path.name for path in cache.glob("*.tar*")) == sorted(f"{shard.sha256}.tar" for shard in shards[:3])
     store.close()
+
+
+def test_a_cache_dir_that_is_a_file_is_one_line_naming_the_setting(served, tmp_path):
+    (tmp_path / "taken").write_text("not a folder")
+    cfg = DataConfig(shards=served.url + "set/", cache_dir=str(tmp_path / "taken"), backend="reference")
+    with pytest.raises(ConfigError, match=rf"^data.cache_dir {tmp_path}/taken is an existing file; name a folder"):
+        build_loader(cfg, "train", batch_size=4)

@@ -4,6 +4,7 @@ used, the size bound held."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import multiprocessing
@@ -198,3 +199,22 @@ def test_a_cache_dir_that_is_a_file_is_one_line_naming_the_setting(served, tmp_p
     cfg = DataConfig(shards=served.url + "set/", cache_dir=str(tmp_path / "taken"), backend="reference")
     with pytest.raises(ConfigError, match=rf"^data.cache_dir {tmp_path}/taken is an existing file; name a folder"):
         build_loader(cfg, "train", batch_size=4)
+
+
+def test_a_download_that_does_not_match_the_manifest_is_not_cached(served, synth_shards, tmp_path, caplog):
+    """The server's shard is not the one the manifest hashed (here: the manifest's hash is another): one warning,
+    no file left in the cache, and the samples still come (checked) by ranged reads."""
+    caplog.set_level(logging.WARNING, logger="colorize_dist.data.cache")
+    store = open_store(served.url + "set/")
+    shard = dataclasses.replace(list_shards(store, "train")[0], sha256="f" * 64)
+    store.cache = ShardCache(tmp_path / "cache", (shard,), max_bytes=1 << 30)
+    assert store.read(shard.path, 0, shard.size) == (synth_shards / shard.path).read_bytes()
+    deadline = time.monotonic() + 20
+    while "failed" not in caplog.text:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert f"caching {served.url}set/train/train-000000.tar failed (the download is {shard.size:,} bytes with " \
+           f"SHA-256" in caplog.text and "the manifest says" in caplog.text
+    assert store.cache.read(shard.path, 0, shard.size, store) is None
+    assert not list((tmp_path / "cache").glob("*.tar*"))
+    store.close()

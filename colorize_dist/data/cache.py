@@ -30,7 +30,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from colorize_dist.config import ConfigError
 from colorize_dist.data.store import LocalStore, redact
@@ -57,7 +57,7 @@ class ShardCache:
             raise ConfigError(str(exc)) from None
         self.max_bytes = max_bytes
         self.shards = {shard.path: shard for shard in shards if shard.sha256 is not None and shard.size is not None}
-        self.local = LocalStore(directory)
+        self.local = LocalStore(self.directory)
         self._state: dict[Path, str] = {}  # path → "fetching" | "ready" | "remote" (not cached, by choice or fault)
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -106,32 +106,47 @@ class ShardCache:
                 os.utime(final)  # used now: last in line to be removed
                 return True
             partial.unlink(missing_ok=True)  # a killed download's
-            with _locked(self.directory / ".space.lock", self._stop):
-                if self._full or not self._make_room(shard.size):
-                    if not self._full:
-                        log.warning("data.cache_dir %s is full (data.cache_max_gb) with this set's shards; the "
-                                    "rest stay remote reads", self.directory)
-                    self._full = True
-                    return False
-                descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                os.posix_fallocate(descriptor, 0, shard.size)  # counted at its full size by other processes
-            with os.fdopen(descriptor, "wb") as file:
-                digest, written = hashlib.sha256(), 0
-                for chunk in remote.chunks(shard.path, CHUNK):
-                    if self._stop.is_set():
+            complete = False
+            try:
+                with _locked(self.directory / ".space.lock", self._stop):
+                    if self._full or not self._make_room(shard.size):
+                        if not self._full:
+                            log.warning("data.cache_dir %s is full (data.cache_max_gb) with this set's shards; the "
+                                        "rest stay remote reads", self.directory)
+                        self._full = True
                         return False
-                    file.write(chunk)
-                    digest.update(chunk)
-                    written += len(chunk)
-                file.truncate(written)
-                file.flush()
-                os.fsync(file.fileno())
-            if written != shard.size or digest.hexdigest() != shard.sha256:
-                partial.unlink()
-                raise OSError(f"the download is {written:,} bytes with SHA-256 {digest.hexdigest()[:12]}..., the "
-                              f"manifest says {shard.size:,} and {shard.sha256[:12]}... (the shard changed?)")
-            os.replace(partial, final)
-            return True
+                    file = partial.open("wb")
+                    try:
+                        os.posix_fallocate(file.fileno(), 0, shard.size)  # counted at its full size by others
+                    except OSError:
+                        file.close()
+                        raise
+                complete = self._write(file, shard, remote)
+            finally:
+                if not complete:  # a fault, a stop or other bytes: nothing left taking room
+                    partial.unlink(missing_ok=True)
+            if complete:
+                os.replace(partial, final)
+            return complete
+
+    def _write(self, file: BinaryIO, shard: Shard, remote: RemoteStore) -> bool:
+        """Download `shard` into `file` (and close it); True once its bytes are the manifest's, False if the cache
+        closed meanwhile."""
+        with file:
+            digest, written = hashlib.sha256(), 0
+            for chunk in remote.chunks(shard.path, CHUNK):
+                if self._stop.is_set():
+                    return False
+                file.write(chunk)
+                digest.update(chunk)
+                written += len(chunk)
+            file.truncate(written)
+            file.flush()
+            os.fsync(file.fileno())
+        if written != shard.size or digest.hexdigest() != shard.sha256:
+            raise OSError(f"the download is {written:,} bytes with SHA-256 {digest.hexdigest()[:12]}..., the "
+                          f"manifest says {shard.size:,} and {shard.sha256[:12]}... (the shard changed?)")
+        return True
 
     def _make_room(self, size: int) -> bool:
         """Whether `size` more bytes fit, after removing other sets' shards (least recently used first)."""

@@ -48,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency", type=float, nargs="+", metavar="MS",
                         help="time reading from disk and over HTTP with these round trips, e.g. 0 20 50")
     parser.add_argument("--url", help="also time reading this served copy of the shards (with --latency or alone)")
+    parser.add_argument("--cache", action="store_true",
+                        help="also time each --latency through a node cache (data.cache_dir) filled by the warm-up")
     parser.add_argument("--reads-in-flight", type=int, default=DataConfig.reads_in_flight,
                         help="data.reads_in_flight for the HTTP columns")
     parser.add_argument("--resume-at", type=float, metavar="F",
@@ -94,16 +96,18 @@ def remote_main(args: argparse.Namespace) -> int:
         raise UserError("--latency serves the shards with nginx, which is not installed (apt-get install -y nginx)",
                         exit_status=1)
     latencies = args.latency or []
-    titles = ["disk", *(f"HTTP {ms:g} ms" for ms in latencies), *(["--url"] if args.url else [])]
+    titles = ["disk", *(f"HTTP {ms:g} ms{suffix}" for ms in latencies for suffix in ["", *([" cached"] * args.cache)]),
+              *(["--url"] if args.url else [])]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-data-") as scratch:
         for resolution in args.resolutions:
             shards = args.shards or synthetic_shards(Path(scratch) / str(resolution), args.images, resolution,
                                                      workers=args.threads)
 
-            def rate(location: str, resolution=resolution) -> tuple[float, float]:
+            def rate(location: str, resolution=resolution, cache_dir: Path | None = None) -> tuple[float, float]:
                 cfg = DataConfig(shards=location, resolution=resolution, backend="dali", num_threads=args.threads,
-                                 reads_in_flight=args.reads_in_flight)
+                                 reads_in_flight=args.reads_in_flight,
+                                 cache_dir=None if cache_dir is None else str(cache_dir))
                 return throughput(cfg, torch.device("cpu"), batch_size=args.batch_size, epochs=args.epochs)
 
             measured = [rate(str(shards))]
@@ -114,6 +118,8 @@ def remote_main(args: argparse.Namespace) -> int:
                         proxy = serve.Proxy(server.port, delay_s=ms / 1e3).start()
                         try:
                             measured.append(rate(proxy.url))
+                            if args.cache:
+                                measured.append(rate(proxy.url, cache_dir=Path(scratch) / f"cache-{resolution}-{ms}"))
                         finally:
                             proxy.stop()
                 finally:

@@ -23,7 +23,7 @@ worker_processes 1;
 {user}
 events {{ worker_connections 512; }}
 http {{
-    access_log off;
+    access_log {access_log};
     client_body_temp_path {run}/body;
     proxy_temp_path {run}/proxy;
     fastcgi_temp_path {run}/fastcgi;
@@ -56,15 +56,17 @@ def wait_for_port(port: int, timeout_s: float = 10.0) -> None:
 
 
 class Nginx:
-    """nginx serving `root` at http://127.0.0.1:PORT/ with a config and run folder of its own."""
+    """nginx serving `root` at http://127.0.0.1:PORT/ with a config and run folder of its own; with `access_log`,
+    every request is a line of `run/access.log` (the tests count them)."""
 
-    def __init__(self, root: Path, run: Path):
+    def __init__(self, root: Path, run: Path, *, access_log: bool = False):
         self.root, self.run, self.port = root, run, free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         for folder in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (run / folder).mkdir(parents=True, exist_ok=True)
         user = "user root;" if os.geteuid() == 0 else ""  # workers read the test's temporary folders
-        (run / "nginx.conf").write_text(CONFIG.format(run=run, root=root, port=self.port, user=user))
+        (run / "nginx.conf").write_text(CONFIG.format(run=run, root=root, port=self.port, user=user,
+                                                          access_log=f"{run}/access.log" if access_log else "off"))
 
     def start(self) -> Nginx:
         subprocess.run([NGINX, "-c", str(self.run / "nginx.conf"), "-p", str(self.run)], check=True,

@@ -23,6 +23,10 @@ class DataConfig:
     hw_decoder_load: float = 0.65  # GPU only: share of JPEGs sent to the hardware decoder, rest to CUDA
     prefetch: int = 2  # batches prepared ahead
     reads_in_flight: int = 64  # remote shards: sample reads (ranged requests) in flight at once, per rank
+    # remote shards: a folder on each node's own disk where every shard a rank reads is downloaded whole, in the
+    # background, once per node, and read locally from then on; None: no cache
+    cache_dir: str | None = None
+    cache_max_gb: float = 100.0  # the cache's bound on the node (GiB); see README "Data on a web server ..."
     shuffle_buffer: int = 1024  # shuffle window: each sample moves by less than this in an epoch; larger mixes more
 
     def validate(self) -> None:
@@ -40,5 +44,7 @@ class DataConfig:
             raise ConfigError(f"data.prefetch must be at least 1, got {self.prefetch}")
         if self.reads_in_flight < 1:
             raise ConfigError(f"data.reads_in_flight must be at least 1, got {self.reads_in_flight}")
+        if self.cache_max_gb <= 0:
+            raise ConfigError(f"data.cache_max_gb must be positive, got {self.cache_max_gb}")
         if self.shuffle_buffer < 1:
             raise ConfigError(f"data.shuffle_buffer must be at least 1, got {self.shuffle_buffer}")

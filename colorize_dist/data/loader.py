@@ -32,11 +32,12 @@ import torch
 
 from colorize_dist.color import rgb_to_l_ab
 from colorize_dist.data import failure
+from colorize_dist.data.cache import ShardCache
 from colorize_dist.data.config import DataConfig
 from colorize_dist.data.manifest import SPLITS, ManifestError, MissingShardsError, list_shards
 from colorize_dist.data.reading import BatchReading, EncodedBatch
 from colorize_dist.data.sharding import Layout, MicroSlots, SplitSamples
-from colorize_dist.data.store import open_store
+from colorize_dist.data.store import RemoteStore, open_store
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +185,8 @@ def build_loader(cfg: DataConfig, split: str, *, batch_size: int, global_batch: 
         layout = Layout(global_batch or batch_size * world_size, batch_size, rank, world_size)
         store = open_store(cfg.shards, connections=cfg.reads_in_flight)
         samples = SplitSamples(tuple(list_shards(store, split)))  # an empty split: one line
+        if cfg.cache_dir is not None and isinstance(store, RemoteStore):
+            store.cache = ShardCache(cfg.cache_dir, samples.shards, max_bytes=int(cfg.cache_max_gb * 2**30))
         reading = BatchReading(samples, store, resolution=cfg.resolution,
                                seed=seed if augment else None, window=cfg.shuffle_buffer,
                                crop_scale=tuple(cfg.crop_scale), flip=cfg.flip)

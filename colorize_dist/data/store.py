@@ -23,8 +23,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
+
+if TYPE_CHECKING:
+    from colorize_dist.data.cache import ShardCache
 
 MAX_OPEN_FILES = 64  # local shards kept open per store (a rank of a large set touches thousands)
 RETRIES = 6  # attempts after the first, per remote read
@@ -118,6 +121,7 @@ class RemoteStore:
         self.connections = connections
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self.cache: ShardCache | None = None  # see `data.cache`
 
     def map(self, read: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
         """`read` of each item, in order, up to `connections` at once (all the store's callers together): the
@@ -147,7 +151,10 @@ class RemoteStore:
         return data.decode()
 
     def read(self, path: Path, offset: int, length: int) -> bytes:
-        """`length` bytes from `offset`; fewer only where the file ends (a short answer is retried, not returned)."""
+        """`length` bytes from `offset`; fewer only where the file ends (a short answer is retried, not returned).
+        From the node's cached copy of the file where it has one."""
+        if self.cache is not None and (data := self.cache.read(path, offset, length, self)) is not None:
+            return data
         data = self._retried(path, f"GET bytes {offset}-{offset + length - 1}",
                              lambda: self._get(self._url(path), (offset, length)))
         if data is None:
@@ -170,6 +177,8 @@ class RemoteStore:
                 wait = min(2 * wait, RETRY_MAX_WAIT_S)
 
     def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
         with self._pool_lock:
             if self._pool is not None:
                 self._pool.shutdown(wait=False, cancel_futures=True)
@@ -191,6 +200,18 @@ class HttpStore(RemoteStore):
         super().__init__(urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])), connections=connections)
         self.pool = urllib3.PoolManager(maxsize=connections, retries=False,
                                         timeout=urllib3.Timeout(connect=TIMEOUT_S, read=TIMEOUT_S))
+
+    def chunks(self, path: Path, size: int) -> Iterator[bytes]:
+        """The whole file, `size` bytes at a time (one GET, not retried: the node cache's download)."""
+        response = self.pool.request("GET", self._url(path), headers=self.headers, preload_content=False)
+        try:
+            if response.status != 200:
+                raise OSError(f"HTTP {response.status} {response.reason}")
+            yield from response.stream(size)
+        except BaseException:  # a fault or a stop: the rest of the body is not read, so the connection is not reused
+            response.close()
+            raise
+        response.release_conn()
 
     def _size(self, url: str) -> int | None:
         response = self._request("HEAD", url, {})
@@ -254,6 +275,12 @@ class FsspecStore(RemoteStore):
 
     def _file(self, url: str) -> str:
         return f"{self.base.rstrip('/')}/{url[len(self.url):]}"
+
+    def chunks(self, path: Path, size: int) -> Iterator[bytes]:
+        """The whole file, `size` bytes at a time (the node cache's download)."""
+        with self.fs.open(self._file(self._url(path)), "rb") as file:
+            while chunk := file.read(size):
+                yield chunk
 
     def _size(self, url: str) -> int | None:
         try:

@@ -140,27 +140,31 @@ def test_an_open_store_names_files_without_credentials():
 
 @pytest.mark.slow
 def test_training_over_http_equals_training_from_disk_and_writes_no_credentials(served, tmp_path):
-    """4 steps from the shards on disk and from the same shards over HTTP (with credentials in the URL): the
-    same generator and discriminator, and no file or log line of the run holds the password."""
+    """4 steps from the shards on disk, from the same shards over HTTP (with credentials in the URL), and over HTTP
+    through the node cache (data.cache_dir): the same generator and discriminator, and no file or log line of the
+    run holds the password."""
     server, root = served
     url = server.url.replace("://", "://reader:s3cret@") + "good/"
     runs = {}
-    for name, shards in (("disk", root / "good"), ("http", url)):
+    for name, shards, cache in (("disk", root / "good", {}), ("http", url, {}),
+                                ("cached", url, {"data.cache_dir": str(tmp_path / "cache")})):
         runs[name] = tmp_path / name
         result = train_once(runs[name], tiny_overrides(shards, **{"train.max_steps": 4, "train.validate_every": 4,
-                                                                   "train.sample_every": 4}), timeout=300)
+                                                                   "train.sample_every": 4, **cache}), timeout=300)
         assert result.returncode == 0, result.stderr
         assert "s3cret" not in result.stdout + result.stderr
     weights = sorted(path.relative_to(runs["disk"]) for path in runs["disk"].rglob("*.safetensors"))
-    assert weights == sorted(path.relative_to(runs["http"]) for path in runs["http"].rglob("*.safetensors"))
     assert Path("export/generator_final.safetensors") in weights and len(weights) > 2  # and the checkpoint's
-    for relative in weights:
-        disk, http = (load_file(runs[name] / relative) for name in ("disk", "http"))
-        assert disk.keys() == http.keys()
-        for key in disk:
-            assert torch.equal(disk[key], http[key]), f"{relative}: {key}"
-    written = [path for path in runs["http"].rglob("*") if path.is_file()]
-    assert not [path for path in written if b"s3cret" in path.read_bytes()]
+    for name in ("http", "cached"):
+        assert weights == sorted(path.relative_to(runs[name]) for path in runs[name].rglob("*.safetensors"))
+        for relative in weights:
+            disk, http = load_file(runs["disk"] / relative), load_file(runs[name] / relative)
+            assert disk.keys() == http.keys()
+            for key in disk:
+                assert torch.equal(disk[key], http[key]), f"{name} {relative}: {key}"
+        written = [path for path in runs[name].rglob("*") if path.is_file()]
+        assert not [path for path in written if b"s3cret" in path.read_bytes()]
+    assert list((tmp_path / "cache").glob("*.tar"))  # the cached run filled the cache
     assert f"shards: http://***@127.0.0.1:{server.port}/good/" in (runs["http"] / "config.yaml").read_text()
 
 

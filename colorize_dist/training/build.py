@@ -46,7 +46,7 @@ from colorize_dist.training.profile import ProfileWindow
 from colorize_dist.training.resume import check_resume, find_resume, load_resume
 from colorize_dist.training.summary import Clock, device_name
 from colorize_dist.training.telemetry import Telemetry
-from colorize_dist.training.update import Update
+from colorize_dist.training.update import SkippedSteps, Update
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class State:
     discriminator_loss: DiscriminatorLoss
     ema: EMA
     progress: Progress
+    skipped: SkippedSteps  # steps with a skipped update, tallied on the device
     total_steps: int
     memory_format: torch.memory_format
     batches: Iterator[Batch]
@@ -114,7 +115,7 @@ def setup(accelerator: Accelerator, cfg: Config, run_dir: Path, resume: str) -> 
     check_inputs(cfg, loader, val_loader, device)
 
     # Losses first: a perceptual loss without VGG weights fails here, not an hour in.
-    generator_loss = GeneratorLoss(cfg.loss, cfg.model.generator.color_space).to(device)
+    generator_loss = GeneratorLoss(cfg.loss, cfg.model.generator.color_space, half_precision(accelerator)).to(device)
     discriminator_loss = DiscriminatorLoss(cfg.loss)
 
     # Networks: the same initial weights on every rank (seeded, or train.init_generator's), then wrapped by
@@ -169,7 +170,8 @@ def setup(accelerator: Accelerator, cfg: Config, run_dir: Path, resume: str) -> 
         bare_discriminator=(accelerator.unwrap_model(discriminator, keep_torch_compile=False)
                             if discriminator is not None else None),
         generator_update=generator_update, discriminator_update=discriminator_update, generator_loss=generator_loss,
-        discriminator_loss=discriminator_loss, ema=ema, progress=progress, total_steps=total_steps,
+        discriminator_loss=discriminator_loss, ema=ema, progress=progress,
+        skipped=SkippedSteps(device, progress.nonfinite_in_a_row), total_steps=total_steps,
         memory_format=memory_format, batches=clock.wait(endless(loader, progress.epoch, progress.sample)),
         clock=clock, telemetry=watched, done=progress.step >= total_steps,
         divergence=DivergenceWatch(cfg.optim.lr, cfg.train.pretrain_steps if cfg.adversarial else 0),
@@ -272,8 +274,13 @@ def input_dtype(accelerator: Accelerator) -> torch.dtype:
     """What the networks take in: DeepSpeed's fp16/bf16 engines hold half-precision weights and do not cast
     inputs; elsewhere autocast does, and inputs stay float32."""
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+        return half_precision(accelerator) or torch.float32
     return torch.float32
+
+
+def half_precision(accelerator: Accelerator) -> torch.dtype | None:
+    """The run's fp16 or bf16 as a dtype; None: fp32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
 
 
 def prepare_network(accelerator: Accelerator, name: str, model: nn.Module, cfg: Config, lr: float,
@@ -286,12 +293,13 @@ def prepare_network(accelerator: Accelerator, name: str, model: nn.Module, cfg: 
     broadcast buffers (a BatchNorm's running statistics) from rank 0 in each forward: that in-place write would
     invalidate the first pass's graph. D is never evaluated, so each rank's running statistics go unused;
     normalisation in training uses each rank's micro-batch statistics, as DDP does without SyncBatchNorm.
-    fp16 without DeepSpeed: the network gets its own GradScaler (checkpointed by the loop).
+    fp16 without DeepSpeed: the network gets its own GradScaler (checkpointed by the loop). Without DeepSpeed, Adam
+    is the fused one: it takes the skip decision on the device (update.py); DeepSpeed's engines step it themselves.
     """
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=tuple(cfg.optim.betas),
-                                 weight_decay=cfg.optim.weight_decay)
-    scheduler = build_schedule(optimizer, cfg.optim, total_steps)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=tuple(cfg.optim.betas),
+                                 weight_decay=cfg.optim.weight_decay, fused=not deepspeed)
+    scheduler = build_schedule(optimizer, cfg.optim, total_steps)
     if deepspeed:
         accelerator.state.select_deepspeed_plugin(name)
         accelerator.deepspeed_plugin.deepspeed_config.update(

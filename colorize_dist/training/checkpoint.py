@@ -41,7 +41,7 @@ class Progress:
     The data position is counted in samples of the epoch, not in batches, so a run resumes at the same sample on
     any number of processes and with any split of the global batch into micro-batches."""
 
-    step: int = 0  # optimizer steps taken: steps whose generator update was applied
+    step: int = 0  # optimizer steps taken, those whose updates were skipped for NaN/inf included
     epoch: int = 0  # the epoch the next step reads from
     sample: int = 0  # samples of that epoch read so far (by all ranks): where the next global batch starts
     images_seen: int = 0  # samples read in all (skipped steps' included), padding copies not

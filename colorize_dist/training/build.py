@@ -18,7 +18,7 @@ from torch import nn
 from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 from tqdm import tqdm
 
-from colorize_dist import devices
+from colorize_dist import collectives, devices
 from colorize_dist.config import ConfigError, save_config
 from colorize_dist.data import synth
 from colorize_dist.data.loader import Batch, ColorLoader, build_loader, dali_available, first_batch
@@ -215,10 +215,11 @@ def build_accelerator(cfg: Config, run_dir: Path, cpu: bool = False) -> Accelera
 
     Under `accelerate launch` with a DeepSpeed config, each network gets its own DeepSpeed plugin (zero stage
     and offload from the launcher), so that each becomes its own engine; clipping and accumulation come from
-    our config, never from DeepSpeed's "auto". train.collective_timeout_s bounds every collective; a gloo job that
-    spans nodes gets the interface towards MASTER_ADDR unless GLOO_SOCKET_IFNAME is set (peers.py). The node is
-    checked first (devices.py): a job given GPUs trains on one, each rank on its own, or ends in one line; `cpu`
-    trains on the CPU even so.
+    our config, never from DeepSpeed's "auto". train.collective_timeout_s bounds every collective. Every job has a
+    gloo group (the main one, or the control group beside NCCL: collectives.py); one that spans nodes gets the
+    interface towards MASTER_ADDR unless GLOO_SOCKET_IFNAME is set (peers.py). The node is checked first
+    (devices.py): a job given GPUs trains on one, each rank on its own, or ends in one line; `cpu` trains on the
+    CPU even so.
     """
     uses_dali = cfg.data.backend == "dali" or (cfg.data.backend == "auto" and dali_available())
     devices.check_node(cpu=cpu, uses_dali=uses_dali)
@@ -231,8 +232,7 @@ def build_accelerator(cfg: Config, run_dir: Path, cpu: bool = False) -> Accelera
         }
         if not torch.cuda.is_available():  # Accelerate finds no backend for DeepSpeed on CPU; DeepSpeed's is gloo
             backend = "gloo"
-    if cpu or not torch.cuda.is_available() or str_to_bool(os.environ.get("ACCELERATE_USE_CPU", "false")):
-        peers.choose_gloo_interface()  # ConfigError (one line) when no interface reaches MASTER_ADDR
+    peers.choose_gloo_interface()  # ConfigError (one line) when no interface reaches MASTER_ADDR
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=MIXED_PRECISION.get(cfg.train.mixed_precision),
@@ -246,6 +246,7 @@ def build_accelerator(cfg: Config, run_dir: Path, cpu: bool = False) -> Accelera
         step_scheduler_with_optimizer=False,
     )
     check_backend(accelerator)
+    collectives.open_control_group(timedelta(seconds=cfg.train.collective_timeout_s))
     return accelerator
 
 

@@ -156,18 +156,20 @@ def after_step(state: State, micro_batches: list[MicroBatch], outcome: StepOutco
     state.ema.update(state.bare_generator)
     state.bar.update()
     state.done = progress.step >= state.total_steps
-    if progress.step % cfg.train.log_every == 0 or progress.step % cfg.train.checkpoint_every == 0 or state.done:
-        count_skipped(state)
 
     state.telemetry.tick()
     if state.profile is not None:
         state.profile.step(progress.step)
 
     # Logging steps also decide, on every rank alike, whether to stop early: a signal, a dead launcher, or
-    # train.max_time spent (one all-gather every train.log_every steps, which bounds the reaction time).
+    # train.max_time spent (one all-gather every train.log_every steps, which bounds the reaction time). The
+    # decision comes first, on the control group: where a peer is lost it fails at once, before anything waits for
+    # the device (behind a gradient reduction that the lost peer never joins).
     if progress.step % cfg.train.log_every == 0:
         state.stopped = log_interval(state, outcome)
         state.divergence.losses(progress.step, outcome.logs)  # DivergedError: the losses exploded
+    elif progress.step % cfg.train.checkpoint_every == 0 or state.done:
+        count_skipped(state)
     if progress.step % cfg.train.sample_every == 0 and accelerator.is_main_process:
         write_samples(accelerator, state.ema.model, state.sample_batch, cfg.model.generator.color_space,
                       state.run_dir / "samples", progress.step)
@@ -253,6 +255,7 @@ def log_interval(state: State, outcome: StepOutcome) -> str | None:
     (requested, lost, over_time), record = state.telemetry.interval(
         rates, images, [stop_requested(), launcher_lost(), over_time],
         adversarial=cfg.adversarial and progress.step > cfg.train.pretrain_steps)
+    count_skipped(state)  # the first read of the device, after the decision
     losses = {key: float(value) for key, value in outcome.logs.items() if value is not None}
     record = {"kind": "interval", "step": progress.step, "wall_s": round(state.clock.total(), 3), **record,
               "data_wait": rates["data_wait"], **losses,  # rank 0's share of time waiting (studies read it)

@@ -233,17 +233,23 @@ class GeneratorLoss(nn.Module):
 
 
 class DiscriminatorLoss:
-    """The adversarial term on real and (detached) fake colour, plus gp_weight × penalty for WGAN-GP."""
+    """The adversarial term on real and (detached) fake colour, plus gp_weight × penalty for WGAN-GP.
+
+    The penalty's own backward runs inside the step's forward: it goes through `bare` (D without its DDP or
+    DeepSpeed wrapper), as a DeepSpeed engine's backward hooks would reduce ZeRO's gradient buckets inside it. Its
+    gradients reach D's weights in the step's backward, with the others, so DDP and ZeRO reduce them as usual.
+    """
 
     def __init__(self, cfg: LossConfig):
         self.gan = GANLoss(cfg.adversarial)
         self.gp_weight = cfg.gp_weight if cfg.adversarial == "wgan-gp" else 0.0
 
     def __call__(self, discriminator: Callable[[torch.Tensor, torch.Tensor], Logits], l: torch.Tensor,
-                 real: torch.Tensor, fake: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                 real: torch.Tensor, fake: torch.Tensor, mask: torch.Tensor | None = None,
+                 bare: Callable[[torch.Tensor, torch.Tensor], Logits] | None = None) -> dict[str, torch.Tensor]:
         fake = fake.detach()
         terms = {"adversarial": self.gan.discriminator_loss(discriminator(l, real), discriminator(l, fake), mask)}
         if self.gp_weight > 0:
-            terms["gradient_penalty"] = gradient_penalty(discriminator, l, real, fake, mask)
+            terms["gradient_penalty"] = gradient_penalty(bare or discriminator, l, real, fake, mask)
         terms["total"] = terms["adversarial"] + self.gp_weight * terms.get("gradient_penalty", 0.0)
         return terms

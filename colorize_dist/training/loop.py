@@ -117,7 +117,8 @@ def gan_step(state: State, micro_batches: list[MicroBatch]) -> StepOutcome:
                     else:
                         with torch.no_grad():
                             fake = state.bare_generator(micro.l)
-                    d_terms = state.discriminator_loss(state.discriminator, micro.l, micro.ab, fake, micro.mask)
+                    d_terms = state.discriminator_loss(state.discriminator, micro.l, micro.ab, fake, micro.mask,
+                                                      bare=discriminator)
                 d_update.backward(d_terms["total"] * micro.weight)
             add_logs(logs, "loss/d_", d_terms, len(micro_batches))
         d_outcome = d_update.step()

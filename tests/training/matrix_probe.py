@@ -114,8 +114,9 @@ def run_cell(out: Path, shards: str, cell: str) -> None:
                for prefix, module in (("g", result.generator), ("d", result.discriminator), ("ema", result.ema))
                for key, tensor in module.state_dict().items()}
     save_file(weights, out / name / f"weights-rank{rank}.safetensors")
+    compiled = {"graphs": graphs} if cfg.train.compile else {}
     (out / name / f"result-rank{rank}.json").write_text(json.dumps({"step": result.step, "finished": result.finished,
-                                                                   "graphs": graphs}))
+                                                                   **compiled}))
     AcceleratorState._reset_state(reset_partial_state=False)  # the next cell builds its own Accelerator
     GradientState._reset_state()
 

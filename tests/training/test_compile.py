@@ -1,4 +1,6 @@
-"""train.compile=true on two processes (DDP, gloo) with every adversarial loss, grad_accum 2 and an epoch's end.
+"""train.compile=true on two processes (DDP, gloo) with every adversarial loss, grad_accum 2 and an epoch's end;
+and WGAN-GP under DeepSpeed ZeRO-2 (whose engine's backward hooks broke the penalty's double backward, compiled or
+not, until the penalty went through the bare discriminator).
 
 One launch trains each loss compiled and eagerly (tests/training/matrix_probe.py; the networks compile once, the
 losses stay eager, so the later cells reuse the first one's kernels). The epoch's last step (1 sample and 31
@@ -24,12 +26,13 @@ STEPS = 3
 TOLERANCE = 1e-5
 
 
-def compile_cell(loss: str, compiled: bool, shards: Path) -> str:
+def compile_cell(loss: str, compiled: bool, shards: Path, zero: int | None = None) -> str:
     overrides = tiny_overrides(shards, **{
         "train.batch_size": 32, "train.grad_accum": 2, "train.max_steps": STEPS, "train.pretrain_steps": 1,
         "loss.adversarial": loss, "train.compile": compiled, "train.trackers": "[]",
         "train.validate_every": 1000, "train.sample_every": 1000, "train.checkpoint_every": 1000})
-    name = f"{loss}-{'compiled' if compiled else 'eager'}"
+    name = f"{'' if zero is None else f'zero{zero}-'}{loss}-{'compiled' if compiled else 'eager'}"
+    overrides += [] if zero is None else [f"zero={zero}"]
     return f"{name}:" + ",".join(item for item in overrides if not item.startswith("data.shards="))
 
 
@@ -37,13 +40,16 @@ def compile_cell(loss: str, compiled: bool, shards: Path) -> str:
 def runs(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("compile")
     cells = [compile_cell(loss, compiled, shards) for loss in ADVERSARIAL_LOSSES for compiled in (True, False)]
-    launched = launch_script("cpu_2proc.yaml", [str(MATRIX_PROBE), str(out), str(shards), *cells], timeout=1200)
-    assert launched.returncode == 0, launched.stderr[-6000:]
+    deepspeed = [compile_cell("wgan-gp", compiled, shards, zero=2) for compiled in (True, False)]
+    for accelerate_config, launched_cells in (("cpu_2proc.yaml", cells), ("deepspeed_cpu_2proc.yaml", deepspeed)):
+        launched = launch_script(accelerate_config, [str(MATRIX_PROBE), str(out), str(shards), *launched_cells],
+                                 timeout=1200)
+        assert launched.returncode == 0, launched.stderr[-6000:]
     return out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", list(ADVERSARIAL_LOSSES))
+@pytest.mark.parametrize("loss", [*ADVERSARIAL_LOSSES, "zero2-wgan-gp"])
 def test_compiled_training_equals_eager_on_two_processes(runs: Path, loss: str) -> None:
     compiled, eager = f"{loss}-compiled", f"{loss}-eager"
     for name in (compiled, eager):

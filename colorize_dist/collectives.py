@@ -12,13 +12,14 @@ Where they run, in the order of a training run (all EVERY RANK):
 - training/peers.py `reporting_lost_peers`: `all_gather_objects` of each rank's address, once at the start;
 - training/rundir.py, training/resume.py: `broadcast_from_rank0` of rank 0's decision (lock, resume point,
   conversion problem), so that every rank raises alike;
+- training/build.py `build_accelerator`: `open_control_group`, once;
 - training/telemetry.py: `all_gather_objects` of each rank's host name, once at the start;
-- training/loop.py `log_interval`, every train.log_every steps: `all_gather_rows` of each rank's stop flags (stop
-  signal, dead launcher, time) and its figures of the interval (training/telemetry.py);
+- training/loop.py `log_interval`, every train.log_every steps: `all_gather_rows` (on the control group) of each
+  rank's stop flags (stop signal, dead launcher, time) and its figures of the interval (training/telemetry.py);
   training/divergence.py `DivergenceWatch.losses`, on the same steps: `mean_over_ranks_` of the loss magnitude;
 - training/ema.py: `mean_over_ranks_` of floating-point buffers, every step (only for norms that have them);
 - training/milestones.py: `any_rank` of NaN weights before each step checkpoint; training/checkpoint.py:
-  `any_rank` of a failed write, twice per checkpoint;
+  `agree` on a failed write, twice per checkpoint;
 - eval/metrics.py `compute_metrics`, at each validation: `sum_over_ranks`, `gather_to_rank0`,
   `broadcast_from_rank0` of FID/KID/IS;
 - training/summary.py `write_summary`: `max_over_ranks` of peak memory, once at the end;
@@ -29,6 +30,11 @@ resume.py, build.py `synthetic_shards`, eval/evaluate.py).
 
 data/failure.py reaches the job's c10d store through `store_client` (LOCAL: a client of the store, no
 collective), so that a rank's data error reaches the others while they wait in a collective.
+
+Control decisions (`agree`: stop, a failed checkpoint write) travel on a CPU (gloo) group beside an NCCL one. When
+a peer is lost, an NCCL collective waits until NCCL's watchdog aborts the process (train.collective_timeout_s),
+before any line of ours; gloo sees the peer's closed connection and raises at once, so the one-line lost-rank
+report of training/peers.py is printed. Under gloo the control group is the main group.
 """
 
 from __future__ import annotations
@@ -63,6 +69,30 @@ def is_collective_error(exc: BaseException) -> bool:
 def store_client(host: str, port: int, timeout: datetime.timedelta) -> dist.TCPStore:
     """LOCAL: a new client of the job's c10d store (RuntimeError, ValueError or OSError when it cannot connect)."""
     return dist.TCPStore(host, port, is_master=False, wait_for_workers=False, timeout=timeout)
+
+
+_control_groups: dict[int, Any] = {}  # id of the main group → its control group (gloo), where it is not gloo
+
+
+def open_control_group(timeout: datetime.timedelta) -> None:
+    """EVERY RANK, once, before the first step: the CPU (gloo) group of `agree`, beside a main group that is not
+    gloo (NCCL); under gloo, or without a process group, nothing."""
+    if is_distributed() and dist.get_backend() != "gloo":
+        _control_groups[id(dist.group.WORLD)] = dist.new_group(backend="gloo", timeout=timeout)
+
+
+def control_group() -> Any:
+    """LOCAL: the group `agree` uses: the gloo group beside an NCCL one, else the main group (None)."""
+    return _control_groups.get(id(dist.group.WORLD)) if is_distributed() else None
+
+
+def agree(*flags: bool) -> list[bool]:
+    """EVERY RANK: each host flag OR-ed over all ranks on the control group (CPU, gloo; see the module's docstring),
+    for the run's control decisions."""
+    values = torch.tensor([bool(flag) for flag in flags], dtype=torch.int32)
+    if is_distributed():
+        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=control_group())
+    return [bool(value) for value in values.tolist()]
 
 
 def any_rank(*flags: bool | torch.Tensor, device: torch.device) -> list[bool]:
@@ -134,13 +164,14 @@ def broadcast_from_rank0(values: list[Any]) -> list[Any]:
     return values
 
 
-def all_gather_rows(values: list[float], device: torch.device) -> list[list[float]]:
-    """EVERY RANK: every rank's `values` (float64, the same length on each), in rank order, on every rank."""
-    row = torch.tensor(values, dtype=torch.float64, device=device)
+def all_gather_rows(values: list[float]) -> list[list[float]]:
+    """EVERY RANK: every rank's host `values` (float64, the same length on each), in rank order, on every rank; on
+    the control group, as they carry the stop decision."""
+    row = torch.tensor(values, dtype=torch.float64)
     if not is_distributed():
         return [row.tolist()]
     rows = [torch.empty_like(row) for _ in range(world_size())]
-    dist.all_gather(rows, row)
+    dist.all_gather(rows, row, group=control_group())
     return torch.stack(rows).tolist()
 
 
@@ -158,4 +189,5 @@ def leave() -> None:
     (NCCL warns of a leak otherwise)."""
     if is_distributed():
         dist.barrier()
+        _control_groups.pop(id(dist.group.WORLD), None)
         dist.destroy_process_group()

@@ -4,9 +4,11 @@ every rank the same answer (two gloo ranks)."""
 from __future__ import annotations
 
 import ast
+import datetime
 import multiprocessing
 import traceback
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -64,6 +66,7 @@ def test_one_process_communicates_nothing() -> None:
     assert not collectives.is_distributed()
     assert (collectives.rank(), collectives.world_size()) == (0, 1)
     assert collectives.any_rank(False, torch.tensor(True), device=cpu) == [False, True]
+    assert collectives.agree(False, True) == [False, True]
     assert collectives.max_over_ranks(2.5, cpu) == 2.5
     rows = torch.arange(6.0).reshape(3, 2)
     assert collectives.gather_to_rank0(rows) is rows
@@ -82,6 +85,7 @@ def _rank_results(rank: int) -> dict:
     return {
         "rank": collectives.rank(), "world_size": collectives.world_size(),
         "any": collectives.any_rank(rank == 1, torch.tensor(False), device=cpu),
+        "agree": collectives.agree(rank == 1, False),
         "max": collectives.max_over_ranks(float(rank), cpu),
         "sums": {name: value.tolist() for name, value in sums.items()},
         "mean": [buffer.tolist() for buffer in buffers],
@@ -91,10 +95,31 @@ def _rank_results(rank: int) -> dict:
     }
 
 
+def _control_results() -> dict:
+    """The control group: under gloo, the main group itself; beside a main group of another backend (NCCL, which
+    this machine lacks: only `get_backend`'s answer is played), a gloo group of its own that `agree` uses."""
+    collectives.open_control_group(datetime.timedelta(seconds=60))
+    under_gloo = collectives.control_group()
+    with mock.patch.object(dist, "get_backend", lambda group=None: "nccl" if group is None else "gloo"):
+        collectives.open_control_group(datetime.timedelta(seconds=60))
+    control = collectives.control_group()
+    used = []
+    all_reduce = dist.all_reduce
+
+    def recorded(tensor, *args, group=None, **kwargs):
+        used.append(group)
+        return all_reduce(tensor, *args, group=group, **kwargs)
+
+    with mock.patch.object(dist, "all_reduce", recorded):
+        flags = collectives.agree(collectives.rank() == 0, False)
+    return {"under_gloo": under_gloo is None, "control": dist.get_backend(control), "separate": control is not None,
+            "used": used == [control], "control_agree": flags}
+
+
 def _run_rank(rank: int, init_file: str, results: multiprocessing.Queue) -> None:
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
-        results.put((rank, _rank_results(rank)))
+        results.put((rank, _rank_results(rank) | _control_results()))
         collectives.leave()
         results.put((rank, {"left": not collectives.is_distributed()}))
     except Exception:
@@ -121,7 +146,9 @@ def test_each_collective_gives_every_rank_the_same_answer(tmp_path: Path) -> Non
                 process.kill()
     for rank, answer in answers.items():
         assert (answer["rank"], answer["world_size"]) == (rank, WORLD_SIZE)
-        assert answer["any"] == [True, False]
+        assert answer["any"] == answer["agree"] == [True, False]
+        assert answer["under_gloo"] and answer["separate"] and answer["control"] == "gloo" and answer["used"]
+        assert answer["control_agree"] == [True, False]
         assert answer["max"] == 1.0
         assert answer["sums"] == {"a": [2.0, 1.0], "b": [[3.0]]}
         assert answer["mean"] == [[0.5, 0.5], [[5.0]]]

@@ -33,10 +33,12 @@ with published ones, and below 2,048 (the feature dimension) the covariance is s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import math
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -158,8 +160,24 @@ def resize_for_inception(rgb: torch.Tensor) -> torch.Tensor:
 
 def inception_outputs(inception: FIDInception, rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(pool features (N, 2048), unbiased logits (N, 1008)), float32, of RGB (N, 3, H, W) in [0, 1]."""
-    with torch.no_grad():
+    with torch.no_grad(), ieee_fp32(), torch.autocast(rgb.device.type, enabled=False):
         return inception(resize_for_inception(rgb))
+
+
+@contextlib.contextmanager
+def ieee_fp32() -> Iterator[None]:
+    """Convolutions and matrix products in full fp32, without TF32 (cuDNN's default for convolutions, and
+    torch's for products where a run enables it): a GPU's features then equal a CPU's up to the order of sums,
+    as reference statistics computed on either assume."""
+    backends = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+    before = [backend.fp32_precision for backend in backends]
+    for backend in backends:
+        backend.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for backend, precision in zip(backends, before, strict=True):
+            backend.fp32_precision = precision
 
 
 def inception_features(inception: FIDInception, rgb: torch.Tensor) -> torch.Tensor:

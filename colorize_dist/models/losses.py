@@ -2,10 +2,15 @@
 
 Discriminator outputs may be one tensor of patch logits or a list of them (multi-scale); every adversarial
 term averages over patches, then over scales, so θ means the same whatever `num_scales` is.
+
+Every term is a mean over the batch's real samples: `mask` (B,) marks them with 1 and the padding copies that fill
+an epoch's last global batch with 0, so that every micro-batch keeps its shape (a compiled network sees one shape
+on every rank and never recompiles at an epoch's end). None: every sample is real.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +26,9 @@ from colorize_dist.models.spaces import to_rgb
 
 Logits = torch.Tensor | list[torch.Tensor]
 
-RECONSTRUCTION_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "l1": F.l1_loss,
-    "l2": F.mse_loss,
+RECONSTRUCTION_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {  # per element
+    "l1": lambda pred, target: (pred - target).abs(),
+    "l2": lambda pred, target: (pred - target).square(),
 }
 
 # Index of each ReLU in torchvision's vgg16().features.
@@ -36,6 +41,15 @@ VGG16_LAYERS: dict[str, int] = {
 }
 VGG16_FILENAME = "vgg16-397923af.pth"  # torchvision's name for the ImageNet weights
 VGG16_URL = f"https://download.pytorch.org/models/{VGG16_FILENAME}"
+
+
+def batch_mean(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean of `values` (B, ...) over each sample, then over the samples that `mask` marks real (on the
+    device: no host sync); a batch of padding only gives 0."""
+    per_sample = values.float().reshape(len(values), -1).mean(1)
+    if mask is None:
+        return per_sample.mean()
+    return (per_sample * mask).sum() / mask.sum().clamp(min=1)
 
 
 def vgg16_weights_path(path: str | Path | None = None) -> Path:
@@ -65,23 +79,28 @@ class PerceptualLoss(nn.Module):
     """Mean L1 distance between VGG16 activations of the predicted and the target colour image.
 
     Both are converted to RGB with the project's differentiable Lab→RGB (or taken as RGB for the "rgb"
-    colour space), then ImageNet-normalised as VGG expects.
+    colour space), then ImageNet-normalised as VGG expects. VGG runs in `precision` (the run's fp16 or bf16) under
+    its own autocast: on every backend alike, DeepSpeed's included, where Accelerate's autocast does nothing.
+    None: whatever autocast is active, if any.
     """
 
-    def __init__(self, layers: list[str], color_space: str = "ab", weights: str | Path | None = None):
+    def __init__(self, layers: list[str], color_space: str = "ab", weights: str | Path | None = None,
+                 precision: torch.dtype | None = None):
         super().__init__()
-        self.color_space = color_space
+        self.color_space, self.precision = color_space, precision
         self.taps = sorted(VGG16_LAYERS[name] for name in layers)
         self.vgg = load_vgg16_features(weights, self.taps[-1] + 1)
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, l: torch.Tensor, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            target_features = self._features(l, target)
-        pred_features = self._features(l, pred)
+    def forward(self, l: torch.Tensor, pred: torch.Tensor, target: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        with contextlib.nullcontext() if self.precision is None else torch.autocast(l.device.type, self.precision):
+            with torch.no_grad():
+                target_features = self._features(l, target)
+            pred_features = self._features(l, pred)
         pairs = zip(pred_features, target_features, strict=True)
-        return torch.stack([F.l1_loss(p.float(), t.float()) for p, t in pairs]).mean()
+        return torch.stack([batch_mean((p.float() - t.float()).abs(), mask) for p, t in pairs]).mean()
 
     def _features(self, l: torch.Tensor, color: torch.Tensor) -> list[torch.Tensor]:
         x = (to_rgb(l, color, self.color_space) - self.mean) / self.std
@@ -154,28 +173,31 @@ class GANLoss:
         self.mode = mode
         self._terms = ADVERSARIAL_LOSSES[mode]
 
-    def discriminator_loss(self, real_logits: Logits, fake_logits: Logits) -> torch.Tensor:
-        return _mean(self._terms.real, real_logits) + _mean(self._terms.fake, fake_logits)
+    def discriminator_loss(self, real_logits: Logits, fake_logits: Logits,
+                           mask: torch.Tensor | None = None) -> torch.Tensor:
+        return _mean(self._terms.real, real_logits, mask) + _mean(self._terms.fake, fake_logits, mask)
 
-    def generator_loss(self, fake_logits: Logits) -> torch.Tensor:
-        return _mean(self._terms.generator, fake_logits)
+    def generator_loss(self, fake_logits: Logits, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return _mean(self._terms.generator, fake_logits, mask)
 
 
-def _mean(term: Callable[[torch.Tensor], torch.Tensor], logits: Logits) -> torch.Tensor:
-    return torch.stack([term(x).mean() for x in _scales(logits)]).mean()
+def _mean(term: Callable[[torch.Tensor], torch.Tensor], logits: Logits, mask: torch.Tensor | None) -> torch.Tensor:
+    return torch.stack([batch_mean(term(x), mask) for x in _scales(logits)]).mean()
 
 
 def gradient_penalty(discriminator: Callable[[torch.Tensor, torch.Tensor], Logits], l: torch.Tensor,
-                     real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+                     real: torch.Tensor, fake: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """WGAN-GP (Gulrajani et al. 2017): E[(‖∇ₓ D(l, x)‖₂ − 1)²] at random points between real and fake colour.
 
     The critic is conditioned on L, so the gradient is taken w.r.t. the colour input only; D's score per
     sample is `critic_score`. Zero exactly when D is 1-Lipschitz with unit gradient along the samples.
+    A compiled D runs eagerly here: torch.compile's backward (aot_autograd) has no double backward.
     """
     alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device, dtype=real.dtype)
     mixed = (alpha * real.detach() + (1 - alpha) * fake.detach()).requires_grad_(True)
-    (grad,) = torch.autograd.grad(critic_score(discriminator(l, mixed)).sum(), mixed, create_graph=True)
-    return (grad.float().flatten(1).norm(dim=1) - 1).square().mean()
+    with torch.compiler.set_stance("force_eager"):
+        (grad,) = torch.autograd.grad(critic_score(discriminator(l, mixed)).sum(), mixed, create_graph=True)
+    return batch_mean((grad.float().flatten(1).norm(dim=1) - 1).square(), mask)
 
 
 class GeneratorLoss(nn.Module):
@@ -185,11 +207,11 @@ class GeneratorLoss(nn.Module):
     `fake_logits` the adversarial term is left out: the generator-only warm-up before the GAN phase.
     """
 
-    def __init__(self, cfg: LossConfig, color_space: str = "ab"):
+    def __init__(self, cfg: LossConfig, color_space: str = "ab", precision: torch.dtype | None = None):
         super().__init__()
         self.weights = {"reconstruction": cfg.alpha, "perceptual": cfg.beta, "adversarial": cfg.theta}
         self.reconstruction = RECONSTRUCTION_LOSSES[cfg.reconstruction]
-        self.perceptual = (PerceptualLoss(cfg.perceptual_layers, color_space, cfg.vgg_weights)
+        self.perceptual = (PerceptualLoss(cfg.perceptual_layers, color_space, cfg.vgg_weights, precision)
                            if cfg.beta > 0 else None)
         self.gan = GANLoss(cfg.adversarial)
 
@@ -197,31 +219,37 @@ class GeneratorLoss(nn.Module):
     def uses_discriminator(self) -> bool:
         return self.weights["adversarial"] > 0
 
-    def forward(self, l: torch.Tensor, fake: torch.Tensor, real: torch.Tensor,
-                fake_logits: Logits | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, l: torch.Tensor, fake: torch.Tensor, real: torch.Tensor, fake_logits: Logits | None = None,
+                mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if fake_logits is not None and not self.uses_discriminator:
             raise ValueError("discriminator logits given but loss.theta = 0: there is no adversarial term")
-        terms = {"reconstruction": self.reconstruction(fake.float(), real.float())}
+        terms = {"reconstruction": batch_mean(self.reconstruction(fake.float(), real.float()), mask)}
         if self.perceptual is not None:
-            terms["perceptual"] = self.perceptual(l, fake, real)
+            terms["perceptual"] = self.perceptual(l, fake, real, mask)
         if fake_logits is not None:
-            terms["adversarial"] = self.gan.generator_loss(fake_logits)
+            terms["adversarial"] = self.gan.generator_loss(fake_logits, mask)
         terms["total"] = sum(self.weights[name] * value for name, value in terms.items())
         return terms
 
 
 class DiscriminatorLoss:
-    """The adversarial term on real and (detached) fake colour, plus gp_weight × penalty for WGAN-GP."""
+    """The adversarial term on real and (detached) fake colour, plus gp_weight × penalty for WGAN-GP.
+
+    The penalty's own backward runs inside the step's forward: it goes through `bare` (D without its DDP or
+    DeepSpeed wrapper), as a DeepSpeed engine's backward hooks would reduce ZeRO's gradient buckets inside it. Its
+    gradients reach D's weights in the step's backward, with the others, so DDP and ZeRO reduce them as usual.
+    """
 
     def __init__(self, cfg: LossConfig):
         self.gan = GANLoss(cfg.adversarial)
         self.gp_weight = cfg.gp_weight if cfg.adversarial == "wgan-gp" else 0.0
 
     def __call__(self, discriminator: Callable[[torch.Tensor, torch.Tensor], Logits], l: torch.Tensor,
-                 real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
+                 real: torch.Tensor, fake: torch.Tensor, mask: torch.Tensor | None = None,
+                 bare: Callable[[torch.Tensor, torch.Tensor], Logits] | None = None) -> dict[str, torch.Tensor]:
         fake = fake.detach()
-        terms = {"adversarial": self.gan.discriminator_loss(discriminator(l, real), discriminator(l, fake))}
+        terms = {"adversarial": self.gan.discriminator_loss(discriminator(l, real), discriminator(l, fake), mask)}
         if self.gp_weight > 0:
-            terms["gradient_penalty"] = gradient_penalty(discriminator, l, real, fake)
+            terms["gradient_penalty"] = gradient_penalty(bare or discriminator, l, real, fake, mask)
         terms["total"] = terms["adversarial"] + self.gp_weight * terms.get("gradient_penalty", 0.0)
         return terms

@@ -18,7 +18,7 @@ from torch import nn
 from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 from tqdm import tqdm
 
-from colorize_dist import devices
+from colorize_dist import collectives, devices
 from colorize_dist.config import ConfigError, save_config
 from colorize_dist.data import synth
 from colorize_dist.data.loader import Batch, ColorLoader, build_loader, dali_available, first_batch
@@ -46,7 +46,7 @@ from colorize_dist.training.profile import ProfileWindow
 from colorize_dist.training.resume import check_resume, find_resume, load_resume
 from colorize_dist.training.summary import Clock, device_name
 from colorize_dist.training.telemetry import Telemetry
-from colorize_dist.training.update import Update
+from colorize_dist.training.update import SkippedSteps, Update
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class State:
     discriminator_loss: DiscriminatorLoss
     ema: EMA
     progress: Progress
+    skipped: SkippedSteps  # steps with a skipped update, tallied on the device
     total_steps: int
     memory_format: torch.memory_format
     batches: Iterator[Batch]
@@ -114,7 +115,7 @@ def setup(accelerator: Accelerator, cfg: Config, run_dir: Path, resume: str) -> 
     check_inputs(cfg, loader, val_loader, device)
 
     # Losses first: a perceptual loss without VGG weights fails here, not an hour in.
-    generator_loss = GeneratorLoss(cfg.loss, cfg.model.generator.color_space).to(device)
+    generator_loss = GeneratorLoss(cfg.loss, cfg.model.generator.color_space, half_precision(accelerator)).to(device)
     discriminator_loss = DiscriminatorLoss(cfg.loss)
 
     # Networks: the same initial weights on every rank (seeded, or train.init_generator's), then wrapped by
@@ -169,7 +170,8 @@ def setup(accelerator: Accelerator, cfg: Config, run_dir: Path, resume: str) -> 
         bare_discriminator=(accelerator.unwrap_model(discriminator, keep_torch_compile=False)
                             if discriminator is not None else None),
         generator_update=generator_update, discriminator_update=discriminator_update, generator_loss=generator_loss,
-        discriminator_loss=discriminator_loss, ema=ema, progress=progress, total_steps=total_steps,
+        discriminator_loss=discriminator_loss, ema=ema, progress=progress,
+        skipped=SkippedSteps(device, progress.nonfinite_in_a_row), total_steps=total_steps,
         memory_format=memory_format, batches=clock.wait(endless(loader, progress.epoch, progress.sample)),
         clock=clock, telemetry=watched, done=progress.step >= total_steps,
         divergence=DivergenceWatch(cfg.optim.lr, cfg.train.pretrain_steps if cfg.adversarial else 0),
@@ -213,10 +215,11 @@ def build_accelerator(cfg: Config, run_dir: Path, cpu: bool = False) -> Accelera
 
     Under `accelerate launch` with a DeepSpeed config, each network gets its own DeepSpeed plugin (zero stage
     and offload from the launcher), so that each becomes its own engine; clipping and accumulation come from
-    our config, never from DeepSpeed's "auto". train.collective_timeout_s bounds every collective; a gloo job that
-    spans nodes gets the interface towards MASTER_ADDR unless GLOO_SOCKET_IFNAME is set (peers.py). The node is
-    checked first (devices.py): a job given GPUs trains on one, each rank on its own, or ends in one line; `cpu`
-    trains on the CPU even so.
+    our config, never from DeepSpeed's "auto". train.collective_timeout_s bounds every collective. Every job has a
+    gloo group (the main one, or the control group beside NCCL: collectives.py); one that spans nodes gets the
+    interface towards MASTER_ADDR unless GLOO_SOCKET_IFNAME is set (peers.py). The node is checked first
+    (devices.py): a job given GPUs trains on one, each rank on its own, or ends in one line; `cpu` trains on the
+    CPU even so.
     """
     uses_dali = cfg.data.backend == "dali" or (cfg.data.backend == "auto" and dali_available())
     devices.check_node(cpu=cpu, uses_dali=uses_dali)
@@ -229,8 +232,7 @@ def build_accelerator(cfg: Config, run_dir: Path, cpu: bool = False) -> Accelera
         }
         if not torch.cuda.is_available():  # Accelerate finds no backend for DeepSpeed on CPU; DeepSpeed's is gloo
             backend = "gloo"
-    if cpu or not torch.cuda.is_available() or str_to_bool(os.environ.get("ACCELERATE_USE_CPU", "false")):
-        peers.choose_gloo_interface()  # ConfigError (one line) when no interface reaches MASTER_ADDR
+    peers.choose_gloo_interface()  # ConfigError (one line) when no interface reaches MASTER_ADDR
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=MIXED_PRECISION.get(cfg.train.mixed_precision),
@@ -244,6 +246,7 @@ def build_accelerator(cfg: Config, run_dir: Path, cpu: bool = False) -> Accelera
         step_scheduler_with_optimizer=False,
     )
     check_backend(accelerator)
+    collectives.open_control_group(timedelta(seconds=cfg.train.collective_timeout_s))
     return accelerator
 
 
@@ -272,8 +275,13 @@ def input_dtype(accelerator: Accelerator) -> torch.dtype:
     """What the networks take in: DeepSpeed's fp16/bf16 engines hold half-precision weights and do not cast
     inputs; elsewhere autocast does, and inputs stay float32."""
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+        return half_precision(accelerator) or torch.float32
     return torch.float32
+
+
+def half_precision(accelerator: Accelerator) -> torch.dtype | None:
+    """The run's fp16 or bf16 as a dtype; None: fp32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
 
 
 def prepare_network(accelerator: Accelerator, name: str, model: nn.Module, cfg: Config, lr: float,
@@ -286,12 +294,13 @@ def prepare_network(accelerator: Accelerator, name: str, model: nn.Module, cfg: 
     broadcast buffers (a BatchNorm's running statistics) from rank 0 in each forward: that in-place write would
     invalidate the first pass's graph. D is never evaluated, so each rank's running statistics go unused;
     normalisation in training uses each rank's micro-batch statistics, as DDP does without SyncBatchNorm.
-    fp16 without DeepSpeed: the network gets its own GradScaler (checkpointed by the loop).
+    fp16 without DeepSpeed: the network gets its own GradScaler (checkpointed by the loop). Without DeepSpeed, Adam
+    is the fused one: it takes the skip decision on the device (update.py); DeepSpeed's engines step it themselves.
     """
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=tuple(cfg.optim.betas),
-                                 weight_decay=cfg.optim.weight_decay)
-    scheduler = build_schedule(optimizer, cfg.optim, total_steps)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=tuple(cfg.optim.betas),
+                                 weight_decay=cfg.optim.weight_decay, fused=not deepspeed)
+    scheduler = build_schedule(optimizer, cfg.optim, total_steps)
     if deepspeed:
         accelerator.state.select_deepspeed_plugin(name)
         accelerator.deepspeed_plugin.deepspeed_config.update(

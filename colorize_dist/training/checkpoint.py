@@ -22,7 +22,7 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from colorize_dist.collectives import any_rank
+from colorize_dist.collectives import agree
 from colorize_dist.errors import UserError
 from colorize_dist.files import atomic_write, first_line, sha256_of
 
@@ -41,7 +41,7 @@ class Progress:
     The data position is counted in samples of the epoch, not in batches, so a run resumes at the same sample on
     any number of processes and with any split of the global batch into micro-batches."""
 
-    step: int = 0  # optimizer steps taken: steps whose generator update was applied
+    step: int = 0  # optimizer steps taken, those whose updates were skipped for NaN/inf included
     epoch: int = 0  # the epoch the next step reads from
     sample: int = 0  # samples of that epoch read so far (by all ranks): where the next global batch starts
     images_seen: int = 0  # samples read in all (skipped steps' included), padding copies not
@@ -94,7 +94,7 @@ def save_checkpoint(accelerator: Accelerator, folder: Path, *, background: bool 
         accelerator.save_state(str(temporary))
     except (OSError, RuntimeError) as exc:
         error = exc
-    (failed,) = any_rank(error is not None or previous_error is not None, device=accelerator.device)
+    (failed,) = agree(error is not None or previous_error is not None)
     if failed:
         _raise_write_error(accelerator, previous_folder if previous_error else folder, temporary,
                            previous_error or error)
@@ -104,7 +104,7 @@ def save_checkpoint(accelerator: Accelerator, folder: Path, *, background: bool 
         else:
             error = _finish_quietly(temporary, folder, info, keep)
     if not background:
-        (failed,) = any_rank(error is not None, device=accelerator.device)
+        (failed,) = agree(error is not None)
         if failed:
             _raise_write_error(accelerator, folder, temporary, error)
 
@@ -147,7 +147,7 @@ def _take_pending(accelerator: Accelerator) -> tuple[Path | None, OSError | None
 def wait_for_saves(accelerator: Accelerator) -> None:
     """Every rank: wait until rank 0 has finished the last background save; its failure raises on every rank."""
     folder, error = _take_pending(accelerator)
-    (failed,) = any_rank(error is not None, device=accelerator.device)
+    (failed,) = agree(error is not None)
     if failed:
         folder = folder or Path("checkpoint")
         _raise_write_error(accelerator, folder, folder.with_name(f".tmp-{folder.name}"), error)

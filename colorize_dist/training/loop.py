@@ -53,6 +53,7 @@ class MicroBatch:
     l: torch.Tensor
     ab: torch.Tensor
     weight: float  # the share of real samples: losses are scaled by it, so padding copies count as zero samples
+    mask: torch.Tensor | None  # (B,) on the device: 1 for real samples, 0 for padding copies; None: all real
     batch: Batch  # where it came from (its epoch, its global batch, its samples)
 
 
@@ -116,7 +117,8 @@ def gan_step(state: State, micro_batches: list[MicroBatch]) -> StepOutcome:
                     else:
                         with torch.no_grad():
                             fake = state.bare_generator(micro.l)
-                    d_terms = state.discriminator_loss(state.discriminator, micro.l, micro.ab, fake)
+                    d_terms = state.discriminator_loss(state.discriminator, micro.l, micro.ab, fake, micro.mask,
+                                                      bare=discriminator)
                 d_update.backward(d_terms["total"] * micro.weight)
             add_logs(logs, "loss/d_", d_terms, len(micro_batches))
         d_outcome = d_update.step()
@@ -130,7 +132,7 @@ def gan_step(state: State, micro_batches: list[MicroBatch]) -> StepOutcome:
                 with accelerator.autocast():
                     fake = generator(micro.l) if fakes[index] is None else fakes[index]
                     scores = discriminator(micro.l, fake) if adversarial else None  # None: warm-up
-                    g_terms = state.generator_loss(micro.l, fake, micro.ab, scores)
+                    g_terms = state.generator_loss(micro.l, fake, micro.ab, scores, micro.mask)
                 g_update.backward(g_terms["total"] * micro.weight)
             add_logs(logs, "loss/g_", g_terms, len(micro_batches))
     g_outcome = g_update.step()
@@ -142,29 +144,16 @@ def after_step(state: State, micro_batches: list[MicroBatch], outcome: StepOutco
     """Count the step, then what is due at it: logs and the stop decision, samples, validation, checkpoint."""
     cfg, progress, accelerator = state.cfg, state.progress, state.accelerator
 
-    # A NaN/inf on any rank skipped that network's whole update on every rank; too many in a row stop the run.
-    if outcome.generator.applied and (outcome.discriminator is None or outcome.discriminator.applied):
-        progress.nonfinite_in_a_row = 0
-    else:
-        progress.nonfinite += 1
-        progress.nonfinite_in_a_row += 1
-        if progress.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
-            raise NonFiniteLossError(
-                f"{progress.nonfinite_in_a_row} steps in a row were skipped for a NaN/inf loss or gradient "
-                f"(step {progress.step}, {progress.nonfinite} in all); the last good checkpoint is in "
-                f"{state.run_dir / checkpoint.CHECKPOINTS}. Try a lower optim.lr, optim.grad_clip > 0, or bf16 "
-                "instead of fp16")
-
-    # The data moves on whatever happened; an optimizer step counts when G's update was applied (a skipped one is
-    # tried again on the next data).
+    # The step counts and the data moves on whatever happened: a NaN/inf on any rank skipped that network's whole
+    # update on every rank, decided on the device. The skips are tallied there too and read on logging and
+    # checkpoint steps only (where too many in a row stop the run), so that the host never waits for the device
+    # in between and can queue the next step.
     slots = micro_batches[-1].batch.slots
     progress.images_seen += slots.step_end - slots.step_start
     progress.epoch, progress.sample = ((slots.epoch + 1, 0) if slots.step_end == state.loader.samples
                                        else (slots.epoch, slots.step_end))
-    stepped = outcome.generator.applied
-    if not stepped:
-        return
     progress.step += 1
+    state.skipped.add(outcome.generator, outcome.discriminator)
     state.ema.update(state.bare_generator)
     state.bar.update()
     state.done = progress.step >= state.total_steps
@@ -174,10 +163,14 @@ def after_step(state: State, micro_batches: list[MicroBatch], outcome: StepOutco
         state.profile.step(progress.step)
 
     # Logging steps also decide, on every rank alike, whether to stop early: a signal, a dead launcher, or
-    # train.max_time spent (one all-gather every train.log_every steps, which bounds the reaction time).
+    # train.max_time spent (one all-gather every train.log_every steps, which bounds the reaction time). The
+    # decision comes first, on the control group: where a peer is lost it fails at once, before anything waits for
+    # the device (behind a gradient reduction that the lost peer never joins).
     if progress.step % cfg.train.log_every == 0:
         state.stopped = log_interval(state, outcome)
         state.divergence.losses(progress.step, outcome.logs)  # DivergedError: the losses exploded
+    elif progress.step % cfg.train.checkpoint_every == 0 or state.done:
+        count_skipped(state)
     if progress.step % cfg.train.sample_every == 0 and accelerator.is_main_process:
         write_samples(accelerator, state.ema.model, state.sample_batch, cfg.model.generator.color_space,
                       state.run_dir / "samples", progress.step)
@@ -219,17 +212,29 @@ def finish(state: State) -> TrainResult:
 
 
 def take_micro_batch(batches: Iterator[Batch], memory_format: torch.memory_format) -> MicroBatch:
-    """The next micro-batch without the padding copies that fill an epoch's last global batch (their mask is the
-    loader's, on the host: reading `batch.valid` would wait for the device)."""
+    """The next micro-batch, padding copies included: the losses give them weight 0 (`mask`), so every micro-batch
+    has the same shape on every rank and a compiled network never recompiles at an epoch's end on some ranks while
+    the others wait in a gradient reduction. The mask is the loader's, on the host (reading `batch.valid` would
+    wait for the device). A micro-batch of padding only still runs, weighted 0: every rank takes part in each
+    gradient reduction."""
     batch = next(batches)
     valid = batch.slots.valid
-    l, ab, real = batch.l, batch.ab, int(valid.sum())
-    if 0 < real < len(valid):
-        rows = torch.from_numpy(np.flatnonzero(valid)).to(l.device)
-        l, ab = l.index_select(0, rows), ab.index_select(0, rows)
-    # A micro-batch of padding only still runs, weighted 0: every rank must take part in each gradient reduction.
-    return MicroBatch(l.contiguous(memory_format=memory_format), ab.contiguous(memory_format=memory_format),
-                      weight=real / len(valid), batch=batch)
+    real = int(valid.sum())
+    mask = None if real == len(valid) else torch.from_numpy(valid.astype(np.float32)).to(batch.l.device)
+    return MicroBatch(batch.l.contiguous(memory_format=memory_format), batch.ab.contiguous(memory_format=memory_format),
+                      weight=real / len(valid), mask=mask, batch=batch)
+
+
+def count_skipped(state: State) -> None:
+    """The device's tally of skipped steps into `progress` (waits for the device); too many in a row stop the run."""
+    progress = state.progress
+    skipped, progress.nonfinite_in_a_row, longest = state.skipped.read()
+    progress.nonfinite += skipped
+    if longest >= state.cfg.train.max_nonfinite_steps:
+        raise NonFiniteLossError(
+            f"{longest} steps in a row were skipped for a NaN/inf loss or gradient (step {progress.step}, "
+            f"{progress.nonfinite} in all); the last good checkpoint is in {state.run_dir / checkpoint.CHECKPOINTS}. "
+            "Try a lower optim.lr, optim.grad_clip > 0, or bf16 instead of fp16")
 
 
 def step_seed(seed: int, batch: Batch, rank: int) -> int:
@@ -251,6 +256,7 @@ def log_interval(state: State, outcome: StepOutcome) -> str | None:
     (requested, lost, over_time), record = state.telemetry.interval(
         rates, images, [stop_requested(), launcher_lost(), over_time],
         adversarial=cfg.adversarial and progress.step > cfg.train.pretrain_steps)
+    count_skipped(state)  # the first read of the device, after the decision
     losses = {key: float(value) for key, value in outcome.logs.items() if value is not None}
     record = {"kind": "interval", "step": progress.step, "wall_s": round(state.clock.total(), 3), **record,
               "data_wait": rates["data_wait"], **losses,  # rank 0's share of time waiting (studies read it)

@@ -185,7 +185,7 @@ class Telemetry:
                **memory_now(self.device)}
         self.step_times = []
         mine = [float(flag) for flag in flags] + [math.nan if row[key] is None else row[key] for key in RANK_FIELDS]
-        table = all_gather_rows(mine, self.device)
+        table = all_gather_rows(mine)
         any_flags = [any(values[index] > 0 for values in table) for index in range(len(flags))]
         ranks = [{"rank": rank, "host": self.stragglers.hosts[rank],
                   **{key: None if math.isnan(value) else value

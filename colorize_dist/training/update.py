@@ -17,10 +17,13 @@ An optimizer step of one network is `train.grad_accum` micro-batches, then one s
   stages 0 and 1 reduce only at the boundary, stage 2 on every micro-batch by design.
 - NaN/inf: `backward` multiplies a non-finite loss by NaN, so every gradient of that rank becomes NaN and the
   gradient reduction carries it to every rank. All ranks then see the same non-finite gradient norm and skip the
-  whole update of that network (all micro-batches) without any extra collective: one host sync per network and
-  step. DeepSpeed's ZeRO and bf16/fp16 optimizers run that check themselves and clear their own (partitioned)
-  gradients, which is what `was_step_applied()` reports; fp16 loss-scale overflows are skips as well. A skipped
-  update steps neither the optimizer nor the LR schedule.
+  whole update of that network (all micro-batches) without any extra collective. The decision stays on the
+  device, as GradScaler's does: the fused Adam takes the norm's non-finite flag as `found_inf` and leaves weights,
+  moments and its step count as they were, so the host never waits for the device within a step and can queue
+  the next one; the loop reads the flags on logging steps. A skipped update still counts as a step (the LR
+  schedule moves on, as with GradScaler). DeepSpeed's ZeRO and bf16/fp16 optimizers run that check themselves
+  (on the host, inside the engine) and clear their own (partitioned) gradients, which is what
+  `was_step_applied()` reports; fp16 loss-scale overflows are skips as well.
 
 Accelerate keeps what it is good at (devices, process group, wrapping, autocast, checkpoints); it never drives
 these updates: `accelerator.accumulate/backward/clip_grad_norm_` act on the first engine or on every optimizer,
@@ -40,7 +43,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 @dataclass
 class Outcome:
-    applied: bool  # False: NaN/inf gradients (or an fp16 overflow) on some rank; every rank skipped the update
+    applied: torch.Tensor  # 0-dim bool on the device; False: NaN/inf gradients (or an fp16 overflow) on some rank,
+    # every rank skipped the update. Reading it waits for the device: the loop does so on logging steps only.
     grad_norm: torch.Tensor | None  # before clipping, left on the device; None where an engine does not report it
 
 
@@ -85,11 +89,11 @@ class Update:
         if self.engine_checks:  # DeepSpeed ZeRO, bf16 or fp16: the engine checks, clips, steps and zeroes
             self.model.step()
             norm = self.model.get_global_grad_norm()
-            outcome = Outcome(self.model.was_step_applied(), None if norm is None else torch.as_tensor(norm))
+            outcome = Outcome(torch.tensor(self.model.was_step_applied()),
+                              None if norm is None else torch.as_tensor(norm))
         else:
             outcome = self._step_whole_gradients()
-        if outcome.applied:
-            self.scheduler.step()
+        self.scheduler.step()
         return outcome
 
     def _step_whole_gradients(self) -> Outcome:
@@ -98,17 +102,43 @@ class Update:
             self.scaler.unscale_(self.optimizer)  # this network's optimizer only, once per step
         parameters = [param for param in self.model.parameters() if param.grad is not None]
         norm = torch.nn.utils.get_total_norm([param.grad for param in parameters])
-        applied = bool(norm.isfinite())  # the step's one host sync; the same on every rank (reduced gradients)
-        if applied and self.deepspeed:
-            self.model.step()  # clips at the engine's gradient_clipping, steps, zeroes
-        elif applied:
-            if self.grad_clip > 0:
-                torch.nn.utils.clip_grads_with_norm_(parameters, self.grad_clip, norm)
-            self.optimizer.step()
-        if self.deepspeed:
+        applied = norm.isfinite()  # the same on every rank (reduced gradients)
+        if self.deepspeed:  # the plain fp32 engine has no skip of its own: decided on the host
+            if applied:
+                self.model.step()  # clips at the engine's gradient_clipping, steps, zeroes
             self.model.zero_grad()
         else:
+            if self.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(parameters, self.grad_clip, norm)
+            self.optimizer.found_inf = (~applied).float()  # fused Adam: skips the whole update on the device
+            self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.update()  # halves the scale after an overflow, grows it after enough good steps
         return Outcome(applied, norm)
+
+
+class SkippedSteps:
+    """Steps in which an update was skipped, tallied on the device; `read` waits for it (logging steps only)."""
+
+    def __init__(self, device: torch.device, in_a_row: int = 0):
+        self.device = device
+        self.since_read = torch.zeros((), dtype=torch.long, device=device)
+        self.in_a_row = torch.tensor(in_a_row, dtype=torch.long, device=device)
+        self.longest = self.in_a_row.clone()  # the longest run in a row since the last read
+
+    def add(self, *outcomes: Outcome | None) -> None:
+        """One step's outcomes (None: no update of that network in the step)."""
+        applied = torch.stack([outcome.applied.to(self.device, non_blocking=True) for outcome in outcomes
+                               if outcome is not None])
+        skipped = (~applied).any().long()
+        self.since_read += skipped
+        self.in_a_row.add_(1).mul_(skipped)
+        torch.maximum(self.longest, self.in_a_row, out=self.longest)
+
+    def read(self) -> tuple[int, int, int]:
+        """(steps skipped since the last read, in a row now, the longest run in a row since the last read)."""
+        since_read, in_a_row, longest = torch.stack([self.since_read, self.in_a_row, self.longest]).tolist()
+        self.since_read.zero_()
+        self.longest.copy_(self.in_a_row)
+        return since_read, in_a_row, longest

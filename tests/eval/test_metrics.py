@@ -177,6 +177,31 @@ def test_inception_loads_from_hub_cache_and_gives_2048_features(fid_weights: Pat
     assert features.shape == (2, fid.FEATURE_DIM) and features.dtype == torch.float64
 
 
+def test_inception_features_are_computed_in_full_fp32(fid_weights: Path):
+    """Without TF32 (cuDNN's default for convolutions) or autocast, whatever the run set: a GPU's features then
+    equal the CPU's reference statistics up to the order of sums; TF32 would round every convolution's inputs to
+    10 bits of mantissa. The flags are the run's again afterwards."""
+    inception = fid.load_inception(fid_weights)
+    seen = []
+    hook = inception.register_forward_pre_hook(lambda module, args: seen.append((
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
+        torch.is_autocast_enabled("cpu"))))
+    backends = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+    before = [backend.fp32_precision for backend in backends]
+    try:
+        for backend in backends:
+            backend.fp32_precision = "tf32"
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            pool, logits = fid.inception_outputs(inception, torch.rand(1, 3, 16, 16))
+        assert [backend.fp32_precision for backend in backends] == ["tf32", "tf32"]
+    finally:
+        hook.remove()  # the loaded network is cached
+        for backend, precision in zip(backends, before, strict=True):
+            backend.fp32_precision = precision
+    assert seen == [("ieee", "ieee", False)]
+    assert pool.dtype == logits.dtype == torch.float32
+
+
 def test_kid_matches_torch_fidelity():
     rng = np.random.default_rng(0)
     fake = torch.from_numpy(rng.gamma(2.0, 0.3, size=(1100, 64)))

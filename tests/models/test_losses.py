@@ -184,6 +184,18 @@ def test_generator_loss_without_logits_is_the_warmup_loss(empty_hub: Path) -> No
     torch.testing.assert_close(terms["total"], 100.0 * (fake - real).abs().mean())
 
 
+def test_perceptual_loss_runs_vgg_in_the_runs_precision_without_an_outer_autocast(hub_with_vgg: Path) -> None:
+    """Under DeepSpeed, Accelerate's autocast does nothing; the loss's own runs VGG in bf16 all the same."""
+    l, real, fake = _batch()
+    layers = ["relu1_2", "relu2_2"]
+    half, full = PerceptualLoss(layers, precision=torch.bfloat16), PerceptualLoss(layers)
+    dtypes = []
+    half.vgg[0].register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
+    value = half(l, fake, real)
+    assert dtypes == [torch.bfloat16] * 2 and value.dtype == torch.float32
+    torch.testing.assert_close(value, full(l, fake, real), rtol=2e-2, atol=0.0)  # bf16 activations
+
+
 def test_generator_loss_under_bfloat16_autocast(hub_with_vgg: Path) -> None:
     loss = GeneratorLoss(LossConfig())
     l, real, fake = _batch()

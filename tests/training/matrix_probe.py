@@ -7,6 +7,8 @@ A CELL is `NAME:key=value,key=value,...`: training config overrides, plus the pr
   zero=N      DeepSpeed ZeRO stage N for this cell (the launch must be a DeepSpeed one)
   nan=d@S.M   the discriminator's loss is NaN in optimizer step S (counted from 0, skipped steps included),
               micro-batch M, on the last rank (g@S.M: the generator's); several joined with '+'
+A cell with train.compile=true compiles afresh; its result holds torch._dynamo's count of compiled graphs after
+each step ("graphs").
 Each rank writes OUT/NAME/weights-rank<R>.safetensors (g., d., ema. tensors) and OUT/NAME/result-rank<R>.json;
 rank 0 also OUT/NAME/initial.safetensors (g., d.: the weights before the first step).
 
@@ -28,6 +30,7 @@ import torch
 from accelerate import PartialState
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import save_file
+from torch._dynamo.utils import counters
 
 from colorize_dist.training import build, loop
 from colorize_dist.training.config import load_training_config
@@ -80,6 +83,7 @@ def run_cell(out: Path, shards: str, cell: str) -> None:
         os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"] = zero
     cfg = load_training_config(None, [f"data.shards={shards}", *(f"{k}={v}" for k, v in options.items())])
     saved = {attr: getattr(build, attr) for attr in ("DiscriminatorLoss", "GeneratorLoss", "prepare_network")}
+    plain_gan_step = loop.gan_step
     initial: dict[str, torch.Tensor] = {}
 
     def prepare_network(accelerator, name, model, *args, **kwargs):  # the initial weights, before any step
@@ -87,13 +91,22 @@ def run_cell(out: Path, shards: str, cell: str) -> None:
                         for key, value in model.state_dict().items()})
         return saved["prepare_network"](accelerator, name, model, *args, **kwargs)
 
+    torch._dynamo.reset()
+    graphs: list[int] = []
+
+    def gan_step(*args, **kwargs):
+        outcome = plain_gan_step(*args, **kwargs)
+        graphs.append(counters["stats"]["unique_graphs"])
+        return outcome
+
     try:
         inject_nans(nans, cfg.train.grad_accum)
-        build.prepare_network = prepare_network
+        build.prepare_network, loop.gan_step = prepare_network, gan_step
         result = loop.train(cfg, out / name / "run", "none")
     finally:
         for attr, value in saved.items():
             setattr(build, attr, value)
+        loop.gan_step = plain_gan_step
     rank = PartialState().process_index
     if rank == 0:
         save_file(initial, out / name / "initial.safetensors")
@@ -101,8 +114,9 @@ def run_cell(out: Path, shards: str, cell: str) -> None:
                for prefix, module in (("g", result.generator), ("d", result.discriminator), ("ema", result.ema))
                for key, tensor in module.state_dict().items()}
     save_file(weights, out / name / f"weights-rank{rank}.safetensors")
-    (out / name / f"result-rank{rank}.json").write_text(json.dumps({"step": result.step,
-                                                                   "finished": result.finished}))
+    compiled = {"graphs": graphs} if cfg.train.compile else {}
+    (out / name / f"result-rank{rank}.json").write_text(json.dumps({"step": result.step, "finished": result.finished,
+                                                                   **compiled}))
     AcceleratorState._reset_state(reset_partial_state=False)  # the next cell builds its own Accelerator
     GradientState._reset_state()
 

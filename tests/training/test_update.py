@@ -17,7 +17,9 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,6 +27,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 from torch import nn
@@ -32,8 +35,10 @@ from torch import nn
 from colorize_dist.config import ConfigError
 from colorize_dist.data.loader import Batch
 from colorize_dist.data.sharding import MicroSlots
-from colorize_dist.training import checkpoint
+from colorize_dist.models import GeneratorLoss, LossConfig
+from colorize_dist.training import checkpoint, loop
 from colorize_dist.training.build import check_backend
+from colorize_dist.training.config import load_training_config
 from colorize_dist.training.loop import take_micro_batch
 from colorize_dist.training.milestones import improves
 from colorize_dist.training.update import Update
@@ -208,9 +213,9 @@ def test_batchnorm_networks_train_and_every_rank_validates_the_same_ema(matrix: 
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_a_nan_anywhere_in_a_step_skips_that_networks_whole_update(matrix: Path, backend: str) -> None:
     """A NaN in one micro-batch of one rank skips the network's update of that step on every rank (no partial
-    update, nothing carried into the next step); a step whose generator update was skipped is not counted."""
+    update, nothing carried into the next step); a step with a skipped update still counts."""
     name = f"{backend}-nan"
-    assert result(matrix, name) == {"step": 3, "finished": True}  # 4 steps tried, G skipped once
+    assert result(matrix, name) == {"step": 3, "finished": True}  # 3 steps tried, G's update skipped in one
     assert max_difference(weights(matrix, name, 0), weights(matrix, name, 1))[0] == 0.0
     assert_close_to(matrix, name, "ref-nan")
 
@@ -226,7 +231,7 @@ def tiny_gan(seed: int = 0) -> tuple[nn.Module, nn.Module]:
 
 def make_update(model: nn.Module, accumulation: int, scaler: torch.amp.GradScaler | None = None,
                 grad_clip: float = 0.0) -> Update:
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     return Update(model, optimizer, scheduler, grad_clip=grad_clip, accumulation=accumulation, scaler=scaler)
 
@@ -258,7 +263,7 @@ def gan_steps(scalers: tuple | None = None, steps: int = 3, accumulation: int = 
                 g_update.backward(loss)
         discriminator.requires_grad_(True)
         g_outcome = g_update.step()
-        outcomes.append((d_outcome.applied, g_outcome.applied))
+        outcomes.append((bool(d_outcome.applied), bool(g_outcome.applied)))
     return generator, discriminator, outcomes
 
 
@@ -293,7 +298,7 @@ def test_an_overflow_skips_only_that_networks_step_and_scale() -> None:
     assert_same_modules(generator, one_step_generator, rtol=0, atol=0)  # G's second update: skipped entirely
 
 
-def test_a_nan_in_any_micro_batch_skips_the_whole_step_and_its_schedule() -> None:
+def test_a_nan_in_any_micro_batch_skips_the_whole_update() -> None:
     model = nn.Linear(3, 1)
     update = make_update(model, accumulation=2)
     before = {name: value.clone() for name, value in model.state_dict().items()}
@@ -304,12 +309,60 @@ def test_a_nan_in_any_micro_batch_skips_the_whole_step_and_its_schedule() -> Non
     assert not outcome.applied and not outcome.grad_norm.isfinite()
     assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
     assert all(param.grad is None for param in model.parameters())  # nothing carried into the next step
-    assert update.scheduler.last_epoch == 0  # the LR schedule counts applied steps only
+    adam = update.optimizer.state[model.weight]
+    assert adam["step"] == 0 and not adam["exp_avg"].any()  # Adam's moments and bias correction untouched
+    assert update.scheduler.last_epoch == 1  # a skipped step is a step, as with GradScaler
     with update.micro_batch(0):
         update.backward(model(torch.ones(4, 3)).mean())
     with update.micro_batch(1):
         update.backward(model(torch.ones(4, 3)).mean())
-    assert update.step().applied and update.scheduler.last_epoch == 1
+    assert update.step().applied and adam["step"] == 1 and update.scheduler.last_epoch == 2
+
+
+# Every way the host reads a tensor's value; on a GPU each waits for all the kernels queued before it.
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
+
+
+def test_a_step_waits_for_the_device_on_logging_steps_only(shards: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Host reads of tensor values are counted in gan_step and after_step, in this process (6 steps, 2 of them
+    generator-only, grad_accum 2, epoch 0 ending at step 5): none outside the logging steps 3 and 6 (the last,
+    which validates too). NaN skips are decided on the device and read there. (The loader's host tensors, e.g.
+    its workers' seeds, are not the device's and are left out.)"""
+    reads: Counter[int] = Counter()
+    step: list[int | None] = [None]
+
+    def counted(original):
+        def read(self, *args, **kwargs):
+            if step[0] is not None and threading.current_thread() is threading.main_thread():
+                reads[step[0]] += 1
+            return original(self, *args, **kwargs)
+        return read
+
+    def within(function):
+        def run(state, *args):
+            step[0] = state.progress.step + 1  # the step being made
+            try:
+                return function(state, *args)
+            finally:
+                step[0] = None
+        return run
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
+    for name in ("gan_step", "after_step"):
+        monkeypatch.setattr(loop, name, within(getattr(loop, name)))
+    cfg = load_training_config(None, tiny_overrides(shards, **{
+        "train.batch_size": 16, "train.grad_accum": 2, "train.max_steps": 6, "train.pretrain_steps": 2,
+        "train.log_every": 3, "train.checkpoint_every": 1000, "train.validate_every": 1000,
+        "train.sample_every": 1000, "train.trackers": "[]"}))
+    try:
+        result = loop.train(cfg, tmp_path / "run", "none")
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    assert result.step == 6
+    assert set(reads) <= {3, 6} and reads[3] > 0, dict(reads)
 
 
 def test_a_nan_validation_metric_never_becomes_the_best() -> None:
@@ -321,17 +374,24 @@ def test_a_nan_validation_metric_never_becomes_the_best() -> None:
 
 
 def test_padding_copies_are_left_out_of_the_loss() -> None:
-    """An epoch's last global batch is filled with copies marked invalid: they are dropped and the micro-batch's
-    losses scaled by its share of real samples; one of copies only still runs, weighted 0."""
+    """An epoch's last global batch is filled with copies marked invalid: they stay (every micro-batch keeps its
+    shape), the losses weigh them 0 and the micro-batch's losses are scaled by its share of real samples; one of
+    copies only still runs, weighted 0."""
     masks = [np.array([True, True, True, True]), np.array([True, False, False, False]), np.zeros(4, bool)]
     rows = torch.arange(4.0).reshape(4, 1, 1, 1)
     batches = iter([Batch(l=rows, ab=rows.expand(4, 2, 1, 1), keys=list("abcd"), valid=torch.ones(4, dtype=bool),
                           positions=np.arange(4), slots=MicroSlots(0, 0, 4, 0, np.arange(4), mask))
                     for mask in masks])
     full, padded, empty = (take_micro_batch(batches, torch.contiguous_format) for _ in range(3))
-    assert (full.weight, full.l.flatten().tolist()) == (1.0, [0.0, 1.0, 2.0, 3.0])
-    assert (padded.weight, padded.l.flatten().tolist(), padded.ab.shape[0]) == (0.25, [0.0], 1)
-    assert (empty.weight, empty.l.shape[0]) == (0.0, 4)
+    assert (full.weight, full.mask, full.l.flatten().tolist()) == (1.0, None, [0.0, 1.0, 2.0, 3.0])
+    assert (padded.weight, padded.mask.tolist(), padded.ab.shape[0]) == (0.25, [1.0, 0.0, 0.0, 0.0], 4)
+    assert (empty.weight, empty.mask.tolist(), empty.l.shape[0]) == (0.0, [0.0] * 4, 4)
+    # The losses see the real rows only: the padded micro-batch's loss is its real sample's.
+    loss = GeneratorLoss(LossConfig(beta=0.0, theta=0.0))
+    target = padded.ab + torch.arange(4.0).reshape(4, 1, 1, 1)  # row r is r away from its prediction
+    assert loss(padded.l, padded.ab, target, mask=padded.mask)["reconstruction"].item() == 0.0
+    assert loss(full.l, full.ab, target)["reconstruction"].item() == 1.5
+    assert loss(empty.l, empty.ab, target, mask=empty.mask)["reconstruction"].item() == 0.0
 
 
 def test_fp16_without_a_gpu_is_refused_in_one_line() -> None:

@@ -207,12 +207,14 @@ class TrainingJob:
         periodic checkpoint instead.
         """
         trainer = self._trainer
-        if trainer is not None and self.elastic is not None:
-            _signal_job(submitit.JobEnvironment().job_id, trainer)
-        elif trainer is not None and trainer.poll() is None:
-            trainer.send_signal(signal.SIGUSR1)
+        if trainer is not None and trainer.poll() is None:
+            if self.elastic is not None:  # the agents' trainers save together: this node's exit means it is saved
+                _signal_job(submitit.JobEnvironment().job_id, trainer)
+            else:
+                trainer.send_signal(signal.SIGUSR1)
             try:
-                trainer.wait(timeout=self.save_timeout_s)
+                status = trainer.wait(timeout=self.save_timeout_s)
+                print(f"launch: the trainer exited with status {status} on the warning; requeueing", flush=True)
             except subprocess.TimeoutExpired:
                 print(f"launch: the trainer did not exit within {self.save_timeout_s:.0f} s of SIGUSR1; requeueing "
                       "anyway", file=sys.stderr, flush=True)
@@ -232,8 +234,7 @@ class TrainingJob:
 def _signal_job(job_id: str, agent: subprocess.Popen) -> None:
     """SIGUSR1 to every process of the job's steps: each node's agent stops its trainers, which save, and exits.
     Should scancel fail, this node's agent alone gets it (its trainers' stop request reaches every rank)."""
-    result = subprocess.run(["scancel", f"--signal={signal.SIGUSR1.name.removeprefix('SIG')}", str(job_id)],
-                            capture_output=True, text=True)
+    result = subprocess.run(["scancel", "--signal=USR1", str(job_id)], capture_output=True, text=True)
     if result.returncode != 0:
         print(f"launch: scancel --signal=USR1 {job_id} failed ({first_line(result.stderr) or result.returncode}); "
               "signalling this node's agent only", file=sys.stderr, flush=True)

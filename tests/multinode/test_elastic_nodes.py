@@ -291,6 +291,12 @@ def kill_second_node(job_id: str, run_dir: Path, markers: tuple[str, ...] = ("to
     return second
 
 
+def elastic_submit_args(partition: str, shards: Path, run_dir: Path) -> list:
+    return ["submit", "--config", REPO / "configs" / "tiny.yaml", "--run-dir", run_dir, "--partition", partition,
+            "--nodes", 2, "--gpus-per-node", 0, "--tasks-per-node", 1, "--cpus-per-task", 1, "--time", 10,
+            "--elastic", "1:1", *settings(shards)]
+
+
 @pytest.mark.multinode
 @pytest.mark.slurm
 @pytest.mark.slow
@@ -299,9 +305,7 @@ def test_submit_elastic_finishes_on_the_node_left(multinode_partition: str, even
     """`colorize-dist submit --elastic 1:1` on the two emulated nodes: one torchrun agent per node; the second node's
     agent and trainer killed after the first checkpoint. The job ends COMPLETED by itself, equal."""
     run_dir = tmp_path / "run"
-    submit = ["submit", "--config", REPO / "configs" / "tiny.yaml", "--run-dir", run_dir, "--partition",
-              multinode_partition, "--nodes", 2, "--gpus-per-node", 0, "--tasks-per-node", 1, "--cpus-per-task", 1,
-              "--time", 10, "--elastic", "1:1", *settings(even_shards)]
+    submit = elastic_submit_args(multinode_partition, even_shards, run_dir)
     status, out, err = run_cli(*submit, "--dry-run")
     assert status == 0, err
     script = out[out.index("#!/bin/bash"):]
@@ -328,4 +332,35 @@ def test_submit_elastic_finishes_on_the_node_left(multinode_partition: str, even
     first_task = pickle.loads((run_dir / SUBMITIT_FOLDER / f"{job_id}_0_result.pkl").read_bytes())
     assert first_task == ("success", TrainingOutcome(run_dir.absolute(), finished=True)), first_task
     assert saved_by(run_dir)[MAX_STEPS] == 1
+    assert_same_final_weights(uninterrupted, run_dir)
+
+
+@pytest.mark.multinode
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_submit_elastic_checkpoints_and_requeues_on_the_preemption_signal(multinode_partition: str,
+                                                                          even_shards: Path, uninterrupted: Path,
+                                                                          tmp_path: Path) -> None:
+    """submitit's warning signal to an elastic job: every node's agent stops its trainer, which saves, instead of
+    restarting it; the job requeues itself, resumes on both nodes and ends COMPLETED, equal."""
+    run_dir = tmp_path / "run"
+    status, out, err = run_cli(*elastic_submit_args(multinode_partition, even_shards, run_dir))
+    assert status == 0, err
+    job_id = re.search(r"submitted job (\d+)", out).group(1)
+    try:
+        wait_for_first_checkpoint(run_dir)
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+        info = wait_until_ended(job_id, run_dir, timeout=KILLED_BOUND_S)
+    finally:
+        subprocess.run(["scancel", job_id], check=False)
+    log = "\n".join(path.read_text(errors="replace") for path in sorted((run_dir / SUBMITIT_FOLDER).glob("*_log.*")))
+    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), f"{info}\n{logs(run_dir)}"
+    # the first node's agent exited once the trainers had saved on SIGUSR1, before the requeue (no SIGTERM needed)
+    assert re.search(r"^launch: the trainer exited with status 1 on the warning; requeueing$", log, re.MULTILINE), log
+    assert f"Requeued job {job_id}" in log and "stop requested: checkpoint at step" in log, logs(run_dir)
+    assert "restart 1 of 1" not in log, logs(run_dir)  # the agents stopped; none restarted its trainer
+    outcomes = [pickle.loads(path.read_bytes()) for path in sorted((run_dir / SUBMITIT_FOLDER).glob(
+        f"{job_id}_*_result.pkl"))]
+    assert outcomes == [("success", TrainingOutcome(run_dir.absolute(), finished=True))] * 2, outcomes
+    assert saved_by(run_dir)[MAX_STEPS] == 2
     assert_same_final_weights(uninterrupted, run_dir)

@@ -5,6 +5,8 @@ tests/multinode/test_elastic_nodes.py.
 
 from __future__ import annotations
 
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,14 @@ from torch.distributed.run import get_args_parser
 
 from colorize_dist.config import ConfigError
 from colorize_dist.launch.resources import SlurmResources
-from colorize_dist.launch.slurm import CONFIG_NAME, ElasticLaunch, rendezvous_port, training_job
+from colorize_dist.launch.slurm import (
+    CONFIG_NAME,
+    ELASTIC_ENV,
+    ElasticLaunch,
+    rendezvous_port,
+    torchrun_command,
+    training_job,
+)
 from colorize_dist.training.config import load_training_config
 from tests.launch.test_slurm import REPO, run_cli, submit_args, tiny_overrides
 
@@ -81,3 +90,16 @@ def test_the_restart_budget_defaults_to_three_and_bad_bounds_are_one_line(shards
         assert status == 2 and err.count("\n") == 1 and err.startswith(line), err
     assert not run_dir.exists()
 
+
+
+def test_the_multi_node_template_runs_the_same_agent() -> None:
+    """slurm/multi_node.sbatch with MIN_NODES and `submit --elastic`: the same torchrun options and environment."""
+    text = (REPO / "slurm" / "multi_node.sbatch").read_text()
+    template = shlex.split(re.search(r"exec torchrun (.*?) colorize_dist/train\.py", text.replace("\\\n", " "),
+                                     re.DOTALL).group(1))
+    ours = torchrun_command(ElasticLaunch(1, 3), 2, 8, "node1:29400", "7", 100, [])[3:-2]  # before -m MODULE
+    template_options, our_options = (dict(zip(words[::2], words[1::2], strict=True)) for words in (template, ours))
+    assert list(template_options) == list(our_options)
+    for option in ("--rdzv-backend", "--signals-to-handle", "--shutdown-timeout"):  # the rest: the job's numbers
+        assert template_options[option] == our_options[option], option
+    assert all(f"{key}={value}" in text for key, value in ELASTIC_ENV.items())

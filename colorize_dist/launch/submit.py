@@ -6,6 +6,7 @@
     colorize-dist submit --config tiny --run-dir runs/cpu --gpus-per-node 0 --tasks-per-node 2 \\
         --partition debug --time 00:30:00  # CPU processes (gloo), e.g. on tests/tools/local_cluster.sh
     colorize-dist submit --config res1024 --accelerate-config configs/accelerate/deepspeed_zero2.yaml ...
+    colorize-dist submit ... --nodes 4 --elastic 2:3   # torch elastic: goes on over node losses (down to 2 nodes)
 
 The config, its overrides, --run-dir and --resume are the trainer's (`colorize-dist train`); the config is
 checked here and written to RUN/config.yaml, which every start of the job trains with. Slurm runs one task per
@@ -18,6 +19,9 @@ says. Without it the processes run DDP (gloo on CPUs). Logs and submitit's files
 before it (--signal-delay seconds ahead) or on preemption the trainer saves a checkpoint and the job requeues
 itself with --resume auto, up to --max-timeouts times, so a run longer than one allocation needs no action. The
 Slurm options are those of a study's `launch:` section (colorize_dist.launch.resources.SlurmResources).
+--elastic MIN_NODES[:MAX_RESTARTS] runs one torchrun agent per node instead (c10d rendezvous on the first node,
+--nnodes MIN_NODES:--nodes, --max-restarts MAX_RESTARTS, default 3; README "Surviving node failures"): a lost node
+costs the steps since the last checkpoint, not the job. Time limits and preemption checkpoint and requeue as above.
 Exit status: 0 submitted; 1 Slurm refused the job or is not installed; 2 bad configuration.
 """
 
@@ -43,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accelerate-config", type=Path, metavar="FILE",
                         help="run the processes as `accelerate launch --config_file FILE` does, e.g. "
                              "configs/accelerate/deepspeed_zero2.yaml (default: DDP)")
+    parser.add_argument("--elastic", metavar="MIN_NODES[:MAX_RESTARTS]",
+                        help="torch elastic: one torchrun agent per node; the job goes on while MIN_NODES nodes are "
+                             "left, over at most MAX_RESTARTS node losses (default 3)")
     add_resource_arguments(parser, "Slurm", required=("partition", "time", "gpus_per_node"))
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved config and the sbatch script; submit nothing, write nothing")
@@ -52,7 +59,8 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_training_config(args.config, args.overrides)
     run_dir = args.run_dir or default_run_dir(cfg, args.config)
     resources = resources_from_arguments(args, SlurmResources(job_name=f"colorize-{run_dir.absolute().name}"))
-    job = slurm.training_job(cfg, run_dir, resources, args.resume, args.accelerate_config)
+    elastic = slurm.ElasticLaunch.parse(args.elastic) if args.elastic is not None else None
+    job = slurm.training_job(cfg, run_dir, resources, args.resume, args.accelerate_config, elastic)
     if args.dry_run:
         print_dry_run(cfg, job, resources)
         return 0
@@ -65,22 +73,34 @@ def print_dry_run(cfg: Config, job: slurm.TrainingJob, resources: SlurmResources
     script = slurm.sbatch_script(job, resources)
     print(f"# resolved config (written to {job.run_dir / slurm.CONFIG_NAME} on submission)")
     print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
-    print(f"# each of the {resources.num_processes} tasks runs, with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and "
-          "MASTER_PORT from Slurm:")
+    if job.elastic is not None:
+        command = slurm.torchrun_command(job.elastic, resources.nodes, resources.processes_per_node,
+                                         "<first node>:<port>", "<job id>", job.save_timeout_s,
+                                         job.trainer_arguments(job.resume))
+        variables = " ".join(f"{key}={value}" for key, value in slurm.ELASTIC_ENV.items())
+        print(f"# each of the {resources.nodes} nodes runs one torchrun agent, with {variables}:")
+        print(f"#   {shlex.join(command)}")
+    else:
+        print(f"# each of the {resources.num_processes} tasks runs, with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR "
+              "and MASTER_PORT from Slurm:")
     if job.accelerate_config is not None:
         env = slurm.accelerate_env(job.accelerate_config)
         variables = " ".join(f"{key}={value}" for key, value in sorted(env.items()))
         print(f"#   and, as `accelerate launch --config_file {job.accelerate_config}` "
               f"({slurm.describe_accelerate_env(env)}): {variables}")
-    print(f"#   {shlex.join(job.trainer_command(job.resume))}")
+    if job.elastic is None:
+        print(f"#   {shlex.join(job.trainer_command(job.resume))}")
     print(f"# sbatch script (saved in {job.run_dir / slurm.SUBMITIT_FOLDER} on submission):")
     print(script, end="")
 
 
 def print_submitted(submitted: submitit.Job, job: slurm.TrainingJob, resources: SlurmResources) -> None:
     paths = submitted.paths
-    print(f"submitted job {submitted.job_id} ({resources.nodes} node(s) × {resources.processes_per_node} task(s), "
-          f"partition {resources.partition}): run dir {job.run_dir}")
+    per_node = (f"1 torchrun agent × {resources.processes_per_node} process(es), elastic down to "
+                f"{job.elastic.min_nodes} node(s)" if job.elastic is not None
+                else f"{resources.processes_per_node} task(s)")
+    print(f"submitted job {submitted.job_id} ({resources.nodes} node(s) × {per_node}, partition "
+          f"{resources.partition}): run dir {job.run_dir}")
     print(f"  logs:   {paths.stdout}  {paths.stderr}  (task 0; other tasks: {submitted.job_id}_<task>_log.*)")
     print(f"  follow: tail -f {paths.stdout}")
     print(f"  status: squeue -j {submitted.job_id}     cancel: scancel {submitted.job_id}")

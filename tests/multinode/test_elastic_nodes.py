@@ -4,8 +4,8 @@
 - the job goes on by itself on node 0 and finishes; the final weights equal those of one uninterrupted process;
 - node 1 started again joins at the next re-formation; killed once more beyond the restart budget, the job ends with
   one line per loss and the checkpoints intact, and rerunning both nodes finishes equal to the uninterrupted run;
-- slurm/multi_node.sbatch with MIN_NODES on the local cluster's emulated nodes: a killed node's job step, and the
-  job still ends COMPLETED, equal.
+- slurm/multi_node.sbatch with MIN_NODES, and `colorize-dist submit --elastic`, on the local cluster's emulated
+  nodes: a killed node's launcher and trainer, and the job still ends COMPLETED by itself, equal.
 
 Both compare with one uninterrupted run (one plain process: the global batch makes every step the same samples on
 any number of processes, tests/training/test_elastic.py). The machines have a prefix and a subnet of their own.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -29,9 +30,9 @@ import torch
 from safetensors.torch import load_file
 
 from colorize_dist import cli
-from colorize_dist.launch.slurm import SUBMITIT_FOLDER
+from colorize_dist.launch.slurm import SUBMITIT_FOLDER, TrainingOutcome
 from colorize_dist.training import checkpoint, elastic
-from tests.launch.test_slurm import job_info, logs, wait_for_first_checkpoint, wait_until_ended
+from tests.launch.test_slurm import job_info, logs, run_cli, wait_for_first_checkpoint, wait_until_ended
 from tests.multinode import netns
 from tests.multinode.conftest import skip_or_fail
 from tests.multinode.test_two_nodes import LOST_LINE, Node, intact_checkpoints, tails, wait
@@ -229,8 +230,9 @@ def test_a_returning_node_rejoins_and_a_failure_beyond_the_restart_budget_ends_t
           f"rerun: largest weight difference to the uninterrupted run {largest:.2g}")
 
 
-def job_processes(job_id: str, node: str) -> list[int]:
-    """The launcher and trainer processes of Slurm job `job_id` on `node` (not Slurm's own: slurmd, slurmstepd)."""
+def job_processes(job_id: str, node: str, markers: tuple[str, ...] = ("torchrun", "train.py")) -> list[int]:
+    """The launcher and trainer processes of Slurm job `job_id` on `node` (not Slurm's own: slurmd, slurmstepd), by
+    words of their command lines."""
     found = []
     for entry in Path("/proc").iterdir():
         try:
@@ -239,7 +241,7 @@ def job_processes(job_id: str, node: str) -> list[int]:
         except (OSError, ValueError):
             continue
         if (environ.get("SLURM_JOB_ID") == job_id and environ.get("SLURMD_NODENAME") == node
-                and ("torchrun" in command or "train.py" in command)):
+                and any(marker in command for marker in markers)):
             found.append(int(entry.name))
     return found
 
@@ -263,13 +265,7 @@ def test_the_elastic_slurm_template_finishes_on_the_node_left(multinode_partitio
     job_id = submitted.stdout.strip()
     try:
         wait_for_first_checkpoint(run_dir)
-        second = subprocess.run(["scontrol", "show", "hostnames", job_info(job_id)["NodeList"]], capture_output=True,
-                                text=True, check=True).stdout.split()[1]
-        victims = job_processes(job_id, second)
-        assert victims, logs(run_dir)
-        for pid in victims:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        second = kill_second_node(job_id, run_dir)
         info = wait_until_ended(job_id, run_dir, timeout=KILLED_BOUND_S)
     finally:
         subprocess.run(["scancel", job_id], check=False)
@@ -280,4 +276,91 @@ def test_the_elastic_slurm_template_finishes_on_the_node_left(multinode_partitio
     assert re.search(r"^train: restart 1 of 1 after losing .* 1 process now \(2 before\)", log,
                      re.MULTILINE), log[-3000:]
     assert saved_by(run_dir)[MAX_STEPS] == 1
+    assert_same_final_weights(uninterrupted, run_dir)
+
+
+def kill_second_node(job_id: str, run_dir: Path, markers: tuple[str, ...] = ("torchrun", "train.py")) -> str:
+    """SIGKILL to the launcher and trainer of the job's second node (as a crash would); its name."""
+    second = subprocess.run(["scontrol", "show", "hostnames", job_info(job_id)["NodeList"]], capture_output=True,
+                            text=True, check=True).stdout.split()[1]
+    victims = job_processes(job_id, second, markers)
+    assert victims, logs(run_dir)
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return second
+
+
+def elastic_submit_args(partition: str, shards: Path, run_dir: Path) -> list:
+    return ["submit", "--config", REPO / "configs" / "tiny.yaml", "--run-dir", run_dir, "--partition", partition,
+            "--nodes", 2, "--gpus-per-node", 0, "--tasks-per-node", 1, "--cpus-per-task", 1, "--time", 10,
+            "--elastic", "1:1", *settings(shards)]
+
+
+@pytest.mark.multinode
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_submit_elastic_finishes_on_the_node_left(multinode_partition: str, even_shards: Path, uninterrupted: Path,
+                                                 tmp_path: Path) -> None:
+    """`colorize-dist submit --elastic 1:1` on the two emulated nodes: one torchrun agent per node; the second node's
+    agent and trainer killed after the first checkpoint. The job ends COMPLETED by itself, equal."""
+    run_dir = tmp_path / "run"
+    submit = elastic_submit_args(multinode_partition, even_shards, run_dir)
+    status, out, err = run_cli(*submit, "--dry-run")
+    assert status == 0, err
+    script = out[out.index("#!/bin/bash"):]
+    assert {"#SBATCH --no-kill", "#SBATCH --ntasks-per-node=1"} <= set(script.splitlines()), script
+    assert " --kill-on-bad-exit=0 " in script.splitlines()[-1], script
+    test = subprocess.run(["sbatch", "--test-only"], input=script, capture_output=True, text=True)
+    assert test.returncode == 0 and "to start at" in test.stderr, test.stderr
+    status, out, err = run_cli(*submit)
+    assert status == 0, err
+    job_id = re.search(r"submitted job (\d+)", out).group(1)
+    try:
+        wait_for_first_checkpoint(run_dir)
+        second = kill_second_node(job_id, run_dir, ("torch.distributed.run", "colorize_dist.train"))
+        info = wait_until_ended(job_id, run_dir, timeout=KILLED_BOUND_S)
+    finally:
+        subprocess.run(["scancel", job_id], check=False)
+    log = "\n".join(path.read_text(errors="replace") for path in sorted((run_dir / SUBMITIT_FOLDER).glob("*_log.*")))
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), f"{info}\n{logs(run_dir)}"
+    assert re.search(rf"^train: lost rank \d \(node {second}, [\d.]+\) of 2 ranks: .*restart 1 of 1\), which resume",
+                     log, re.MULTILINE), logs(run_dir)
+    assert re.search(r"^train: restart 1 of 1 after losing .* 1 process now \(2 before\)", log,
+                     re.MULTILINE), logs(run_dir)
+    # the first node's task: the run finished (the second node's task failed with its killed agent)
+    first_task = pickle.loads((run_dir / SUBMITIT_FOLDER / f"{job_id}_0_result.pkl").read_bytes())
+    assert first_task == ("success", TrainingOutcome(run_dir.absolute(), finished=True)), first_task
+    assert saved_by(run_dir)[MAX_STEPS] == 1
+    assert_same_final_weights(uninterrupted, run_dir)
+
+
+@pytest.mark.multinode
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_submit_elastic_checkpoints_and_requeues_on_the_preemption_signal(multinode_partition: str,
+                                                                          even_shards: Path, uninterrupted: Path,
+                                                                          tmp_path: Path) -> None:
+    """submitit's warning signal to an elastic job: every node's agent stops its trainer, which saves, instead of
+    restarting it; the job requeues itself, resumes on both nodes and ends COMPLETED, equal."""
+    run_dir = tmp_path / "run"
+    status, out, err = run_cli(*elastic_submit_args(multinode_partition, even_shards, run_dir))
+    assert status == 0, err
+    job_id = re.search(r"submitted job (\d+)", out).group(1)
+    try:
+        wait_for_first_checkpoint(run_dir)
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+        info = wait_until_ended(job_id, run_dir, timeout=KILLED_BOUND_S)
+    finally:
+        subprocess.run(["scancel", job_id], check=False)
+    log = "\n".join(path.read_text(errors="replace") for path in sorted((run_dir / SUBMITIT_FOLDER).glob("*_log.*")))
+    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), f"{info}\n{logs(run_dir)}"
+    # the first node's agent exited once the trainers had saved on SIGUSR1, before the requeue (no SIGTERM needed)
+    assert re.search(r"^launch: the trainer exited with status 1 on the warning; requeueing$", log, re.MULTILINE), log
+    assert f"Requeued job {job_id}" in log and "stop requested: checkpoint at step" in log, logs(run_dir)
+    assert "restart 1 of 1" not in log, logs(run_dir)  # the agents stopped; none restarted its trainer
+    outcomes = [pickle.loads(path.read_bytes()) for path in sorted((run_dir / SUBMITIT_FOLDER).glob(
+        f"{job_id}_*_result.pkl"))]
+    assert outcomes == [("success", TrainingOutcome(run_dir.absolute(), finished=True))] * 2, outcomes
+    assert saved_by(run_dir)[MAX_STEPS] == 2
     assert_same_final_weights(uninterrupted, run_dir)

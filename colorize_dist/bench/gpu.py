@@ -9,7 +9,7 @@ Each stage is another `bench` command's measurement, run on this GPU:
   color   `bench color`: our RGB→Lab kernel against kornia on the GPU and a device-to-device copy of the same bytes
   data    `bench data`: the reference loader (every core) against DALI cpu and DALI mixed (GPU decoding)
   train   `bench train`: fp32, bf16, + channels_last, + compile with res256 (batch 32) and res512 (batch 16):
-          images/s, peak memory, MFU (study/costs.py) against the measured bf16 rate and the data sheet
+          images/s, peak memory, MFU (training/costs.py) against the measured bf16 rate and the data sheet
   memory  peak memory of a few bf16 steps at two batch sizes of res512 and res1024, and the largest batch that
           fits by a straight line through the two
 

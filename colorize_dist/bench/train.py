@@ -28,7 +28,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from colorize_dist.data.make import ShardOptions
 from colorize_dist.data.synth import write_synthetic_shards
 from colorize_dist.errors import UserError
-from colorize_dist.study import costs
+from colorize_dist.training import costs
 from colorize_dist.training.config import Config, load_training_config
 from colorize_dist.training.summary import read_summary
 
@@ -134,7 +134,7 @@ def logged_rates(run_dir: Path, warmup: int) -> tuple[float, float]:
 
 
 def mfu(cfg: Config, images_per_s: float, variant: str, peak_tflops: float | None = None) -> float | None:
-    """Model FLOPs utilisation of one process running `variant` (study/costs.py: FLOPs per image; against
+    """Model FLOPs utilisation of one process running `variant` (training/costs.py: FLOPs per image; against
     `peak_tflops` if given, else the GPU's data-sheet peak at the variant's precision); None off a GPU whose peak
     we know."""
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

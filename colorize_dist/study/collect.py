@@ -16,10 +16,10 @@ from typing import Any
 
 from colorize_dist.eval.names import DIRECTION
 from colorize_dist.study.cluster import SLURM_FOLDER, active_jobs
-from colorize_dist.study.costs import mfu, point_cost
 from colorize_dist.study.plan import Plan, Point
 from colorize_dist.study.record import DONE, PointState, read_record
 from colorize_dist.study.status import point_state
+from colorize_dist.training.costs import mfu, point_cost
 from colorize_dist.training.summary import read_summary
 
 Series = list[tuple[int, float]]  # (step, value), by step

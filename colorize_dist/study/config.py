@@ -44,7 +44,7 @@ class BudgetConfig:
     """How long every point trains; at most one is set (none: the training config's own max_steps or epochs).
 
     Images and FLOPs are rounded up to whole optimizer steps of each point's global batch; FLOPs are counted
-    as `colorize_dist.study.costs` says (model FLOPs of G and D, forward and backward).
+    as `colorize_dist.training.costs` says (model FLOPs of G and D, forward and backward).
     """
 
     steps: int | None = None

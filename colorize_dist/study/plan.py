@@ -18,8 +18,8 @@ from colorize_dist.config import ConfigError, resolve_config
 from colorize_dist.files import first_line
 from colorize_dist.launch.resources import SlurmResources
 from colorize_dist.study.config import LAUNCH_PREFIX, TIME_KEY, PointConfig, StudyConfig, check_time_text
-from colorize_dist.study.costs import point_cost
 from colorize_dist.training.config import Config, check_launch, load_training_config
+from colorize_dist.training.costs import point_cost
 
 POINTS = "points"  # OUT/points/<point>: each point's run dir
 DATA = "data"  # OUT/data/synthetic-…: the shared synthetic shards, when the config names none

@@ -142,7 +142,7 @@ NOTES = [
     "torch (CUDA context, DALI's pool, nvJPEG), on CPUs the peak resident set size.",
     "- FLOPs: model FLOPs per training image, 3·G + 8·D forward FLOPs (2 per multiply-add; the perceptual VGG16 "
     "is not counted); compute: that × images seen; MFU: images/s × FLOPs per image / (GPUs × dense peak at the "
-    "run's precision). See `colorize_dist/study/costs.py`.",
+    "run's precision). See `colorize_dist/training/costs.py`.",
     "- Wall time: the training loop's, in the last start of the run. Every point is in `results.csv`, with its run "
     "dir and log.",
 ]

@@ -28,7 +28,6 @@ from colorize_dist.data.store import redact
 from colorize_dist.eval.fid import load_inception
 from colorize_dist.models import DiscriminatorLoss, GeneratorLoss, build_discriminator, build_generator
 from colorize_dist.models.export import init_from_export
-from colorize_dist.study.costs import peak_flops, point_cost
 from colorize_dist.training import elastic, peers
 from colorize_dist.training.checkpoint import Progress
 from colorize_dist.training.config import (
@@ -40,6 +39,7 @@ from colorize_dist.training.config import (
     load_training_config,
     recorded_config,
 )
+from colorize_dist.training.costs import peak_flops, point_cost
 from colorize_dist.training.divergence import DivergenceWatch
 from colorize_dist.training.ema import EMA
 from colorize_dist.training.profile import ProfileWindow

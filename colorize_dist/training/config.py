@@ -81,7 +81,7 @@ class TrainConfig:
     # A collective (all-reduce, barrier, checkpoint) that waits longer than this for another rank ends the run with
     # one line naming the ranks that no longer answer; rank 0 alone may hash a large checkpoint meanwhile.
     collective_timeout_s: float = 600.0
-    peak_tflops: float | None = None  # one GPU's dense peak for MFU; None: the data sheet of a known GPU (study/costs)
+    peak_tflops: float | None = None  # one GPU's dense peak for MFU; None: a known GPU's data sheet (costs.py)
     # A rank slower than the others' median by this fraction (forward time or data wait per step) for
     # straggler_intervals logging intervals in a row is named in a warning (training/telemetry.py).
     straggler_margin: float = 0.5

@@ -16,7 +16,7 @@ RUN/metrics.jsonl per interval:
                 "data_wait_s": 0.001, "forward_s": 0.030, "allocated_mib": null, "reserved_mib": null,
                 "device_used_mib": null, "rss_mib": 905.2}, ...]}
 
-Top level, over the job: images/s of all ranks together; MFU (study/costs.py's FLOPs per image over the GPUs'
+Top level, over the job: images/s of all ranks together; MFU (training/costs.py's FLOPs per image over the GPUs'
 dense peak: train.peak_tflops, else the data sheet of a known GPU; null on CPUs and unknown GPUs); the slowest
 rank's median and worst step time (seconds), data wait and forward time (seconds per step); the largest memory
 figure of any rank (`memory` says which: device-wide used memory on GPUs, resident set size on CPUs); and the
@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from colorize_dist.collectives import all_gather_objects, all_gather_rows
-from colorize_dist.study.costs import PointCost
+from colorize_dist.training.costs import PointCost
 
 log = logging.getLogger(__name__)
 

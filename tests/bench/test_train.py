@@ -1,4 +1,4 @@
-"""bench train: MFU is study/costs.py's formula (model FLOPs per image × images/s over the peak)."""
+"""bench train: MFU is training/costs.py's formula (model FLOPs per image × images/s over the peak)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from colorize_dist.bench import train as bench_train
-from colorize_dist.study import costs
+from colorize_dist.training import costs
 from colorize_dist.training.config import load_training_config
 
 

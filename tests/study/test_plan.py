@@ -10,9 +10,9 @@ import pytest
 from colorize_dist.config import ConfigError
 from colorize_dist.study.collect import report_metrics
 from colorize_dist.study.config import load_study, study_names
-from colorize_dist.study.costs import PointCost, mfu, peak_flops, point_cost
 from colorize_dist.study.plan import make_plan
 from colorize_dist.study.record import last_error_line
+from colorize_dist.training.costs import PointCost, mfu, peak_flops, point_cost
 from tests.study.conftest import BROKEN, SMOKE, markdown_tables, run_cli
 
 

@@ -3,6 +3,7 @@ batches, the same one-line errors naming the URL, transient faults retried."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import time
@@ -234,6 +235,31 @@ def test_a_server_going_down_mid_epoch_is_one_line_naming_the_url_in_bounded_tim
                     r"checkpoint$", message), message
     assert "\n" not in message and took < 10
 
+
+@pytest.mark.parametrize("stage", ["manifest", "sizes", "indexes"])
+def test_a_server_going_down_at_start_up_is_one_line_naming_the_url_in_bounded_time(served, synth_shards, stage,
+                                                                                    monkeypatch):
+    """The server stops answering at the manifest's GET, the shards' HEADs or the indexes' GETs: each is the line
+    of a server that did not answer (never a damaged index), before the first batch."""
+    server, _ = served
+    monkeypatch.setattr(store, "RETRIES", 3)
+    shards = len([entry for entry in json.loads((synth_shards / "manifest.json").read_text())["splits"]["train"]
+                  ["shards"] if entry["samples"] > 0])
+    down = Proxy(server.port, answers={"manifest": 0, "sizes": 1, "indexes": 1 + 2 * shards}[stage]).start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(ManifestError) as error:
+            epoch_batches(down.url + "good/")
+        took = time.monotonic() - started
+    finally:
+        down.stop()
+    message = str(error.value)
+    what = {"manifest": r"manifest\.json did not answer: GET",
+            "sizes": r"train/train-00000\d\.tar did not answer: HEAD",
+            "indexes": r"train/train-00000\d\.idx did not answer: GET"}[stage]
+    assert re.match(rf"{down.url}good/{what} tried 4 times over \d\.\d s, last \w+; rerun once it answers$",
+                    message), message
+    assert error.value.exit_status == 2 and "\n" not in message and took < 5
 
 @pytest.mark.slow
 def test_a_run_resumed_across_a_server_outage_equals_an_uninterrupted_run(served, tmp_path):

@@ -93,12 +93,16 @@ class Proxy:
     """An HTTP/1.1 proxy in a process of its own (a forked loader worker must not hold its sockets open): each
     request goes to nginx at `upstream_port`; its answer comes back after `delay_s`, or every `period`-th request
     (the last of each `period`) gets the next of `faults` instead: "503", "429", "reset" (the connection is
-    closed without an answer) or "short" (the body is cut in half, then the connection closed)."""
+    closed without an answer) or "short" (the body is cut in half, then the connection closed). With `answers`,
+    the server goes down at request number `answers` (0: the first): every connection is closed without an
+    answer and new ones are refused."""
 
-    def __init__(self, upstream_port: int, *, delay_s: float = 0.0, faults: tuple[str, ...] = (), period: int = 1):
+    def __init__(self, upstream_port: int, *, delay_s: float = 0.0, faults: tuple[str, ...] = (), period: int = 1,
+                 answers: int | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
-        self.args = [str(upstream_port), str(self.port), str(delay_s), ",".join(faults), str(period)]
+        self.args = [str(upstream_port), str(self.port), str(delay_s), ",".join(faults), str(period),
+                     str(-1 if answers is None else answers)]
         self.faults: list[str] = []  # the faults played, once stopped
 
     def start(self) -> Proxy:
@@ -112,16 +116,27 @@ class Proxy:
         self.faults = self.process.communicate(timeout=10)[0].split()
 
 
-async def proxy(upstream_port: int, port: int, delay_s: float, faults: list[str], period: int) -> None:
+async def proxy(upstream_port: int, port: int, delay_s: float, faults: list[str], period: int, answers: int) -> None:
     requests = 0
+    clients: set[asyncio.StreamWriter] = set()
+
+    def go_down() -> None:
+        server.close()  # refuse new connections
+        for open_client in list(clients):
+            open_client.transport.abort()
 
     async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal requests
         upstream = None
+        clients.add(writer)
         try:
             while True:
                 request = await reader.readuntil(b"\r\n\r\n")
                 number, requests = requests, requests + 1
+                if number == answers:
+                    go_down()
+                if 0 <= answers <= number:
+                    return
                 if upstream is None:
                     upstream = await asyncio.open_connection("127.0.0.1", upstream_port)
                 upstream[1].write(request)
@@ -149,6 +164,7 @@ async def proxy(upstream_port: int, port: int, delay_s: float, faults: list[str]
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
         finally:
+            clients.discard(writer)
             writer.close()
             if upstream is not None:
                 upstream[1].close()
@@ -169,5 +185,6 @@ def _content_length(head: bytes) -> int:
 
 
 if __name__ == "__main__":
-    upstream, port, delay, kinds, every = sys.argv[1:6]
-    asyncio.run(proxy(int(upstream), int(port), float(delay), [k for k in kinds.split(",") if k], int(every)))
+    upstream, port, delay, kinds, every, answered = sys.argv[1:7]
+    asyncio.run(proxy(int(upstream), int(port), float(delay), [k for k in kinds.split(",") if k], int(every),
+                      int(answered)))

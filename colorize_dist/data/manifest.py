@@ -34,7 +34,7 @@ from typing import Any
 
 from colorize_dist.data.dali_index import count_images, index_images
 from colorize_dist.data.images import is_progressive_jpeg
-from colorize_dist.data.store import LocalStore, RemoteStore, Store, StoreUnavailable, open_store, redact
+from colorize_dist.data.store import STARTUP_HINT, LocalStore, RemoteStore, Store, StoreUnavailable, open_store, redact
 from colorize_dist.errors import UserError
 from colorize_dist.files import atomic_write
 
@@ -140,7 +140,7 @@ def read_manifest(location: str | Path | Store) -> dict[str, Any]:
             f"or run `colorize-dist shards index {store.where}` for shards written by other tools"
         ) from None
     except StoreUnavailable as exc:
-        raise ManifestError(str(exc)) from None
+        raise ManifestError(f"{exc}; {STARTUP_HINT}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{store.show(path)} cannot be read ({redact(str(exc))})") from None
     try:
@@ -224,6 +224,8 @@ def list_shards(location: str | Path | Store, split: str) -> list[Shard]:
     try:
         sizes = list(store.map(store.size, [shard.path for shard in shards]))
         indexes = list(store.map(store.size, [shard.index_path for shard in shards]))
+    except StoreUnavailable as exc:
+        raise ManifestError(f"{exc}; {STARTUP_HINT}") from None
     except OSError as exc:
         raise ManifestError(f"{store.where} cannot be read ({redact(str(exc))})") from None
     for shard, size, index_size in zip(shards, sizes, indexes, strict=True):

@@ -32,7 +32,7 @@ from colorize_dist.data.augment import Augment
 from colorize_dist.data.dali_index import dali_index, index_images
 from colorize_dist.data.manifest import MANIFEST, Shard, ShardDataError, verify_hint
 from colorize_dist.data.sharding import MicroSlots, SplitSamples, epoch_order, epoch_seed, slot_positions
-from colorize_dist.data.store import LocalStore, Store, StoreUnavailable, redact
+from colorize_dist.data.store import STARTUP_HINT, LocalStore, Store, StoreUnavailable, redact
 from colorize_dist.files import sha256_of
 
 BLOCK = 512  # tar header size
@@ -55,6 +55,8 @@ def parse_index(shard: Shard, store: Store) -> ShardSamples:
     where, hint = store.show(shard.index_path), verify_hint(store.where)
     try:
         images = index_images(store.read_text(shard.index_path))
+    except StoreUnavailable as exc:  # the server, not the index
+        raise ShardDataError(f"{exc}; {STARTUP_HINT}") from None
     except (OSError, ValueError, IndexError) as exc:
         raise ShardDataError(f"index {where} is unreadable ({redact(str(exc))}); rewrite it with "
                              f"`colorize-dist shards index {store.where} --repair`") from None

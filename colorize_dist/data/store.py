@@ -45,6 +45,9 @@ class StoreUnavailable(OSError):
     how long."""
 
 
+STARTUP_HINT = "rerun once it answers"  # after a StoreUnavailable before the first step (manifest, sizes, indexes)
+
+
 def is_url(location: str | Path) -> bool:
     return isinstance(location, str) and "://" in location and not location.startswith("file://")
 

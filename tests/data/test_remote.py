@@ -3,6 +3,7 @@ batches, the same one-line errors naming the URL, transient faults retried."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import time
@@ -22,7 +23,7 @@ from colorize_dist.launch.slurm import training_job
 from colorize_dist.training.config import load_training_config
 from tests.data.helpers import flip_sample, index_entries, run_cli
 from tests.data.servers import require_nginx
-from tests.training.helpers import assert_same_weights, launch, probe_weights, tiny_overrides, train_once
+from tests.training.helpers import assert_same_weights, launch, probe_weights, tiny_overrides, train_once, train_process
 
 
 @pytest.fixture(scope="module")
@@ -233,3 +234,75 @@ def test_a_server_going_down_mid_epoch_is_one_line_naming_the_url_in_bounded_tim
                     r"\d+\.\d s, last \w+; once it answers, rerun with `--resume auto` to continue from the last "
                     r"checkpoint$", message), message
     assert "\n" not in message and took < 10
+
+
+@pytest.mark.parametrize("stage", ["manifest", "sizes", "indexes"])
+def test_a_server_going_down_at_start_up_is_one_line_naming_the_url_in_bounded_time(served, synth_shards, stage,
+                                                                                    monkeypatch):
+    """The server stops answering at the manifest's GET, the shards' HEADs or the indexes' GETs: each is the line
+    of a server that did not answer (never a damaged index), before the first batch."""
+    server, _ = served
+    monkeypatch.setattr(store, "RETRIES", 3)
+    shards = len([entry for entry in json.loads((synth_shards / "manifest.json").read_text())["splits"]["train"]
+                  ["shards"] if entry["samples"] > 0])
+    down = Proxy(server.port, answers={"manifest": 0, "sizes": 1, "indexes": 1 + 2 * shards}[stage]).start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(ManifestError) as error:
+            epoch_batches(down.url + "good/")
+        took = time.monotonic() - started
+    finally:
+        down.stop()
+    message = str(error.value)
+    what = {"manifest": r"manifest\.json did not answer: GET",
+            "sizes": r"train/train-00000\d\.tar did not answer: HEAD",
+            "indexes": r"train/train-00000\d\.idx did not answer: GET"}[stage]
+    assert re.match(rf"{down.url}good/{what} tried 4 times over \d\.\d s, last \w+; rerun once it answers$",
+                    message), message
+    assert error.value.exit_status == 2 and "\n" not in message and took < 5
+
+@pytest.mark.slow
+def test_a_run_resumed_across_a_server_outage_equals_an_uninterrupted_run(served, tmp_path):
+    """16 steps from disk in one go; over HTTP, nginx stopped once the step-2 checkpoint is written: the run ends in
+    one line naming the URL with `--resume auto`, and once nginx is back `--resume auto` finishes with the same
+    weights, bit for bit (every .safetensors of the final checkpoint and the export)."""
+    _, root = served
+    server = Nginx(root, tmp_path / "nginx").start()
+    settings = {"train.max_steps": 16, "train.checkpoint_every": 2, "train.keep_checkpoints": 1,
+                "train.validate_every": 16, "train.sample_every": 16}
+    try:
+        straight = train_once(tmp_path / "straight", tiny_overrides(root / "good", **settings), timeout=300)
+        assert straight.returncode == 0, straight.stderr
+        run_dir, overrides = tmp_path / "resumed", tiny_overrides(server.url + "good/", **settings)
+        process = train_process(run_dir, overrides)
+        deadline = time.monotonic() + 120
+        while not (run_dir / "checkpoints" / "step-0000002").is_dir() and process.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint at step 2"
+            time.sleep(0.02)
+        server.stop()  # the outage: connections refused from now on
+        stopped = time.monotonic()
+        stdout, stderr = process.communicate(timeout=120)
+        took = time.monotonic() - stopped
+        lines = [line for line in stderr.splitlines() if "did not answer" in line]
+        assert process.returncode == 2 and len(lines) == 1, stderr[-3000:]
+        assert re.match(rf"train: {server.url}good/\S+ did not answer: GET .* tried 7 times over \d+\.\d s, last "
+                        r"\w+; once it answers, rerun with `--resume auto` to continue from the last checkpoint$",
+                        lines[0]), lines[0]
+        assert took < 30 and "done at step 16" not in stdout
+        server.start()  # back, at the same address
+        resumed = train_once(run_dir, overrides, "--resume", "auto", timeout=300)
+        assert resumed.returncode == 0, resumed.stderr
+        assert "resumed from" in resumed.stdout and "done at step 16" in resumed.stdout
+    finally:
+        server.stop()
+    def final_weights(run: Path) -> list[Path]:
+        folders = (run / "checkpoints" / "step-0000016", run / "export")
+        return sorted(path.relative_to(run) for folder in folders for path in folder.rglob("*.safetensors"))
+
+    weights = final_weights(tmp_path / "straight")
+    assert len(weights) > 2 and weights == final_weights(run_dir)
+    for relative in weights:
+        expected, got = load_file(tmp_path / "straight" / relative), load_file(run_dir / relative)
+        assert expected.keys() == got.keys()
+        for key in expected:
+            assert torch.equal(expected[key], got[key]), f"{relative}: {key}"

@@ -3,7 +3,8 @@
 Each subcommand lives in the module that does the work; that module defines `add_arguments(parser)` and
 `main(args) -> int | None`, which parses no further than turning the arguments into the library's typed calls.
 Only the module of the command being run is imported (they pull in torch, DeepSpeed, submitit…), so
-`colorize-dist --help` answers at once; the help lines live in the table below. Errors a user can fix
+`colorize-dist --help` answers at once; the help lines live in the table below. A command's own `--help` shows its
+module's `DESCRIPTION`, written for users; the module docstring is for developers. Errors a user can fix
 (`colorize_dist.errors.UserError`) leave through `run`: one line on stderr and the error's exit status.
 """
 
@@ -51,7 +52,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         sub = groups[words[:-1]].add_parser(words[-1], help=help_line)
         if tuple(argv[:len(words)]) == words:
             module = importlib.import_module(module_name)
-            sub.description = module.__doc__
+            sub.description = module.DESCRIPTION
             sub.formatter_class = argparse.RawDescriptionHelpFormatter
             module.add_arguments(sub)
             sub.set_defaults(run=module.main, command_name=" ".join(words))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 
@@ -32,3 +33,15 @@ def test_runs_help_imports_nothing_heavy() -> None:
             "heavy = {'torch', 'accelerate', 'matplotlib', 'tabulate'} & set(sys.modules); print(sorted(heavy))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("words", sorted(COMMANDS))
+def test_every_command_describes_itself_for_users(words: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> None:
+    """`--help` shows the module's DESCRIPTION (what the command does and writes), never its developer docstring."""
+    module = importlib.import_module(COMMANDS[words][0])
+    assert module.DESCRIPTION.strip() and module.DESCRIPTION.strip() != (module.__doc__ or "").strip()
+    with pytest.raises(SystemExit):
+        build_parser([*words, "--help"]).parse_args([*words, "--help"])
+    shown = capsys.readouterr().out
+    assert module.DESCRIPTION.strip() in shown
+    assert module.__doc__ is None or module.__doc__.strip().splitlines()[0] not in shown

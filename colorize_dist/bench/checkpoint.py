@@ -1,8 +1,7 @@
-"""How long a checkpoint holds the training step: rank 0 hashing, renaming and pruning on the step (as before) vs in
-a background thread, with a preset's networks, optimizer states and EMA, one process on this machine.
+"""How long a checkpoint holds the training step: hashing, renaming and pruning on the step vs in a background thread.
 
-  colorize-dist bench checkpoint                      # res1024's networks, 3 saves of each, alternating
-  colorize-dist bench checkpoint --config res256 --repeats 5
+One process with a preset's real networks, optimizer states and EMA, the two ways alternating so that a shared
+machine's noise falls on both.
 """
 
 from __future__ import annotations
@@ -22,6 +21,15 @@ from colorize_dist.models import build_discriminator, build_generator
 from colorize_dist.training import checkpoint
 from colorize_dist.training.config import load_training_config
 from colorize_dist.training.ema import EMA
+
+DESCRIPTION = """\
+Time how long saving a checkpoint holds the training step, with a preset's networks, optimizer states and EMA:
+rank 0 hashing, renaming and pruning on the step against in a background thread. Prints a table of seconds per save
+of each way. Checkpoints go to --dir (default: a temporary folder).
+
+  colorize-dist bench checkpoint                      # res1024's networks, 3 saves of each, alternating
+  colorize-dist bench checkpoint --config res256 --repeats 5
+"""  # `colorize-dist bench checkpoint --help`, for users
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,20 +1,8 @@
-"""Images/s of the DALI pipeline and the reference loader, side by side, on the same shards and threads.
+"""Images/s of the DALI pipeline against the reference loader, built once each and fed the same shards and threads.
 
-Each loader makes training batches (read and check, decode, random resized crop, flip, RGB → (l, ab)) for
-one warm-up epoch and then `--epochs` timed ones, from one loader (the DALI pipeline is built once). The
-CPU columns are the CPU time per image of the whole process and its workers: on a busy machine they say
-more than images/s. Without --shards, synthetic JPEG shards are written to a temporary directory at each
-resolution. On a GPU the table adds DALI with mixed (GPU) decoding, and the reference loader uses all CPU
-cores. Ratios are against the reference loader.
-
---latency MS... (and --url URL) time one loader (DALI on the CPU) reading the same shards from disk and over HTTP:
-nginx serves them on a loopback port, behind a proxy that delays every response by MS milliseconds (an object
-store's round trip; `bench/serve.py`); --url adds a column reading a shard set already served there (the same
-images as --shards). Ratios are against disk.
-
---resume-at F also times a resumed epoch: from a new loader to the first batch of epoch 1 at batch
-round(F × batches per epoch), against replaying the consumed batches (decoding them, which is what the DALI
-loader did before it could start an epoch at any batch).
+CPU time per image of the process and its workers is reported beside images/s because it stays meaningful on a busy
+machine. --latency serves the shards through nginx behind a delaying proxy (bench/serve.py) to stand in for an
+object store's round trip; --resume-at compares starting an epoch at any batch with replaying the consumed batches.
 """
 
 from __future__ import annotations
@@ -37,12 +25,27 @@ from colorize_dist.data.loader import dali_available
 from colorize_dist.data.make import ShardOptions
 from colorize_dist.errors import UserError
 
+DESCRIPTION = """\
+Time the training data loaders: the DALI pipeline against the reference loader, on the same shards and threads,
+one warm-up epoch then --epochs timed ones. Prints images/s and CPU time per image, with ratios against the
+reference loader. Without --shards, synthetic JPEG shards are written to a temporary folder at each resolution.
+On a GPU the table adds DALI with GPU decoding.
+
+--latency MS... times reading the same shards from disk and over HTTP with MS milliseconds of delay per response
+(--url URL: a shard set already served there); --resume-at F also times resuming an epoch at fraction F.
+
+  colorize-dist bench data
+  colorize-dist bench data --shards data/shards --latency 0 20
+"""  # `colorize-dist bench data --help`, for users
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", type=Path, help="shard set to read at every resolution (default: synthetic)")
-    parser.add_argument("--resolutions", type=int, nargs="+", default=[128, 256, 512])
-    parser.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader workers")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--resolutions", type=int, nargs="+", default=[128, 256, 512],
+                        help="image sides to time (default 128 256 512)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="DALI threads, and the reference loader's workers (every core on a GPU)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
     parser.add_argument("--images", type=int, default=1024, help="synthetic images per resolution")
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs after the warm-up one")
     parser.add_argument("--latency", type=float, nargs="+", metavar="MS",

@@ -1,25 +1,7 @@
-"""The benchmark of a GPU node: the colour kernel, the data loaders and the training step, timed on its GPU.
+"""The benchmark of a GPU node: the other `bench` commands' measurements, run stage by stage on its GPU.
 
-  colorize-dist bench gpu --out bench-gpu                    # every stage
-  colorize-dist bench gpu --stages color,data --out DIR      # some of them (env always runs first)
-  colorize-dist bench gpu --out DIR loss.vgg_weights=PATH    # overrides for every training run
-
-Each stage is another `bench` command's measurement, run on this GPU:
-  env     GPU, driver, library versions, and a bf16 matrix product's TFLOP/s (the measured peak of the MFU column)
-  color   `bench color`: our RGB→Lab kernel against kornia on the GPU and a device-to-device copy of the same bytes
-  data    `bench data`: the reference loader (every core) against DALI cpu and DALI mixed (GPU decoding)
-  train   `bench train`: fp32, bf16, + channels_last, + compile with res256 (batch 32) and res512 (batch 16):
-          images/s, peak memory, MFU (training/costs.py) against the measured bf16 rate and the data sheet
-  memory  peak memory of a few bf16 steps at two batch sizes of res512 and res1024, and the largest batch that
-          fits by a straight line through the two
-
-DIR/report.md (markdown tables) and DIR/results.json are rewritten after every stage, so a run stopped by Ctrl-C
-or a job's time limit (SIGTERM) keeps what it measured. A stage that fails (out of memory, a missing package, a
-training run past --run-timeout) is a row of the report with its error and the next stage runs; the exit status
-is then 1. Data and training read synthetic JPEG shards written to a temporary folder, or --shards DIR. Training
-runs use the presets as they are: the perceptual loss needs VGG16's weights on disk (or add loss.beta=0).
-Without a CUDA device the command says so in one line and exits with status 2: every stage measures the GPU, and
-`bench color`, `bench data` and `bench train` give the CPU figures.
+The report is rewritten after every stage and a failed stage is a row with its error, so a run stopped by Ctrl-C,
+a time limit or an out-of-memory keeps what it measured.
 """
 
 from __future__ import annotations
@@ -109,6 +91,25 @@ class Bench:
         out = self.options.out
         atomic_write(out / "results.json", json.dumps(self.results, indent=1) + "\n")
         atomic_write(out / "report.md", render_report(self.results))
+
+
+DESCRIPTION = """\
+Benchmark a GPU node, stage by stage:
+  env     GPU, driver, library versions and a bf16 matrix product's TFLOP/s (the measured peak for MFU)
+  color   `bench color` on the GPU: our RGB→Lab kernel against kornia and a device-to-device copy
+  data    `bench data`: the reference loader against DALI cpu and DALI mixed (GPU decoding)
+  train   `bench train` with res256 and res512: images/s, peak memory, MFU
+  memory  peak memory of a few bf16 steps of res512 and res1024, and the largest batch that fits
+
+Writes DIR/report.md and DIR/results.json, rewritten after every stage. Data and training read synthetic shards
+written to a temporary folder, or --shards DIR. The perceptual loss needs VGG16's weights on disk (or loss.beta=0).
+
+  colorize-dist bench gpu --out bench-gpu                    # every stage
+  colorize-dist bench gpu --stages color,data --out DIR      # some of them (env always runs first)
+  colorize-dist bench gpu --out DIR loss.vgg_weights=PATH    # overrides for every training run
+
+Exit status: 0 every stage measured; 1 some stage failed (its error is in the report); 2 no CUDA device.
+"""  # `colorize-dist bench gpu --help`, for users
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

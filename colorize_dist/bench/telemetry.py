@@ -1,13 +1,7 @@
-"""What the per-interval telemetry (training/telemetry.py) costs a training step, one process on this machine.
+"""What the per-interval telemetry (training/telemetry.py) costs a training step.
 
-  colorize-dist bench telemetry                 # the tiny preset at its batch and train.log_every
-  colorize-dist bench telemetry --config res256 --steps 5
-
-Times a training step of the preset's G and D (forward and backward of both, an Adam step), what the telemetry
-adds to every step (the forward hooks of a GAN step's forward passes and `tick`, timed 1000 times) and one logging
-step's telemetry (the row's exchange, the record, RUN/metrics.jsonl's line). The overhead per logging interval is
-train.log_every steps' additions plus one logging step's, over train.log_every steps. Timing the additions alone
-keeps them apart from the step's own noise, which is far larger on a shared machine.
+The additions (forward hooks, `tick`, one logging step's exchange and record) are timed on their own, 1000 times,
+rather than as the difference of two timed steps: a step's own noise on a shared machine is far larger than them.
 """
 
 from __future__ import annotations
@@ -26,6 +20,15 @@ from colorize_dist.errors import UserError
 from colorize_dist.models import build_discriminator, build_generator
 from colorize_dist.training.config import check_launch, load_training_config
 from colorize_dist.training.telemetry import Telemetry
+
+DESCRIPTION = """\
+Time what the per-interval training metrics cost: a training step of the preset's G and D, what the telemetry
+adds to every step and to one logging step. Prints a table with the overhead per logging interval as a fraction of
+train.log_every steps. One process; writes nothing.
+
+  colorize-dist bench telemetry                 # the tiny preset at its batch and train.log_every
+  colorize-dist bench telemetry --config res256 --steps 5
+"""  # `colorize-dist bench telemetry --help`, for users
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,13 +1,7 @@
-"""Training throughput: fp32 eager vs bf16 vs bf16 + channels_last vs + torch.compile, side by side.
+"""Training throughput of the precision and memory-format variants, each a real training run in its own process.
 
-Each variant is a real training run of the given config (`colorize_dist/train.py` in its own process, so each
-gets a fresh Accelerate state and compile cache) for --steps optimizer steps on one device; steps/s and
-images/s are the median of the loop's logged rates after the first --warmup steps (which hold compilation).
-Without data.shards in the config, synthetic shards are made once at the config's resolution. On a GPU the
-table adds model FLOPs utilisation: model FLOPs per image (`colorize-dist model-info`) × images/s ÷ the
-GPU's peak for that precision.
-
-  colorize-dist bench train --config configs/res256.yaml --steps 60 train.batch_size=32
+A process per variant gives each a fresh Accelerate state and compile cache; rates are the median of the loop's
+logged rates after the warm-up steps, which hold compilation.
 """
 
 from __future__ import annotations
@@ -42,6 +36,16 @@ VARIANTS: dict[str, list[str]] = {
 }
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
 DEFAULT_CONFIG = TRAIN_SCRIPT.parents[1] / "configs" / "tiny.yaml"
+
+
+DESCRIPTION = """\
+Time training: fp32 eager against bf16, bf16 + channels_last and + torch.compile, each a real training run of
+the config for --steps optimizer steps on one device. Prints steps/s and images/s of each variant side by side, and on
+a GPU the model FLOPs utilisation. Without data.shards in the config, synthetic shards are made once at the config's
+resolution. KEY=VALUE overrides apply to every variant.
+
+  colorize-dist bench train --config configs/res256.yaml --steps 60 train.batch_size=32
+"""  # `colorize-dist bench train --help`, for users
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,17 +1,8 @@
-"""Index WebDataset shards written by other tools (webdataset.ShardWriter, GNU tar) so the loaders read them.
+"""Adopt shards written by other tools (webdataset.ShardWriter, GNU tar): the manifest and DALI indexes the loaders
+need.
 
-Expects DIR/train/*.tar, DIR/val/*.tar or both (a test set: val/ only); writes a DALI index beside each tar and
-DIR/manifest.json with each shard's sample count, size, SHA-256 and per-image CRC-32 (from the bytes as
-they are now: index only shards you trust). Images are used at whatever size they are stored; the loaders
-shuffle within a window of data.shuffle_buffer samples, so shards should be pre-shuffled.
-
---repair rewrites missing or stale `.idx` files of a set that has a manifest, only for shards whose bytes
-still match it, and changes nothing else. --force replaces the manifest, keeping what it said about the
-set's origin (source, resolution, format).
-
-A folder that an interrupted `shards make` left (its plan `make-in-progress.json`, or `.partial` shards) is
-refused: its complete shards are only part of the set. --force adopts them knowingly (the `.partial` files and the
-plan are removed, the count is printed).
+Hashes are taken from the bytes as they are now, so indexing vouches for nothing about their origin. A folder an
+interrupted `shards make` left is refused, because its complete shards are only part of the set.
 """
 
 from __future__ import annotations
@@ -44,6 +35,19 @@ from colorize_dist.files import atomic_write
 
 KEPT_INFO = ("source", "resolution", "image_format", "val_fraction", "split_rule", "sample_order", "jpeg_quality",
              "grayscale", "min_size", "background", "transparent_on_background", "skipped", "review", "contact_sheet")
+
+
+DESCRIPTION = """\
+Index WebDataset shards written by other tools so the loaders read them. Expects DIR/train/*.tar, DIR/val/*.tar
+or both; writes a DALI index beside each tar and DIR/manifest.json (sample counts, sizes, SHA-256, CRC-32 of each
+image: index only shards you trust). Images are used at the size they are stored; shards should be pre-shuffled.
+
+--repair rewrites missing or stale .idx files of a set that has a manifest (only for shards that still match it);
+--force replaces the manifest, or adopts the complete shards of an interrupted `shards make`.
+
+  colorize-dist shards index data/my_shards
+  colorize-dist shards index data/my_shards --repair
+"""  # `colorize-dist shards index --help`, for users
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,30 +1,12 @@
-"""Make WebDataset shards from a folder, .zip or .tar of images: square crops, train/val split, DALI indexes.
+"""Shards from a user's images: square crops, a stable train/val split, pre-shuffled shards, DALI indexes.
 
-Each image is center-cropped to the largest centered square and resized to RESOLUTION² (Lanczos; EXIF
-rotation applied; 16-bit images scaled to 8 bits; transparent pixels composited onto white, never the colour
-hidden under them), then stored as baseline JPEG (default) or PNG; --keep-original stores the file's bytes
-as they are (an image with transparency as a lossless PNG on white). Baseline JPEG is what GPUs decode
-fastest: DALI's `mixed` decoder sends baseline JPEGs to the hardware JPEG decoder, progressive JPEGs to CUDA,
-and PNG (FFHQ ships PNG) to the CPU, so PNG sources are best re-encoded, as the default does.
-
-Images go to val/ when a hash of their relative path falls below --val-fraction, so adding images never
-moves old ones between splits; within a split they are written in the order of that hash, so every shard
-is pre-shuffled (the loaders shuffle only within a window of data.shuffle_buffer samples); --val-fraction 1
-makes a test set (every image in val/, no train/ images).
-
-Skipped, and listed with the reason (on the terminal, counted per reason in the summary, all in manifest.json):
-  unreadable  files that do not decode to the end (truncated, not an image);
-  too small   a shorter side under --min-size (default RESOLUTION / 2: a 1x1 image is not upscaled to a flat tile);
-  grayscale   images whose colour their lightness explains (gray, sepia, cyanotype, a faintly tinted print):
-              residual chroma (`images.residual_chroma`) under 4; --keep-gray keeps them.
-Kept but listed for review: residual chroma from 4 to 12, where colour faces of muted colour (a tight crop of
-skin is nearly one tint) meet JPEG-compressed toned prints; losing a colour face quietly is the worse error.
-The skipped grayscale images and those kept for review are drawn, with their scores, on OUT/contact_sheet.png.
-
-A full disk stops the run with one line naming the folder and the space needed; complete shards stay, the one
-being written is removed, and no manifest is written. What the run set out to write is recorded in OUT (`manifest.
-MAKE_PLAN`) until the manifest is in place, so `shards index` and the loaders refuse the shards an interrupted or
-killed run left, and `shards verify` says to remake the set.
+Baseline JPEG is the default because DALI's `mixed` decoder sends it to the hardware JPEG decoder (progressive JPEG
+to CUDA, PNG to the CPU). The split and the order within a split come from a hash of each relative path, so adding
+images never moves old ones between splits and every shard is pre-shuffled for the loaders' shuffle window.
+Transparent pixels are composited onto white, never the colour hidden under them. Residual chroma from 4 to 12 is
+kept but listed: colour faces of muted colour meet toned prints there, and losing a colour face is the worse error.
+The plan (`manifest.MAKE_PLAN`) stays in OUT until the manifest is in place, so an interrupted run's shards are
+refused by `shards index` and the loaders.
 """
 
 from __future__ import annotations
@@ -165,6 +147,24 @@ def path_hash(relative_path: str) -> int:
 def sample_key(relative_path: str) -> str:
     """A WebDataset key for an image path: no dots (they start the extension), no spaces or slashes."""
     return re.sub(r"[^A-Za-z0-9_-]", "_", relative_path)
+
+
+DESCRIPTION = """\
+Make WebDataset shards from a folder, .zip or .tar of images, for training and evaluation.
+
+Each image is centre-cropped to a square, resized to RESOLUTION² and stored as baseline JPEG (or PNG;
+--keep-original keeps its bytes). Writes OUT/train/*.tar and OUT/val/*.tar (--val-fraction of the images; 1 makes a
+test set), a DALI index beside each shard and OUT/manifest.json.
+Skipped and listed with the reason: unreadable files, images with a shorter side under --min-size (default
+RESOLUTION / 2) and grayscale or toned images (--keep-gray keeps them); faintly coloured ones are kept and listed for
+review; both are drawn with their scores on OUT/contact_sheet.png.
+
+  colorize-dist shards make photos/ data/shards --resolution 256
+  colorize-dist shards make ffhq.zip data/ffhq --resolution 1024 --val-fraction 0.02
+
+A full disk stops the run with one line naming the folder and the space needed; complete shards stay, and
+`shards verify` says to remake the set.
+"""  # `colorize-dist shards make --help`, for users
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

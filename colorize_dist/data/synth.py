@@ -1,14 +1,8 @@
-"""Procedural colour images whose chroma is predictable from luminance structure.
+"""Procedural colour images whose chroma is predictable from luminance structure: the demo's and the tests' data.
 
-They are the built-in dataset of the demo and the tests: small to make, identical on every machine,
-and learnable, so a model trained on a few hundred of them clearly beats the gray (ab = 0) baseline.
-Each image is a smooth background whose hue follows its brightness (dark → blue, bright → peach)
-with a few shapes on top; every shape class has its own hue and its own luminance signature
-(radial shading, stripes, a flat bright fill, a thin ring), so the shape seen in L tells the colour.
-Geometry is defined in [0, 1]² coordinates, so one index gives the same picture at every resolution.
-
-`colorize-dist shards synth OUT --n N --resolution R` writes images 0..N-1 as a shard set, through
-the same writer as `shards make`.
+Small to make, identical on every machine and learnable: each shape class has its own hue and its own luminance
+signature, so the shape seen in L tells the colour and a short training run clearly beats the gray baseline.
+Geometry is in [0, 1]² coordinates, so one index gives the same picture at every resolution.
 """
 
 from __future__ import annotations
@@ -88,6 +82,14 @@ def synth_image(index: int, resolution: int) -> np.ndarray:
         mask, colour = shape(x - cx, y - cy, rng.uniform(0.08, 0.22))
         image = np.where(mask[..., None], colour, image)
     return np.rint(image).clip(0, 255).astype(np.uint8)
+
+
+DESCRIPTION = """\
+Write the built-in synthetic dataset (smooth backgrounds with coloured shapes whose colour the lightness
+tells) as a shard set in OUT, through the same writer as `shards make`: OUT/train, OUT/val, indexes, manifest.json.
+
+  colorize-dist shards synth data/synth --n 512 --resolution 64
+"""  # `colorize-dist shards synth --help`, for users
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

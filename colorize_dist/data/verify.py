@@ -1,8 +1,4 @@
-"""Check a shard set against its manifest, changing nothing: every shard is there with the size the manifest
-records, its tar reads (tar headers intact), its DALI index matches it, every image has the CRC-32 recorded
-when the shard was made and decodes at the manifest's resolution; `--deep` also re-hashes every shard
-(SHA-256). Prints a summary; exits 1 naming each file at fault and its fix (2 without a readable manifest).
-"""
+"""Check a shard set against its manifest, changing nothing, so a copied or damaged set is found before training."""
 
 from __future__ import annotations
 
@@ -31,6 +27,18 @@ from colorize_dist.data.store import LocalStore, RemoteStore, open_store, redact
 from colorize_dist.files import sha256_of
 
 REMAKE = "remake the set (`colorize-dist shards make ... --force`) or restore the shard"
+
+
+DESCRIPTION = """\
+Check a shard set against its manifest, changing nothing: every shard is there with its recorded size, its tar
+headers read, its DALI index matches, every image has its recorded CRC-32 and decodes at the manifest's resolution;
+--deep also re-hashes every shard (SHA-256). Prints a summary.
+
+  colorize-dist shards verify data/shards
+  colorize-dist shards verify data/shards --deep
+
+Exit status: 0 all good; 1 some file at fault (each named with its fix); 2 no readable manifest.
+"""  # `colorize-dist shards verify --help`, for users
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,23 +1,9 @@
-"""Colorize images of any size with an exported generator (PyTorch, or ONNX with onnxruntime); writes
-DIR/<name>.png for every input.
+"""Colorize images of any size with an exported generator, keeping their full-resolution lightness.
 
-Each image (grayscale or colour; colour is reduced to its L channel) keeps its size and its full-resolution
-lightness. The generator sees L at its training resolution: scaled so the longer side fits, centred and
-padded to a square (replicating the border), never stretched — the whole face, as in training. Its ab
-prediction for the image area is upsampled bilinearly to the original size, combined with the original L,
-and each pixel's chroma is reduced just enough for (L, a, b) to be a displayable sRGB colour, so L and hue
-survive the conversion to RGB and no colour clips or wraps. An alpha channel is kept. Unreadable files are
-reported and skipped (exit status 1); an --out that cannot be written is one line (exit status 2).
-
-Memory: the full-resolution work (L, the upsampled ab, the gamut mapping, RGB) is done in bands of whole rows
-of at most --max-pixels pixels, so a 6000×6000 photo needs the decoded image, the output and one band rather
-than ~120 bytes per pixel. Every step is per pixel or per row and column (the antialiased downscale for the
-model runs along rows, band by band, then along columns; the bilinear upsampling takes each output pixel's
-two rows and two columns of the prediction), so banded output is identical to a single band, whatever N.
-
-  colorize-dist colorize --checkpoint runs/00003 photos/ 'scans/*.jpg' old.png --out colorized/
-  colorize-dist colorize --onnx runs/00003/export/generator_best.onnx photos/ --out colorized/
-  accelerate launch --num_processes 4 -m colorize_dist colorize --checkpoint FILE photos/ --out DIR  # 4 GPUs
+The generator sees L at its training resolution, letterboxed (never stretched) as in training; its ab is upsampled
+and each pixel's chroma reduced just enough to be displayable sRGB, so L and hue survive and nothing clips. The
+full-resolution work runs in bands of whole rows of at most --max-pixels pixels; every step is per pixel or per
+row and column, so banded output is identical to a single band.
 """
 
 from __future__ import annotations
@@ -205,6 +191,19 @@ def collect_jobs(inputs: list[str], out_dir: Path) -> tuple[list[Job], list[str]
                 continue
             jobs[output] = Job(source, output)
     return list(jobs.values()), problems
+
+
+DESCRIPTION = """\
+Colorize images of any size with an exported generator (PyTorch, or ONNX with onnxruntime): writes
+DIR/<name>.png for every input, at the input's size with its own lightness (an alpha channel is kept). Inputs are
+files, folders or glob patterns; colour images are reduced to their lightness first.
+
+  colorize-dist colorize --checkpoint runs/00003 photos/ 'scans/*.jpg' old.png --out colorized/
+  colorize-dist colorize --onnx runs/00003/export/generator_best.onnx photos/ --out colorized/
+  accelerate launch --num_processes 4 -m colorize_dist colorize --checkpoint FILE photos/ --out DIR  # 4 GPUs
+
+Exit status: 0 all written; 1 some input unreadable (reported and skipped); 2 an --out that cannot be written.
+"""  # `colorize-dist colorize --help`, for users
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

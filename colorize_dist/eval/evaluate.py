@@ -1,22 +1,8 @@
-"""Evaluate an exported generator on a shard set: prints a table, writes metrics.json, the evaluation card
-(card.json, card.md) and samples.png; or compares two cards.
+"""Evaluate an exported generator on a shard set, or compare two evaluation cards.
 
-Metrics are those of `colorize_dist.eval.metrics`: PSNR/SSIM in Lab, ab and RGB, ΔE (CIEDE2000),
-colourfulness and the gray baseline; LPIPS with --lpips-weights; FID, KID and Inception Score with
---fid-weights. The card (`colorize_dist.eval.card`) fixes the protocol and gives every per-image metric
-with its 95 % bootstrap interval, the model's paired differences from the gray and mean-ab baselines, FID
-with its jackknife standard error, and the figures per skin-tone stratum (skin looked for in the face region,
-`--skin-region`) or per group of `--groups`; per_image.csv holds each image's values. Under `accelerate
-launch` every process scores its share of the images; the sums are reduced and the per-image values and
-Inception outputs gathered to rank 0, so N processes give the same numbers as one.
-
-  colorize-dist eval --checkpoint runs/00003 --shards data/celeba_shards
-  colorize-dist eval --checkpoint runs/00003 --shards data/celeba_shards --fid-weights --lpips-weights \
-      --fid-reference val_ref.npz
-  colorize-dist eval --checkpoint runs/00003 --shards data/test_shards --groups skin_types.csv  # your own strata
-  colorize-dist eval --compare runs/00003 runs/00004   # RUN/eval/card.json of each; refuses other protocols;
-                                                       # A − B with paired intervals on the same images
-  ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m colorize_dist eval --checkpoint FILE --shards DIR  # 2 CPUs
+Metrics are those of `colorize_dist.eval.metrics`; the card (`colorize_dist.eval.card`) fixes the protocol so two
+cards compare only on the same images. Under `accelerate launch` every process scores its share; sums are reduced and
+per-image values and Inception outputs gathered to rank 0, so N processes give the same numbers as one.
 """
 
 from __future__ import annotations
@@ -50,6 +36,20 @@ from colorize_dist.files import atomic_write, first_line, sha256_of, writable_di
 from colorize_dist.models.export import load_generator, resolve_checkpoint
 
 SAMPLE_IMAGES = 8  # rows of samples.png
+
+
+DESCRIPTION = """\
+Evaluate an exported generator on a shard set. Prints a table and writes metrics.json, the evaluation card
+(card.json, card.md: every metric with its 95 % interval, differences from the gray and mean-ab baselines, figures
+per skin-tone stratum or per --groups), per_image.csv and samples.png. Metrics: PSNR/SSIM in Lab, ab and RGB, ΔE
+(CIEDE2000), colourfulness; LPIPS with --lpips-weights; FID, KID and Inception Score with --fid-weights.
+--compare A B prints A − B with paired intervals on the same images.
+
+  colorize-dist eval --checkpoint runs/00003 --shards data/celeba_shards
+  colorize-dist eval --checkpoint runs/00003 --shards data/test_shards --groups skin_types.csv  # your own strata
+  colorize-dist eval --compare runs/00003 runs/00004   # RUN/eval/card.json of each
+  ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m colorize_dist eval --checkpoint FILE --shards DIR  # 2 CPUs
+"""  # `colorize-dist eval --help`, for users
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,7 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "mean-ab baseline (default: the run's data.shards when --checkpoint is a run "
                              "directory, else --shards)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch and process (default 32)")
-    parser.add_argument("--backend", default="auto", choices=("auto", "dali", "reference"), help="data loader")
+    parser.add_argument("--backend", default="auto", choices=("auto", "dali", "reference"),
+                        help="data loader (default auto: DALI where installed)")
     parser.add_argument("--out", type=Path,
                         help="folder for metrics.json, card.json, card.md and samples.png (default: eval/ in the "
                              "run directory)")

@@ -1,28 +1,8 @@
 """Submit training to Slurm with submitit; the job checkpoints and requeues itself at time limits and preemption.
 
-    colorize-dist submit --config res256 --run-dir runs/res256 data.shards=/data/ffhq \\
-        --nodes 2 --gpus-per-node 8 --partition gpu --time 24:00:00
-    colorize-dist submit ... --dry-run     # print the resolved config and the sbatch script, submit nothing
-    colorize-dist submit --config tiny --run-dir runs/cpu --gpus-per-node 0 --tasks-per-node 2 \\
-        --partition debug --time 00:30:00  # CPU processes (gloo), e.g. on tests/tools/local_cluster.sh
-    colorize-dist submit --config res1024 --accelerate-config configs/accelerate/deepspeed_zero2.yaml ...
-    colorize-dist submit ... --nodes 4 --elastic 2:3   # torch elastic: goes on over node losses (down to 2 nodes)
-
-The config, its overrides, --run-dir and --resume are the trainer's (`colorize-dist train`); the config is
-checked here and written to RUN/config.yaml, which every start of the job trains with. Slurm runs one task per
-GPU (--tasks-per-node CPU processes without GPUs), each running `python -m colorize_dist.train` with RANK,
-WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT from Slurm. --accelerate-config FILE runs them as `accelerate
-launch --config_file FILE` would (DeepSpeed, its ZeRO stage and offload, mixed precision: the ACCELERATE_*
-variables Accelerate's launcher computes); the number of processes and machines is Slurm's, whatever the file
-says. Without it the processes run DDP (gloo on CPUs). Logs and submitit's files go to RUN/slurm.
---time is one allocation's limit, in any of Slurm's formats (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS):
-before it (--signal-delay seconds ahead) or on preemption the trainer saves a checkpoint and the job requeues
-itself with --resume auto, up to --max-timeouts times, so a run longer than one allocation needs no action. The
-Slurm options are those of a study's `launch:` section (colorize_dist.launch.resources.SlurmResources).
---elastic MIN_NODES[:MAX_RESTARTS] runs one torchrun agent per node instead (c10d rendezvous on the first node,
---nnodes MIN_NODES:--nodes, --max-restarts MAX_RESTARTS, default 3; README "Surviving node failures"): a lost node
-costs the steps since the last checkpoint, not the job. Time limits and preemption checkpoint and requeue as above.
-Exit status: 0 submitted; 1 Slurm refused the job or is not installed; 2 bad configuration.
+The config is checked here and written to RUN/config.yaml, which every start of the job trains with. With
+--accelerate-config the tasks get the ACCELERATE_* variables Accelerate's launcher would compute, while the number of
+processes and machines stays Slurm's. --elastic runs one torchrun agent per node (training/elastic.py).
 """
 
 from __future__ import annotations
@@ -40,6 +20,22 @@ from colorize_dist.launch.options import add_resource_arguments, resources_from_
 from colorize_dist.launch.resources import SlurmResources
 from colorize_dist.training.command import add_arguments as add_training_arguments
 from colorize_dist.training.config import Config, default_run_dir, load_training_config
+
+DESCRIPTION = """\
+Submit training to Slurm. The config, its overrides, --run-dir and --resume are those of `colorize-dist train`;
+the resolved config goes to RUN/config.yaml, logs to RUN/slurm. Slurm runs one process per GPU (--tasks-per-node CPU
+processes without GPUs), as DDP or, with --accelerate-config FILE, as `accelerate launch` would (DeepSpeed ZeRO,
+mixed precision). Before --time runs out (--signal-delay seconds ahead) or on preemption the run saves a checkpoint
+and requeues itself, up to --max-timeouts times. --elastic MIN_NODES[:MAX_RESTARTS] keeps training over lost nodes
+(README "Surviving node failures").
+
+  colorize-dist submit --config res256 --run-dir runs/res256 data.shards=/data/ffhq \\
+      --nodes 2 --gpus-per-node 8 --partition gpu --time 24:00:00
+  colorize-dist submit ... --dry-run     # print the resolved config and the sbatch script, submit nothing
+  colorize-dist submit ... --nodes 4 --elastic 2:3   # goes on over node losses (down to 2 nodes)
+
+Exit status: 0 submitted; 1 Slurm refused the job or is not installed; 2 bad configuration.
+"""  # `colorize-dist submit --help`, for users
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,10 +18,6 @@ normalised L, output "color" (N, 2 or 3, H, W); N, H and W are dynamic, H and W 
 source file and its SHA-256, and the largest |Δ| between onnxruntime and PyTorch measured at export (CIELAB
 ab units for an ab generator) on three inputs, one square at the resolution and two non-square; an export
 over 0.05 is refused, nothing written.
-
-  colorize-dist export --onnx runs/00003                 # → runs/00003/export/generator_best.onnx
-  colorize-dist export --onnx runs/00003/export/generator_final.safetensors --out final.onnx
-  colorize-dist colorize --onnx runs/00003/export/generator_best.onnx photos/ --out colorized/
 """
 
 from __future__ import annotations
@@ -255,6 +251,18 @@ def _onnx():
     except ModuleNotFoundError as exc:
         raise ModuleNotFoundError(f"{exc.name} is not installed: {ONNX_EXTRA_HINT}") from None
     return onnx
+
+
+DESCRIPTION = """\
+Write a run's EMA generator as an ONNX model for onnxruntime, checked against PyTorch on three inputs
+(an export that differs by more than 0.05 is refused and nothing is written). RUN is a run directory (its best
+export, else final) or a .safetensors file; the model takes normalised L (N, 1, H, W) and returns "color", with
+N, H and W dynamic. Writes the .onnx beside the .safetensors file, or to --out FILE.
+
+  colorize-dist export --onnx runs/00003                 # → runs/00003/export/generator_best.onnx
+  colorize-dist export --onnx runs/00003/export/generator_final.safetensors --out final.onnx
+  colorize-dist colorize --onnx runs/00003/export/generator_best.onnx photos/ --out colorized/
+"""  # `colorize-dist export --help`, for users
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,13 +1,7 @@
-"""Print parameters, forward FLOPs and activation memory of G and D per resolution.
+"""Parameters, FLOPs and activation memory of G and D, counted on the meta device so that even 1024² costs nothing.
 
-FLOPs are `torch.utils.flop_counter`'s: 2 per multiply-add in convolutions, linear layers and attention matmuls
-(the convention of MFU figures); normalisation and elementwise ops are left out. Activation
-memory is what a float32 training step saves for backward, per sample; attention is counted as PyTorch's math
-backend stores it (the N×N scores), an upper bound for flash kernels. Models are built on the meta device, so
-even 1024² costs no memory or time.
-
-  colorize-dist model-info --config res512                      # at the config's data.resolution
-  colorize-dist model-info --config seed000 generator.depth=4 --resolution 64 128 256
+FLOPs are torch.utils.flop_counter's (2 per multiply-add, the MFU convention); activation memory counts attention as
+PyTorch's math backend stores it, an upper bound for flash kernels.
 """
 
 from __future__ import annotations
@@ -103,6 +97,15 @@ def cost_table(cfg: ModelConfig, resolutions: list[int]) -> str:
     return tabulate(rows, ["model", "resolution", "params", "GFLOP/sample", "act MiB/sample"], tablefmt="plain",
                     intfmt=",", floatfmt=("", "", "", ".3f", ".1f"), colalign=("left", "right", "right", "right",
                                                                                "right"))
+
+
+DESCRIPTION = """\
+Print the parameters, forward FLOPs per image and activation memory per sample of the generator and
+discriminator of a config, at its resolution or the ones given. Writes nothing.
+
+  colorize-dist model-info --config res512                      # at the config's data.resolution
+  colorize-dist model-info --config seed000 generator.depth=4 --resolution 64 128 256
+"""  # `colorize-dist model-info --help`, for users
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

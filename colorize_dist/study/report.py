@@ -1,12 +1,6 @@
-"""Collect a study's results into OUT/results.csv, OUT/report.md and OUT/plots/*.png.
+"""Collect a study's results from its points' run dirs; every point is listed, whatever its state.
 
-    colorize-dist study report smoke                    # studies/smoke, as `study run smoke --local` left it
-    colorize-dist study report node_ladder --out /scratch/studies/ladder --peak-tflops 989
-
-Per point: its status (done, failed with its error, incomplete, outdated, not started: every point is listed),
-final and best validation metrics, images/s, step time, data wait, peak memory, parameters, FLOPs, training
-compute and, on GPUs, MFU. Overrides given to `study run` are reused when none are given here. Runs anywhere the
-output dir is readable; reads Slurm's queue when some points ran there. Exit status: 0 written; 2 bad study.
+Reads only files (and Slurm's queue when points ran there), so it runs anywhere the output dir is readable.
 """
 
 from __future__ import annotations
@@ -29,6 +23,18 @@ from colorize_dist.study.plots import PLOTS, Plot, draw_all
 from colorize_dist.study.record import DONE
 
 RESULTS, REPORT = "results.csv", "report.md"
+
+
+DESCRIPTION = """\
+Write a study's results: OUT/results.csv, OUT/report.md and OUT/plots/*.png. Per point: its status, final and
+best validation metrics, images/s, step time, data wait, peak memory, parameters, FLOPs, training compute and, on
+GPUs, MFU. Overrides given to `study run` are reused when none are given here.
+
+  colorize-dist study report smoke                    # studies/smoke, as `study run smoke --local` left it
+  colorize-dist study report node_ladder --out /scratch/studies/ladder --peak-tflops 989
+
+Exit status: 0 written; 2 bad study.
+"""  # `colorize-dist study report --help`, for users
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,22 +1,8 @@
-"""Run every point of a study, each in its own run dir (OUT/points/<point>), then write its report.
+"""Run every point of a study, each in its own run dir, then write its report.
 
-    colorize-dist study run smoke --local                       # here, one point after another
-    colorize-dist study run seed000_table1 data.shards=/data/celeba-hq --partition gpu --time 24:00:00
-    colorize-dist study run node_ladder data.shards=/data/ffhq --partition gpu --wait
-    colorize-dist study run resolution_ladder data.shards=/data/ffhq --dry-run   # the points, nothing run
-
-KEY=VALUE overrides are training keys for every point (data.shards=…) or study keys (budget.steps=…,
-launch.gpus_per_node=…). Every point is checked before anything runs. Running a study again
-skips its finished points and resumes the others from their last checkpoint (points whose Slurm job is still
-queued or running are left alone). --local runs each point as a child process (torchrun for several processes);
-one failing point is recorded with its error and the study goes on. On Slurm, one submitit job array per set of
-resources; every point checkpoints and requeues itself at time limits. The Slurm options are `colorize-dist
-submit`'s (one SlurmResources; --time in any of Slurm's formats), each setting launch.<option> of the points.
-The report (`colorize-dist study report`) is written at the end of a local run and after --wait.
-A killed `study run --local` leaves no trainer behind: the point's process gets SIGTERM, checkpoints and exits;
-run again, the study waits for it to release the run dir (up to 120 s) and resumes the point.
-Exit status: 0 every point done (or submitted, without --wait); 1 some point failed or did not finish (each with
-its reason in the report), or Slurm refused the jobs; 2 bad study; 130 interrupted.
+Every point is checked before anything runs, and running a study again resumes it (finished points skipped, queued
+or running Slurm jobs left alone), so a study survives its own interruption. --local runs points as child processes
+that checkpoint on SIGTERM; on Slurm, one submitit job array per set of resources.
 """
 
 from __future__ import annotations
@@ -43,6 +29,22 @@ from colorize_dist.study.record import DONE, read_record, write_study_args
 from colorize_dist.study.status import is_done
 
 EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
+
+
+DESCRIPTION = """\
+Run every point of a study (a shipped study's name or a YAML file), each in OUT/points/<point> (--out, default
+studies/<name>), here
+(--local) or as Slurm job arrays, then write its report (`colorize-dist study report`). KEY=VALUE overrides are
+training keys for every point (data.shards=…) or study keys (budget.steps=…, launch.gpus_per_node=…). Running it
+again skips finished points and resumes the others from their last checkpoint. The Slurm options are `submit`'s.
+
+  colorize-dist study run smoke --local                       # here, one point after another
+  colorize-dist study run seed000_table1 data.shards=/data/celeba-hq --partition gpu --time 24:00:00
+  colorize-dist study run resolution_ladder data.shards=/data/ffhq --dry-run   # the points, nothing run
+
+Exit status: 0 every point done (or submitted, without --wait); 1 some point failed or did not finish, or Slurm
+refused the jobs; 2 bad study; 130 interrupted.
+"""  # `colorize-dist study run --help`, for users
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,29 +1,7 @@
-"""Train the colorization GAN (L → ab): attention U-Net generator, PatchGAN discriminator, DDP or DeepSpeed.
+"""The trainer's command line: the config, the run directory and resuming, turned into one `train` call.
 
-    accelerate launch colorize_dist/train.py         # embedded default: the tiny preset on synthetic data, CPU
-    accelerate launch colorize_dist/train.py --config seed000 data.shards=/data/celeba-hq
-    accelerate launch --config_file configs/accelerate/multi_gpu.yaml colorize_dist/train.py \\
-        --config res256 data.shards=/data/ffhq
-    accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml colorize_dist/train.py \\
-        --config res1024 data.shards=/data/ffhq
-    colorize-dist train --config ...                 # the same command line, one process
-
---config takes a preset's name (tiny, seed000, seed000_depth4, seed000_ndims32, seed000_unet, seed001, res256,
-res512, res1024) or a YAML file, which may start from a preset with `base: NAME`. The run directory (--run-dir,
-else train.run_dir, else runs/<config name>) holds config.yaml (the resolved config), checkpoints/step-XXXXXXX/
-(the last train.keep_checkpoints) and checkpoints/best/, samples/*.png (gray | prediction | truth), logs/
-(TensorBoard) and export/generator_{final,best}.safetensors (EMA weights). --resume auto (the default)
-continues from the newest valid checkpoint of the run directory, if any.
-
-Exit status: 0 finished; 75 stopped early by SIGTERM/SIGUSR1 or `training.stop.request_stop()` after a checkpoint
-(resumable with --resume auto; `accelerate launch` and torchrun report it as 1, and RUN/summary.json's "finished":
-false is how a wrapper tells); 1 stopped after train.max_nonfinite_steps steps in a row skipped for a NaN/inf loss
-or gradient, weights gone NaN/inf (never checkpointed), or losses that exploded or a NaN validation
-(`training.divergence`: that step is not checkpointed); 2 bad configuration, missing or broken inputs, a run
-directory in use by another run, or a full disk (the last good checkpoint stays); 3 other ranks stopped answering
-(a node died, froze or lost its network; train.collective_timeout_s bounds the wait): one line per surviving node
-names them, and rerunning every node resumes from the last checkpoint; under torchrun with --max-restarts, the
-launcher restarts the workers on the nodes left instead, and they resume by themselves (training/elastic.py).
+Library errors a user can fix become UserErrors here; a lost peer becomes exit status 3 with one line per surviving
+node, and an early stop after a checkpoint becomes 75, so wrappers can tell resumable runs from failed ones.
 """
 
 from __future__ import annotations
@@ -36,6 +14,27 @@ from colorize_dist.training.config import DEFAULT_CONFIG, default_run_dir, load_
 from colorize_dist.training.stop import EXIT_RESUMABLE
 
 EXIT_PEER_LOST = 3
+
+
+DESCRIPTION = """\
+Train the colorization GAN (L → ab): attention U-Net generator, PatchGAN discriminator, DDP or DeepSpeed.
+
+--config takes a preset's name (tiny, seed000, seed000_depth4, seed000_ndims32, seed000_unet, seed001, res256,
+res512, res1024) or a YAML file (which may start from a preset with `base: NAME`); KEY=VALUE overrides follow. The
+run directory (--run-dir, else train.run_dir, else runs/<config name>) receives config.yaml, checkpoints/,
+samples/*.png, logs/ (TensorBoard), metrics.jsonl, summary.json and export/generator_{final,best}.safetensors.
+--resume auto (the default) continues from the newest valid checkpoint there.
+
+  accelerate launch colorize_dist/train.py --config seed000 data.shards=/data/celeba-hq
+  accelerate launch --config_file configs/accelerate/multi_gpu.yaml colorize_dist/train.py \\
+      --config res256 data.shards=/data/ffhq
+  colorize-dist train --config tiny                # one process
+
+Exit status: 0 finished; 75 stopped early by SIGTERM/SIGUSR1 after a checkpoint (resume with --resume auto;
+launchers report it as 1, RUN/summary.json says "finished": false); 1 diverged (NaN/inf losses or weights, exploding
+losses; that step is not checkpointed); 2 bad configuration or inputs, a run directory in use, or a full disk;
+3 other ranks stopped answering (rerun every node to resume from the last checkpoint).
+"""  # `colorize-dist train --help`, for users
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,7 +79,7 @@ def leave_process_group() -> None:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """The trainer's own command line (`accelerate launch colorize_dist/train.py ...`)."""
-    parser = argparse.ArgumentParser(prog="train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="train", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     return parser.parse_intermixed_args(argv)  # key=value overrides before, between or after the options

@@ -1,9 +1,4 @@
-"""The morning after: throughput, MFU, memory and validation of one or more runs over their steps, from each run's
-RUN/metrics.jsonl and RUN/summary.json.
-
-  colorize-dist runs runs/res256                       # a table per run
-  colorize-dist runs runs/a runs/b --plot runs.png     # and a figure comparing them
-"""
+"""Reads runs only from their files (metrics.jsonl, summary.json), so it works on finished, running or copied runs."""
 
 from __future__ import annotations
 
@@ -15,6 +10,15 @@ from typing import Any
 
 MAX_ROWS = 20  # rows per run's table: intervals are thinned to this many, the last one always kept
 PANELS = (("images_per_s", "images/s"), ("mfu", "MFU"), ("memory_mib", "memory MiB"), ("step_s_median", "step s"))
+
+
+DESCRIPTION = """\
+Show throughput, MFU, memory and validation of one or more runs over their steps, from each run's
+RUN/metrics.jsonl and RUN/summary.json: a table per run, and with --plot a figure comparing them.
+
+  colorize-dist runs runs/res256                       # a table per run
+  colorize-dist runs runs/a runs/b --plot runs.png     # and a figure comparing them
+"""  # `colorize-dist runs --help`, for users
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

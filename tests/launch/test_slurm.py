@@ -33,6 +33,7 @@ from colorize_dist.launch.slurm import (
     training_job,
 )
 from colorize_dist.training.config import load_training_config
+from tests.training.helpers import TRAIN_SCRIPT, launch_script
 from tests.training.helpers import tiny_overrides as training_tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]
@@ -207,11 +208,13 @@ def test_preempted_and_requeued_job_resumes_to_the_uninterrupted_weights(submit,
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_deepspeed_job_is_preempted_requeues_and_finishes_with_the_same_step_count(submit, reference_run,
+def test_deepspeed_job_is_preempted_requeues_and_finishes_with_the_same_step_count(submit, shards: Path,
                                                                                     tmp_path: Path) -> None:
     """`submit --accelerate-config deepspeed_zero2.yaml`: each task runs as `accelerate launch` would start it
     (DeepSpeed ZeRO-2, two engines; fp32 from the training config), checkpoints on the preemption signal, requeues,
-    resumes from DeepSpeed's checkpoint and ends at the same step as the uninterrupted DDP run, with its weights."""
+    resumes from DeepSpeed's checkpoint and ends at the same step as an uninterrupted ZeRO-2 run of 2 processes,
+    with its weights. Not the DDP run's: DDP's fused Adam and ZeRO's Adam over flat partitions round differently
+    in the last bit, which this tiny GAN amplifies to 9e-3 over MAX_STEPS steps (6e-8 apart at step 8)."""
     run_dir = tmp_path / "run"
     job_id = submit(run_dir, "--time", "00:10:00", "--accelerate-config",
                     REPO / "configs" / "accelerate" / "deepspeed_zero2.yaml")
@@ -228,10 +231,14 @@ def test_deepspeed_job_is_preempted_requeues_and_finishes_with_the_same_step_cou
     assert (summary["finished"], summary["step"], summary["mixed_precision"]) == (True, MAX_STEPS, "no")
     last = run_dir / "checkpoints" / f"step-{MAX_STEPS:07d}"
     assert {path.name for path in last.iterdir()} >= {"pytorch_model", "pytorch_model_1"}  # DeepSpeed's engines
+    uninterrupted = tmp_path / "uninterrupted"
+    launched = launch_script("deepspeed_cpu_2proc.yaml", [str(TRAIN_SCRIPT), "--run-dir", str(uninterrupted),
+                                                          *tiny_overrides(shards)], timeout=900)
+    assert launched.returncode == 0, launched.stderr[-3000:]
     ema = load_file(run_dir / "export" / "generator_final.safetensors")
-    reference = load_file(reference_run[0] / "export" / "generator_final.safetensors")
+    reference = load_file(uninterrupted / "export" / "generator_final.safetensors")
     for key, value in reference.items():
-        torch.testing.assert_close(ema[key], value, rtol=0, atol=1e-4, msg=lambda message, key=key: f"{key}: {message}")
+        torch.testing.assert_close(ema[key], value, rtol=0, atol=1e-6, msg=lambda message, key=key: f"{key}: {message}")
 
 
 def test_an_accelerate_config_becomes_the_variables_accelerate_launch_sets(tmp_path: Path) -> None:

@@ -227,8 +227,9 @@ class DaliSource:
                 try:
                     size = known[:] = _oriented_size(data)
                 except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-                    batch.error = batch.error or (f"shard {shard} is damaged: sample {key} does not decode "
-                                                  f"({first_line(exc)}); {verify_hint(self.reading.store.where)}")
+                    batch.error = batch.error or ShardDataError(
+                        f"shard {shard} is damaged: sample {key} does not decode ({first_line(exc)}); "
+                        f"{verify_hint(self.reading.store.where)}")
             if size is None:  # fed as a placeholder; its error is raised when the batch is due
                 data, size = _placeholder(), (8, 8)
             left, top, right, bottom = batch.augment.box(size, draws)
@@ -259,7 +260,7 @@ class DaliSource:
                                  f"({_dali_reason(exc)}); {verify_hint(self.reading.store.where)}") from None
         prepared = self.in_flight.popleft()
         if due and prepared.batch.error is not None:
-            raise ShardDataError(prepared.batch.error)
+            raise prepared.batch.error
         return images, prepared
 
     def _finish(self, images) -> torch.Tensor:

@@ -34,7 +34,7 @@ from colorize_dist.color import rgb_to_l_ab
 from colorize_dist.data import failure
 from colorize_dist.data.cache import ShardCache
 from colorize_dist.data.config import DataConfig
-from colorize_dist.data.manifest import SPLITS, ManifestError, MissingShardsError, list_shards
+from colorize_dist.data.manifest import SPLITS, ManifestError, MissingShardsError, ShardsUnavailable, list_shards
 from colorize_dist.data.reading import BatchReading, EncodedBatch
 from colorize_dist.data.sharding import Layout, MicroSlots, SplitSamples
 from colorize_dist.data.store import RemoteStore, open_store
@@ -98,8 +98,10 @@ class Source(Protocol):
 
 class ColorLoader:
     def __init__(self, source: Source, layout: Layout, split: SplitSamples, *, device: torch.device,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, remote: bool = False, publish_outages: bool = True):
         self.source, self.layout, self.split, self.device, self.dtype = source, layout, split, device, dtype
+        self.remote = remote  # the shards are at a URL: reads can fail for a while with ShardsUnavailable
+        self.publish_outages = publish_outages
         self.hold = DeviceHold()  # device batches handed to the kernel, until it has run
 
     @property
@@ -141,7 +143,8 @@ class ColorLoader:
                 yield Batch(l=l, ab=ab, keys=encoded.keys, valid=valid, positions=encoded.positions,
                             slots=encoded.slots)
         except ManifestError as exc:
-            failure.publish(str(exc))
+            if self.publish_outages or not isinstance(exc, ShardsUnavailable):
+                failure.publish(str(exc))
             raise
 
     def close(self) -> None:
@@ -166,10 +169,12 @@ def upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def build_loader(cfg: DataConfig, split: str, *, batch_size: int, global_batch: int | None = None, rank: int = 0,
                  world_size: int = 1, device: torch.device | str = "cpu", seed: int = 0, augment: bool | None = None,
-                 dtype: torch.dtype = torch.float32) -> ColorLoader:
+                 dtype: torch.dtype = torch.float32, publish_outages: bool = True) -> ColorLoader:
     """The loader of one split on one rank: `batch_size` samples per micro-batch, `global_batch` per optimizer
     step (default: one micro-batch per rank). `augment` (default: for "train" only) shuffles, crops and flips;
     without it the order is the shard order and each image is centre-cropped, as evaluation wants.
+    `publish_outages=False`: a server that stops answering (ShardsUnavailable) is only raised on this rank, for a
+    caller that has every rank agree on it (the trainer); otherwise it ends every rank at once, as damage does.
 
     Every shard of the split is checked to be there with the size its manifest records, and every shard index to
     agree with the manifest, before anything is read."""
@@ -194,7 +199,8 @@ def build_loader(cfg: DataConfig, split: str, *, batch_size: int, global_batch: 
     except (ManifestError, MissingShardsError) as exc:
         failure.publish(str(exc))
         raise
-    return ColorLoader(source, layout, samples, device=device, dtype=dtype)
+    return ColorLoader(source, layout, samples, device=device, dtype=dtype, remote=isinstance(store, RemoteStore),
+                       publish_outages=publish_outages)
 
 
 def first_batch(cfg: DataConfig, split: str, *, batch_size: int, device: torch.device | str = "cpu") -> Batch:

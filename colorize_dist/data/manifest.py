@@ -58,6 +58,18 @@ class ShardDataError(ManifestError):
     line naming the shard and the fix."""
 
 
+class ShardsUnavailable(ShardDataError):
+    """The shards' server stopped answering a sample's read after every retry. `reason` names the URL, what was
+    tried and for how long; the trainer stops every rank together after a checkpoint and says how to go on."""
+
+    @property
+    def reason(self) -> str:
+        return self.args[0]
+
+    def __str__(self) -> str:
+        return f"{self.reason}; {STARTUP_HINT}"
+
+
 class ShardError(UserError, ValueError):
     """A shard set cannot be written as asked (bad options, no readable images, an existing output, a full
     disk); the message is one line saying what to change."""

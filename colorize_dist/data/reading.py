@@ -30,7 +30,7 @@ import numpy as np
 
 from colorize_dist.data.augment import Augment
 from colorize_dist.data.dali_index import dali_index, index_images
-from colorize_dist.data.manifest import MANIFEST, Shard, ShardDataError, verify_hint
+from colorize_dist.data.manifest import MANIFEST, Shard, ShardDataError, ShardsUnavailable, verify_hint
 from colorize_dist.data.sharding import MicroSlots, SplitSamples, epoch_order, epoch_seed, slot_positions
 from colorize_dist.data.store import STARTUP_HINT, LocalStore, Store, StoreUnavailable, redact
 from colorize_dist.files import sha256_of
@@ -134,8 +134,7 @@ class ShardReader:
         except FileNotFoundError:
             raise ShardDataError(f"shard {where} is missing (it was there when the run started); {hint}") from None
         except StoreUnavailable as exc:
-            raise ShardDataError(f"{exc}; once it answers, rerun with `--resume auto` to continue from the last "
-                                 "checkpoint") from None
+            raise ShardsUnavailable(str(exc)) from None
         except OSError as exc:
             raise ShardDataError(f"shard {where}: reading sample {member} failed "
                                  f"({redact(exc.strerror or str(exc))}); {hint}") from None
@@ -190,7 +189,7 @@ class EncodedBatch:
     data: list[bytes | None]  # checked image bytes; None where a sample could not be read
     augment: Augment  # the epoch's augmentations
     draws: np.ndarray | None  # (B, DRAWS) random numbers of each sample (see `augment`); None for validation
-    error: str | None  # the first read error: raised when this batch is due
+    error: ShardDataError | None  # the first read or decoding error: raised when this batch is due
 
 
 class BatchReading:
@@ -227,7 +226,7 @@ class BatchReading:
         for data in self.store.map(self._read, samples):  # in flight together from a remote store
             batch.data.append(data if isinstance(data, bytes) else None)
             if isinstance(data, ShardDataError):
-                batch.error = batch.error or str(data)
+                batch.error = batch.error or data
         return batch
 
     def _read(self, sample: tuple[int, int]) -> bytes | ShardDataError:

@@ -78,7 +78,7 @@ class ReferenceSource:
         try:
             for rgb, batch in iterator:
                 if batch.error is not None:
-                    raise ShardDataError(batch.error)
+                    raise batch.error
                 yield rgb.to(self.device, non_blocking=True), batch
         finally:
             stop_workers(iterator)
@@ -104,8 +104,8 @@ class Decoder(torch.utils.data.Dataset):
                 with Image.open(io.BytesIO(data)) as encoded:
                     image = to_rgb8(ImageOps.exif_transpose(encoded))
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-                batch.error = (f"shard {shard} is damaged: sample {key} does not decode ({first_line(exc)}); "
-                               f"{verify_hint(self.directory)}")
+                batch.error = ShardDataError(f"shard {shard} is damaged: sample {key} does not decode "
+                                             f"({first_line(exc)}); {verify_hint(self.directory)}")
                 break
             size = (batch.augment.resolution, batch.augment.resolution)
             image = image.resize(size, Image.Resampling.BILINEAR, box=batch.augment.box(image.size, draws))

@@ -107,7 +107,8 @@ def setup(accelerator: Accelerator, cfg: Config, run_dir: Path, resume: str) -> 
     # Data: every rank reads its share of each global batch; the order depends on (seed, epoch) only.
     ranks = {"rank": accelerator.process_index, "world_size": accelerator.num_processes, "device": device}
     loader = build_loader(cfg.data, "train", batch_size=micro_batch, global_batch=cfg.train.batch_size,
-                          seed=cfg.train.seed, dtype=input_dtype(accelerator), **ranks)
+                          seed=cfg.train.seed, dtype=input_dtype(accelerator), publish_outages=False,  # loop.py's
+                          **ranks)
     val_loader = build_loader(cfg.data, "val", batch_size=micro_batch, **ranks)
     sample_batch = (first_batch(cfg.data, "val", batch_size=cfg.train.num_samples, device=device)  # loader closed
                     if main_process else None)

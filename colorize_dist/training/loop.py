@@ -18,12 +18,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
 from torch import nn
 
+from colorize_dist import collectives
 from colorize_dist.data.loader import Batch
+from colorize_dist.data.manifest import ShardsUnavailable
+from colorize_dist.errors import UserError
 from colorize_dist.eval.metrics import compute_metrics
 from colorize_dist.models.export import save_generator
 from colorize_dist.training import checkpoint, elastic, peers, telemetry
@@ -88,11 +92,38 @@ def train(cfg: Config, run_dir: Path, resume: str = "auto", cpu: bool = False) -
 
 
 def next_micro_batches(state: State) -> list[MicroBatch]:
-    """This rank's train.grad_accum micro-batches of the next global batch."""
-    micro_batches = [take_micro_batch(state.batches, state.memory_format)
-                     for _ in range(state.loader.layout.accumulation)]
+    """This rank's train.grad_accum micro-batches of the next global batch. From a URL, every rank also says
+    whether it has them, before any rank starts the step (whose gradient reductions a rank without data would
+    never join): where one has not, all stop together after a checkpoint (`stop_for_outage`)."""
+    unavailable = None
+    try:
+        micro_batches = [take_micro_batch(state.batches, state.memory_format)
+                         for _ in range(state.loader.layout.accumulation)]
+    except ShardsUnavailable as exc:  # the server stopped answering: raised only here (build.py: publish_outages)
+        unavailable = exc
+    if state.loader.remote and collectives.agree(unavailable is not None)[0]:
+        stop_for_outage(state, unavailable)
     torch.manual_seed(step_seed(state.cfg.train.seed, micro_batches[0].batch, state.accelerator.process_index))
     return micro_batches
+
+
+def stop_for_outage(state: State, unavailable: ShardsUnavailable | None) -> NoReturn:
+    """Every rank, when any rank's shards stopped answering: the usual stop checkpoint of the last finished step
+    (unless it has one already), then ShardsUnavailable with the failing rank's reason and how to go on, printed
+    once per node."""
+    progress, cfg, accelerator = state.progress, state.cfg, state.accelerator
+    reason = next(reason for reason in collectives.all_gather_objects(unavailable and unavailable.reason) if reason)
+    if progress.step == 0:
+        how = "no step was trained: rerun once it answers"
+    else:
+        if progress.step % cfg.train.checkpoint_every != 0:  # after_step saved the others
+            progress.wall_s = state.clock.total()
+            save_step_checkpoint(accelerator, cfg, state.run_dir / checkpoint.CHECKPOINTS, progress,
+                                 *state.networks, state.ema.model)
+        checkpoint.wait_for_saves(accelerator)
+        how = (f"checkpoint at step {progress.step} saved; once it answers, rerun with `--resume auto` to continue "
+               "from it")
+    raise UserError(f"{reason}; {how}" if accelerator.is_local_main_process else "")
 
 
 def gan_step(state: State, micro_batches: list[MicroBatch]) -> StepOutcome:

@@ -17,8 +17,10 @@ Where they run, in the order of a training run (all EVERY RANK):
 - training/loop.py `log_interval`, every train.log_every steps: `all_gather_rows` (on the control group) of each
   rank's stop flags (stop signal, dead launcher, time) and its figures of the interval (training/telemetry.py);
   training/divergence.py `DivergenceWatch.losses`, on the same steps: `mean_over_ranks_` of the loss magnitude;
-- training/loop.py `next_micro_batches`, every step when the shards are at a URL: `agree` whether any rank's
-  server stopped answering; if so `stop_for_outage`: `all_gather_objects` of the reason, then the checkpoint;
+- training/loop.py `next_micro_batches` and eval/metrics.py `evaluate` (validation), when the shards are at a
+  URL, through data/loader.py `agree_on_outage`: `agree` whether any rank's server stopped answering, before
+  each step and after a validation pass's batches; if so `all_gather_objects` of the reason, then the stop
+  checkpoint (training/loop.py `stop_for_outage`);
 - training/ema.py: `mean_over_ranks_` of floating-point buffers, every step (only for norms that have them);
 - training/milestones.py: `any_rank` of NaN weights before each step checkpoint; training/checkpoint.py:
   `agree` on a failed write, twice per checkpoint;

@@ -95,14 +95,15 @@ class Proxy:
     (the last of each `period`) gets the next of `faults` instead: "503", "429", "reset" (the connection is
     closed without an answer) or "short" (the body is cut in half, then the connection closed). With `answers`,
     the server goes down at request number `answers` (0: the first): every connection is closed without an
-    answer and new ones are refused."""
+    answer and new ones are refused. With `part`, a path prefix, `take_down_part()` plays an outage of that part
+    only (e.g. one split's folder): from then on, a request for a path under it is closed without an answer."""
 
     def __init__(self, upstream_port: int, *, delay_s: float = 0.0, faults: tuple[str, ...] = (), period: int = 1,
-                 answers: int | None = None):
+                 answers: int | None = None, part: str = ""):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.args = [str(upstream_port), str(self.port), str(delay_s), ",".join(faults), str(period),
-                     str(-1 if answers is None else answers)]
+                     str(-1 if answers is None else answers), part]
         self.faults: list[str] = []  # the faults played, once stopped
 
     def start(self) -> Proxy:
@@ -111,14 +112,20 @@ class Proxy:
         wait_for_port(self.port)
         return self
 
+    def take_down_part(self) -> None:
+        self.process.send_signal(signal.SIGUSR1)
+
     def stop(self) -> None:
         self.process.terminate()
         self.faults = self.process.communicate(timeout=10)[0].split()
 
 
-async def proxy(upstream_port: int, port: int, delay_s: float, faults: list[str], period: int, answers: int) -> None:
+async def proxy(upstream_port: int, port: int, delay_s: float, faults: list[str], period: int, answers: int,
+                part: str) -> None:
     requests = 0
     clients: set[asyncio.StreamWriter] = set()
+    part_down = asyncio.Event()
+    down_prefix = b" /" + part.lstrip("/").encode()
 
     def go_down() -> None:
         server.close()  # refuse new connections
@@ -135,7 +142,7 @@ async def proxy(upstream_port: int, port: int, delay_s: float, faults: list[str]
                 number, requests = requests, requests + 1
                 if number == answers:
                     go_down()
-                if 0 <= answers <= number:
+                if 0 <= answers <= number or part_down.is_set() and down_prefix in request.split(b"\r\n", 1)[0]:
                     return
                 if upstream is None:
                     upstream = await asyncio.open_connection("127.0.0.1", upstream_port)
@@ -171,6 +178,7 @@ async def proxy(upstream_port: int, port: int, delay_s: float, faults: list[str]
 
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, part_down.set)
     server = await asyncio.start_server(client, "127.0.0.1", port)
     async with server:
         await stop.wait()
@@ -185,6 +193,6 @@ def _content_length(head: bytes) -> int:
 
 
 if __name__ == "__main__":
-    upstream, port, delay, kinds, every, answered = sys.argv[1:7]
+    upstream, port, delay, kinds, every, answered, down_part = sys.argv[1:8]
     asyncio.run(proxy(int(upstream), int(port), float(delay), [k for k in kinds.split(",") if k], int(every),
-                      int(answered)))
+                      int(answered), down_part))

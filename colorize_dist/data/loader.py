@@ -30,6 +30,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from colorize_dist import collectives
 from colorize_dist.color import rgb_to_l_ab
 from colorize_dist.data import failure
 from colorize_dist.data.cache import ShardCache
@@ -156,6 +157,28 @@ class ColorLoader:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+class ShardServerDown(Exception):
+    """Raised on every rank alike by `agree_on_outage`: some rank's shard server stopped answering; `reason` is that
+    rank's line (the URL, what was tried, for how long). The trainer checkpoints, then tells the user."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def agree_on_outage(loader: ColorLoader, unavailable: ShardsUnavailable | None) -> None:
+    """EVERY RANK of a loader built with publish_outages=False, at a point every rank reaches before any other
+    collective (a training step's start, the end of a validation pass's batches): ShardServerDown on every rank if
+    any rank's reads gave up (`unavailable`, caught by the caller). Other loaders: `unavailable` raised as it is."""
+    if loader.publish_outages or not loader.remote:
+        if unavailable is not None:
+            raise unavailable
+        return
+    if collectives.agree(unavailable is not None)[0]:
+        reasons = collectives.all_gather_objects(None if unavailable is None else unavailable.reason)
+        raise ShardServerDown(next(reason for reason in reasons if reason))
 
 
 def upload(array: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -56,7 +56,8 @@ from tqdm import tqdm
 
 from colorize_dist.collectives import broadcast_from_rank0, gather_to_rank0, sum_over_ranks
 from colorize_dist.color import denormalise_lab, normalise_ab, normalise_lab, rgb_to_lab
-from colorize_dist.data.loader import ColorLoader
+from colorize_dist.data.loader import ColorLoader, agree_on_outage
+from colorize_dist.data.manifest import ShardsUnavailable
 from colorize_dist.eval import fid
 from colorize_dist.eval.lpips import load_lpips, lpips_scores
 from colorize_dist.eval.names import INCEPTION_METRICS, LPIPS_METRICS, PER_IMAGE_METRICS
@@ -238,6 +239,7 @@ def evaluate(generator: nn.Module, loader: ColorLoader, *, device: torch.device 
 
     was_training = generator.training
     generator.eval()
+    unavailable = None
     try:
         with torch.no_grad():
             for batch in tqdm(loader.epoch(0), total=loader.batches_per_epoch, desc="eval", disable=not progress):
@@ -270,8 +272,11 @@ def evaluate(generator: nn.Module, loader: ColorLoader, *, device: torch.device 
                         outputs.append(fid.inception_outputs(inception, true_rgb)[0])
                         fid.accumulate(_stats(sums, "real"), outputs[-1])
                     inception_rows.append(torch.cat(outputs, dim=1))
+    except ShardsUnavailable as exc:  # the server stopped answering: every rank hears of it before reducing
+        unavailable = exc
     finally:
         generator.train(was_training)
+    agree_on_outage(loader, unavailable)
 
     sums = sum_over_ranks(sums)
     count = int(sums["count"].item())  # at least 1: a loader refuses a split with fewer images than ranks

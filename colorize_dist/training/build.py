@@ -86,6 +86,7 @@ class State:
     bar: tqdm
     divergence: DivergenceWatch
     metrics: dict[str, float] = field(default_factory=dict)
+    checkpointed_step: int = 0  # the newest step checkpoint's (at first, the resumed one's)
     stopped: str | None = None  # why the run stopped early (resumable), if it did
     done: bool = False
 
@@ -104,12 +105,12 @@ def setup(accelerator: Accelerator, cfg: Config, run_dir: Path, resume: str) -> 
         warn_if_config_changed(recorded_config(cfg), run_dir / "config.yaml")
         save_config(recorded_config(cfg), run_dir / "config.yaml")
 
-    # Data: every rank reads its share of each global batch; the order depends on (seed, epoch) only.
+    # Data: every rank reads its share of each global batch; the order depends on (seed, epoch) only. A shard
+    # server that stops answering is agreed on by every rank, which then stop together (loop.py `stop_for_outage`).
     ranks = {"rank": accelerator.process_index, "world_size": accelerator.num_processes, "device": device}
     loader = build_loader(cfg.data, "train", batch_size=micro_batch, global_batch=cfg.train.batch_size,
-                          seed=cfg.train.seed, dtype=input_dtype(accelerator), publish_outages=False,  # loop.py's
-                          **ranks)
-    val_loader = build_loader(cfg.data, "val", batch_size=micro_batch, **ranks)
+                          seed=cfg.train.seed, dtype=input_dtype(accelerator), publish_outages=False, **ranks)
+    val_loader = build_loader(cfg.data, "val", batch_size=micro_batch, publish_outages=False, **ranks)
     sample_batch = (first_batch(cfg.data, "val", batch_size=cfg.train.num_samples, device=device)  # loader closed
                     if main_process else None)
     accelerator.print(f"data: {loader.describe()}")
@@ -171,7 +172,7 @@ def setup(accelerator: Accelerator, cfg: Config, run_dir: Path, resume: str) -> 
         bare_discriminator=(accelerator.unwrap_model(discriminator, keep_torch_compile=False)
                             if discriminator is not None else None),
         generator_update=generator_update, discriminator_update=discriminator_update, generator_loss=generator_loss,
-        discriminator_loss=discriminator_loss, ema=ema, progress=progress,
+        discriminator_loss=discriminator_loss, ema=ema, progress=progress, checkpointed_step=progress.step,
         skipped=SkippedSteps(device, progress.nonfinite_in_a_row), total_steps=total_steps,
         memory_format=memory_format, batches=clock.wait(endless(loader, progress.epoch, progress.sample)),
         clock=clock, telemetry=watched, done=progress.step >= total_steps,

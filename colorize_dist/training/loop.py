@@ -24,8 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from colorize_dist import collectives
-from colorize_dist.data.loader import Batch
+from colorize_dist.data.loader import Batch, ShardServerDown, agree_on_outage
 from colorize_dist.data.manifest import ShardsUnavailable
 from colorize_dist.errors import UserError
 from colorize_dist.eval.metrics import compute_metrics
@@ -78,10 +77,13 @@ def train(cfg: Config, run_dir: Path, resume: str = "auto", cpu: bool = False) -
         with peers.reporting_lost_peers(), run_dir_lock(accelerator, run_dir):  # PeerLostError: ranks gone
             state = setup(accelerator, cfg, run_dir, resume)
             with stop_on_signals(), contextlib.closing(state.bar):  # closed on errors too: a message starts a line
-                while not state.done:
-                    micro_batches = next_micro_batches(state)
-                    outcome = gan_step(state, micro_batches)
-                    after_step(state, micro_batches, outcome)
+                try:
+                    while not state.done:
+                        micro_batches = next_micro_batches(state)
+                        outcome = gan_step(state, micro_batches)
+                        after_step(state, micro_batches, outcome)
+                except ShardServerDown as down:  # on every rank alike: at a step's start or a validation's end
+                    stop_for_outage(state, down.reason)
             return finish(state)
     except peers.PeerLostError as exc:
         if exc.first:  # for the restart's report (elastic.restart_report); the lost-rank line matters more
@@ -99,24 +101,21 @@ def next_micro_batches(state: State) -> list[MicroBatch]:
     try:
         micro_batches = [take_micro_batch(state.batches, state.memory_format)
                          for _ in range(state.loader.layout.accumulation)]
-    except ShardsUnavailable as exc:  # the server stopped answering: raised only here (build.py: publish_outages)
+    except ShardsUnavailable as exc:  # the server stopped answering: raised on this rank only
         unavailable = exc
-    if state.loader.remote and collectives.agree(unavailable is not None)[0]:
-        stop_for_outage(state, unavailable)
+    agree_on_outage(state.loader, unavailable)  # ShardServerDown on every rank, or nothing
     torch.manual_seed(step_seed(state.cfg.train.seed, micro_batches[0].batch, state.accelerator.process_index))
     return micro_batches
 
 
-def stop_for_outage(state: State, unavailable: ShardsUnavailable | None) -> NoReturn:
-    """Every rank, when any rank's shards stopped answering: the usual stop checkpoint of the last finished step
-    (unless it has one already), then ShardsUnavailable with the failing rank's reason and how to go on, printed
-    once per node."""
+def stop_for_outage(state: State, reason: str) -> NoReturn:
+    """Every rank, when any rank's shard server stopped answering (`reason`, its line): the usual stop checkpoint
+    of the last finished step (unless it has one), then one line per node saying how to go on."""
     progress, cfg, accelerator = state.progress, state.cfg, state.accelerator
-    reason = next(reason for reason in collectives.all_gather_objects(unavailable and unavailable.reason) if reason)
     if progress.step == 0:
         how = "no step was trained: rerun once it answers"
     else:
-        if progress.step % cfg.train.checkpoint_every != 0:  # after_step saved the others
+        if state.checkpointed_step != progress.step:
             progress.wall_s = state.clock.total()
             save_step_checkpoint(accelerator, cfg, state.run_dir / checkpoint.CHECKPOINTS, progress,
                                  *state.networks, state.ema.model)
@@ -212,6 +211,7 @@ def after_step(state: State, micro_batches: list[MicroBatch], outcome: StepOutco
         started = time.perf_counter()
         save_step_checkpoint(accelerator, cfg, state.run_dir / checkpoint.CHECKPOINTS, progress, *state.networks,
                              state.ema.model)
+        state.checkpointed_step = progress.step
         blocked = time.perf_counter() - started
         state.telemetry.blocked(blocked)
         accelerator.print(f"checkpoint {checkpoint.step_name(progress.step)}: the step waited {blocked:.2f} s")

@@ -37,6 +37,7 @@ from tests.training.helpers import (
     subprocess_env,
     tiny_overrides,
     train_once,
+    train_process,
 )
 
 
@@ -279,6 +280,39 @@ def test_a_server_going_down_at_start_up_is_one_line_naming_the_url_in_bounded_t
     assert error.value.exit_status == 2 and "\n" not in message and took < 5
 
 @pytest.mark.slow
+def test_an_outage_during_validation_stops_at_that_steps_checkpoint(served, tmp_path):
+    """Only the validation split's folder goes down, after step 2: the validation of step 12 gives up, the run
+    saves step 12 (no periodic checkpoint in the run) and ends in one line naming a validation shard; resumed, it
+    finishes with the final weights of an uninterrupted run from disk, bit for bit."""
+    server, root = served
+    settings = {"train.max_steps": 16, "train.checkpoint_every": 100, "train.keep_checkpoints": 1,
+                "train.validate_every": 12, "train.sample_every": 100}
+    straight = train_once(tmp_path / "straight", tiny_overrides(root / "good", **settings), timeout=300)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    proxy = Proxy(server.port, part="good/val/").start()
+    try:
+        run_dir = tmp_path / "resumed"
+        process = train_process(run_dir, tiny_overrides(proxy.url + "good/", **settings))
+        deadline = time.monotonic() + 120
+        while '"step": 2' not in read_if_there(run_dir / "metrics.jsonl") and process.poll() is None:
+            assert time.monotonic() < deadline, "no step 2"
+            time.sleep(0.01)
+        proxy.take_down_part()
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        proxy.stop()
+    lines = [line for line in stderr.splitlines() if "did not answer" in line]
+    assert process.returncode == 2 and len(lines) == 1, stderr[-3000:]
+    assert re.match(rf"train: {proxy.url}good/val/val-\d+\.tar did not answer: GET .* tried 7 times over \d+\.\d s, "
+                    r"last \w+; checkpoint at step 12 saved; once it answers, rerun with `--resume auto` to continue "
+                    r"from it$", lines[0]), lines[0]
+    assert checkpoint_names(run_dir) == {"step-0000012"}
+    resumed = train_once(run_dir, tiny_overrides(server.url + "good/", **settings), "--resume", "auto", timeout=300)
+    assert resumed.returncode == 0 and "done at step 16" in resumed.stdout, resumed.stderr[-3000:]
+    assert_same_final_weights(tmp_path / "straight", run_dir, step=16, exports="generator_final")  # best: not run
+
+
+@pytest.mark.slow
 def test_a_server_outage_stops_every_rank_at_a_checkpoint_and_resumes_exactly(served, tmp_path):
     """2 processes, 20 steps from disk in one go; over HTTP, nginx stopped after step 4 (no periodic checkpoint
     in the run): both ranks save the last finished step together and the run ends in one line naming the URL and
@@ -325,14 +359,20 @@ def test_a_server_outage_stops_every_rank_at_a_checkpoint_and_resumes_exactly(se
         assert "resumed from" in stdout and "done at step 20" in stdout, stdout[-3000:]
     finally:
         server.stop()
-    def final_weights(run: Path) -> list[Path]:
-        folders = (run / "checkpoints" / "step-0000020", run / "export")
-        return sorted(path.relative_to(run) for folder in folders for path in folder.rglob("*.safetensors"))
+    assert_same_final_weights(tmp_path / "straight", run_dir, step=20)
 
-    weights = final_weights(tmp_path / "straight")
-    assert len(weights) > 2 and weights == final_weights(run_dir)
+
+def assert_same_final_weights(expected_run: Path, run: Path, *, step: int, exports: str = "*") -> None:
+    """Every .safetensors of the step's checkpoint and of export/ (those matching `exports`) equal, bit for bit."""
+    def final_weights(run: Path) -> list[Path]:
+        folders = ((run / "checkpoints" / f"step-{step:07d}", "*"), (run / "export", exports))
+        return sorted(path.relative_to(run) for folder, pattern in folders
+                      for path in folder.rglob(f"{pattern}.safetensors"))
+
+    weights = final_weights(expected_run)
+    assert len(weights) > 2 and weights == final_weights(run)
     for relative in weights:
-        expected, got = load_file(tmp_path / "straight" / relative), load_file(run_dir / relative)
+        expected, got = load_file(expected_run / relative), load_file(run / relative)
         assert expected.keys() == got.keys()
         for key in expected:
             assert torch.equal(expected[key], got[key]), f"{relative}: {key}"

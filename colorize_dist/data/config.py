@@ -28,6 +28,9 @@ class DataConfig:
     cache_dir: str | None = None
     cache_max_gb: float = 100.0  # the cache's bound on the node (GiB); see README "Data on a web server ..."
     shuffle_buffer: int = 1024  # shuffle window: each sample moves by less than this in an epoch; larger mixes more
+    # training order in runs of this many neighbouring samples of a shard, shuffled as units within the window: a
+    # micro-batch reads each run at once (one ranged request over a network); 1: every sample on its own
+    samples_per_read: int = 8
 
     def validate(self) -> None:
         if self.resolution < 8:
@@ -48,3 +51,5 @@ class DataConfig:
             raise ConfigError(f"data.cache_max_gb must be positive, got {self.cache_max_gb}")
         if self.shuffle_buffer < 1:
             raise ConfigError(f"data.shuffle_buffer must be at least 1, got {self.shuffle_buffer}")
+        if self.samples_per_read < 1:
+            raise ConfigError(f"data.samples_per_read must be at least 1, got {self.samples_per_read}")

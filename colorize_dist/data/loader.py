@@ -217,7 +217,8 @@ def build_loader(cfg: DataConfig, split: str, *, batch_size: int, global_batch: 
             store.cache = ShardCache(cfg.cache_dir, samples.shards, max_bytes=int(cfg.cache_max_gb * 2**30))
         reading = BatchReading(samples, store, resolution=cfg.resolution,
                                seed=seed if augment else None, window=cfg.shuffle_buffer,
-                               crop_scale=tuple(cfg.crop_scale), flip=cfg.flip)
+                               crop_scale=tuple(cfg.crop_scale), flip=cfg.flip,
+                               samples_per_read=cfg.samples_per_read)
         source = _source_class(cfg.backend)(reading, layout, cfg, device=device)
     except (ManifestError, MissingShardsError) as exc:
         failure.publish(str(exc))

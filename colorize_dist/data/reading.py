@@ -1,6 +1,8 @@
 """Reading the encoded, checked samples of each micro-batch out of tar shards; both loaders consume this.
 
-Every read is one `pread` of the sample's 512-byte tar header and its image bytes. Before the bytes go to a
+Neighbouring samples of a shard in a micro-batch (see `sharding`: the training order comes in runs of them) are
+read together: one `pread`, or one ranged request, from the first one's 512-byte tar header to the last one's
+image bytes; each sample is then checked on its own. Before the bytes go to a
 decoder they must be whole (not cut off by a truncated file), the header must be intact (its checksum, and its
 size and name agreeing with the index) and the bytes must have the CRC-32 the manifest recorded when the shard
 was made. Anything else is a ShardDataError naming the shard, the sample and the fix: a damaged shard ends the
@@ -123,21 +125,30 @@ class ShardReader:
         for _ in self.store.map(self.table, range(len(self.shards))):
             pass
 
-    def read(self, shard_index: int, sample_index: int) -> bytes:
-        """The image bytes of one sample, checked (header, length, CRC-32)."""
+    def read(self, shard_index: int, samples: range) -> list[bytes | ShardDataError]:
+        """The image bytes of neighbouring samples of one shard, read together (one read from the first one's tar
+        header to the last one's end) and each checked (header, length, CRC-32); a sample that fails is its error."""
         table = self.table(shard_index)
         shard = table.shard
-        offset, size, member = table.offsets[sample_index], table.sizes[sample_index], table.members[sample_index]
         where, hint = self.store.show(shard.path), verify_hint(self.store.where)
+        begin = min(table.offsets[i] for i in samples) - BLOCK  # min, max: a stale index may list them out of order
+        end = max(table.offsets[i] + table.sizes[i] for i in samples)
         try:
-            block = self.store.read(shard.path, offset - BLOCK, BLOCK + size)
+            span = self.store.read(shard.path, begin, end - begin)
         except FileNotFoundError:
-            raise ShardDataError(f"shard {where} is missing (it was there when the run started); {hint}") from None
+            return [ShardDataError(f"shard {where} is missing (it was there when the run started); {hint}")] * len(
+                samples)
         except StoreUnavailable as exc:
             raise ShardsUnavailable(str(exc)) from None
         except OSError as exc:
-            raise ShardDataError(f"shard {where}: reading sample {member} failed "
-                                 f"({redact(exc.strerror or str(exc))}); {hint}") from None
+            return [ShardDataError(f"shard {where}: reading sample {table.members[i]} failed "
+                                   f"({redact(exc.strerror or str(exc))}); {hint}") for i in samples]
+        return [self._checked(table, i, span, begin) for i in samples]
+
+    def _checked(self, table: ShardSamples, sample_index: int, span: bytes, begin: int) -> bytes | ShardDataError:
+        """A sample's image bytes out of `span` (the shard's bytes read from `begin` on), or what is wrong with them."""
+        shard, size, member = table.shard, table.sizes[sample_index], table.members[sample_index]
+        block = span[table.offsets[sample_index] - BLOCK - begin:table.offsets[sample_index] + size - begin]
         problem = (f"is cut off ({len(block) - BLOCK} of {size} bytes; the file is truncated)"
                    if len(block) < BLOCK + size else _header_problem(block[:BLOCK], member, size))
         data = block[BLOCK:]
@@ -146,8 +157,8 @@ class ShardReader:
             if actual != expected:
                 problem = f"has CRC-32 {actual:08x}, {MANIFEST} says {expected:08x} (its bytes changed)"
         if problem is not None:
-            raise ShardDataError(stale_index(shard, self.store) or f"shard {where} is damaged: sample {member} "
-                                 f"{problem}; {hint}")
+            return ShardDataError(stale_index(shard, self.store) or f"shard {self.store.show(shard.path)} is "
+                                  f"damaged: sample {member} {problem}; {verify_hint(self.store.where)}")
         return data
 
     def close(self) -> None:
@@ -196,8 +207,8 @@ class BatchReading:
     """One rank's reads of one split: micro-batch slots → `EncodedBatch`es."""
 
     def __init__(self, split: SplitSamples, store: Store, *, resolution: int, seed: int | None, window: int,
-                 crop_scale: tuple[float, float], flip: bool):
-        self.split, self.store = split, store
+                 crop_scale: tuple[float, float], flip: bool, samples_per_read: int):
+        self.split, self.store, self.samples_per_read = split, store, samples_per_read
         self.resolution, self.seed, self.window, self.crop_scale, self.flip = resolution, seed, window, crop_scale, flip
         self.reader = ShardReader(split.shards, store)
         self.reader.check_indexes()
@@ -211,7 +222,7 @@ class BatchReading:
         """The split positions epoch `epoch` visits, in order (its slots → positions)."""
         if epoch not in self._orders:
             seed = None if self.seed is None else epoch_seed(self.seed, epoch)
-            self._orders = {epoch: epoch_order(self.split, seed, self.window),
+            self._orders = {epoch: epoch_order(self.split, seed, self.window, self.samples_per_read),
                             **{key: value for key, value in self._orders.items() if key == epoch - 1}}
         return self._orders[epoch]
 
@@ -223,24 +234,39 @@ class BatchReading:
         for shard_index, sample_index in samples:
             batch.keys.append(self.reader.batch_key(shard_index, sample_index))
             batch.shards.append(self.store.show(self.split.shards[shard_index].path))
-        for data in self.store.map(self._read, samples):  # in flight together from a remote store
-            batch.data.append(data if isinstance(data, bytes) else None)
-            if isinstance(data, ShardDataError):
-                batch.error = batch.error or data
+        for run in self.store.map(self._read, neighbour_runs(samples)):  # in flight together from a remote store
+            for data in run:
+                batch.data.append(data if isinstance(data, bytes) else None)
+                if isinstance(data, ShardDataError):
+                    batch.error = batch.error or data
         return batch
 
-    def _read(self, sample: tuple[int, int]) -> bytes | ShardDataError:
+    def _read(self, run: tuple[int, range]) -> list[bytes | ShardDataError]:
         try:
-            return self.reader.read(*sample)
-        except ShardDataError as exc:
-            return exc
+            return self.reader.read(*run)
+        except ShardDataError as exc:  # the shard's index, or its server stopped answering
+            return [exc] * len(run[1])
 
     def batches_in_flight(self, micro_batch: int) -> int:
-        """Micro-batches to read at once: one from disk; over a network, enough for `reads_in_flight` requests."""
-        return 1 if isinstance(self.store, LocalStore) else max(1, -(-self.store.connections // micro_batch))
+        """Micro-batches to read at once: one from disk; over a network, enough for `reads_in_flight` requests (a
+        micro-batch is about micro_batch / samples_per_read of them)."""
+        if isinstance(self.store, LocalStore):
+            return 1
+        return max(1, -(-self.store.connections // -(-micro_batch // self.samples_per_read)))
 
     def close(self) -> None:
         self.reader.close()
+
+
+def neighbour_runs(samples: list[tuple[int, int]]) -> list[tuple[int, range]]:
+    """(shard, sample) pairs cut into runs of neighbours in one shard, in order: (shard, its samples)."""
+    runs: list[tuple[int, range]] = []
+    for shard_index, sample_index in samples:
+        if runs and runs[-1][0] == shard_index and runs[-1][1].stop == sample_index:
+            runs[-1] = (shard_index, range(runs[-1][1].start, sample_index + 1))
+        else:
+            runs.append((shard_index, range(sample_index, sample_index + 1)))
+    return runs
 
 
 Item = TypeVar("Item")

@@ -104,21 +104,33 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0] & 0x7FFF_FFFF)
 
 
-def epoch_order(split: SplitSamples, seed: int | None, window: int) -> np.ndarray:
+def epoch_order(split: SplitSamples, seed: int | None, window: int, samples_per_read: int) -> np.ndarray:
     """The split positions an epoch visits, in order (the epoch's slots → positions).
 
-    seed None (validation): shard order. Otherwise the shards are visited in a random order and samples are
-    shuffled within a sliding window of `window` slots (each moves by less than `window`), so that reads stay
-    near-sequential; `shards make` writes shards pre-shuffled.
+    seed None (validation): shard order. Otherwise the shards are visited in a random order, cut into runs of
+    `samples_per_read` neighbouring samples (cut at a random place per shard and epoch, so a shard's first and last
+    runs may be shorter; none crosses a shard's end), and the runs are shuffled within a sliding window of `window`
+    slots (each moves by less than `window` + its length): reads stay near-sequential and a micro-batch reads a run
+    at once (see `reading`); `shards make` writes shards pre-shuffled. One sample per run is the sample-level shuffle
+    of earlier versions, draw for draw.
     """
     positions = np.arange(split.total, dtype=np.int64)
     if seed is None:
         return positions
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(ORDER_STREAM,)))
-    runs = np.split(positions, split.starts[1:])
-    positions = np.concatenate([runs[i] for i in rng.permutation(len(runs))])
-    jitter = rng.uniform(0, max(1, window), len(positions))
-    return positions[np.argsort(np.arange(len(positions)) + jitter, kind="stable")]
+    shards = np.split(positions, split.starts[1:])
+    positions = np.concatenate([shards[i] for i in rng.permutation(len(shards))])
+    shard, in_shard = split.locate(positions)
+    if samples_per_read > 1:  # where each shard's runs are cut moves every epoch: no fixed groups of neighbours
+        in_shard = in_shard + rng.integers(0, samples_per_read, len(shards))[shard]
+    starts = np.flatnonzero((in_shard % samples_per_read == 0) | (np.diff(shard, prepend=-1) != 0))  # runs' firsts
+    lengths = np.diff(starts, append=len(positions))
+    jitter = rng.uniform(0, max(1, window), len(starts))
+    runs = np.argsort(starts + jitter, kind="stable")
+    # slot t of the epoch, in the k-th run placed: its first slot there + (t − where that run begins in the epoch)
+    placed = np.cumsum(lengths[runs]) - lengths[runs]
+    slots = np.arange(len(positions)) + np.repeat(starts[runs] - placed, lengths[runs])
+    return positions[slots]
 
 
 def slot_positions(order: np.ndarray, slots: np.ndarray) -> np.ndarray:

@@ -218,7 +218,8 @@ def test_resume_reads_nothing_before_its_start_batch(synth_shards, backend, monk
         batches = loader.batches_per_epoch
     reads = []
     original = ShardReader.read
-    monkeypatch.setattr(ShardReader, "read", lambda self, *where: reads.append(where) or original(self, *where))
+    monkeypatch.setattr(ShardReader, "read",
+                        lambda self, shard, samples: reads.extend(samples) or original(self, shard, samples))
     start = (batches - 2) * 4
     with build_loader(cfg, "train", batch_size=4, seed=2) as loader:
         keys, ab = epoch_keys_and_ab(loader, 3, start)

@@ -54,9 +54,9 @@ def served(synth_shards, tmp_path_factory):
     server.stop()
 
 
-def epoch_batches(shards: str | Path, **settings) -> list[tuple[list[str], torch.Tensor, torch.Tensor]]:
+def epoch_batches(shards: str | Path, rank: int = 1, **settings) -> list[tuple[list[str], torch.Tensor, torch.Tensor]]:
     cfg = DataConfig(shards=str(shards), resolution=16, backend="reference", num_threads=1, **settings)
-    with build_loader(cfg, "train", batch_size=4, global_batch=8, rank=1, world_size=2, seed=3) as loader:
+    with build_loader(cfg, "train", batch_size=4, global_batch=8, rank=rank, world_size=2, seed=3) as loader:
         return [(batch.keys, batch.l, batch.ab) for batch in loader.epoch(1)]
 
 
@@ -89,7 +89,8 @@ def test_any_fsspec_url_reads_the_same_samples(synth_shards):
 def test_a_damaged_sample_over_http_is_one_line_naming_its_url(served):
     server, _ = served
     with pytest.raises(ShardDataError) as error:
-        epoch_batches(server.url + "bad/")
+        for rank in (0, 1):  # the rank that reads the damaged sample
+            epoch_batches(server.url + "bad/", rank)
     message = str(error.value)
     assert message.startswith(f"shard {server.url}bad/train/train-000001.tar is damaged: sample 0000020.png has "
                               "CRC-32") and "\n" not in message

@@ -32,7 +32,8 @@ reference loader. Without --shards, synthetic JPEG shards are written to a tempo
 On a GPU the table adds DALI with GPU decoding.
 
 --latency MS... times reading the same shards from disk and over HTTP with MS milliseconds of delay per response
-(--url URL: a shard set already served there); --resume-at F also times resuming an epoch at fraction F.
+(--url URL: a shard set already served there), with --samples-per-read N... a line per data.samples_per_read;
+--resume-at F also times resuming an epoch at fraction F.
 
   colorize-dist bench data
   colorize-dist bench data --shards data/shards --latency 0 20
@@ -55,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time each --latency through a node cache (data.cache_dir) filled by the warm-up")
     parser.add_argument("--reads-in-flight", type=int, default=DataConfig.reads_in_flight,
                         help="data.reads_in_flight for the HTTP columns")
+    parser.add_argument("--samples-per-read", type=int, nargs="+", metavar="N", default=[DataConfig.samples_per_read],
+                        help="data.samples_per_read of disk and the HTTP columns, one line each, e.g. 1 4 8 16")
     parser.add_argument("--resume-at", type=float, metavar="F",
                         help="also time resuming epoch 1 at this fraction of it (0 < F < 1), e.g. 0.5")
 
@@ -106,32 +109,39 @@ def remote_main(args: argparse.Namespace) -> int:
         for resolution in args.resolutions:
             shards = args.shards or synthetic_shards(Path(scratch) / str(resolution), args.images, resolution,
                                                      workers=args.threads)
+            server = serve.Nginx(Path(shards).resolve(), Path(scratch) / f"nginx-{resolution}").start() \
+                if latencies else None
+            try:
+                for per_read in args.samples_per_read:
 
-            def rate(location: str, resolution=resolution, cache_dir: Path | None = None) -> tuple[float, float]:
-                cfg = DataConfig(shards=location, resolution=resolution, backend="dali", num_threads=args.threads,
-                                 reads_in_flight=args.reads_in_flight,
-                                 cache_dir=None if cache_dir is None else str(cache_dir))
-                return throughput(cfg, torch.device("cpu"), batch_size=args.batch_size, epochs=args.epochs)
+                    def rate(location: str, resolution=resolution, per_read=per_read,
+                             cache_dir: Path | None = None) -> tuple[float, float]:
+                        cfg = DataConfig(shards=location, resolution=resolution, backend="dali",
+                                         num_threads=args.threads, reads_in_flight=args.reads_in_flight,
+                                         samples_per_read=per_read,
+                                         cache_dir=None if cache_dir is None else str(cache_dir))
+                        return throughput(cfg, torch.device("cpu"), batch_size=args.batch_size, epochs=args.epochs)
 
-            measured = [rate(str(shards))]
-            if latencies:
-                server = serve.Nginx(Path(shards).resolve(), Path(scratch) / f"nginx-{resolution}").start()
-                try:
+                    measured = [rate(str(shards))]
                     for ms in latencies:
                         proxy = serve.Proxy(server.port, delay_s=ms / 1e3).start()
                         try:
                             measured.append(rate(proxy.url))
                             if args.cache:
-                                measured.append(rate(proxy.url, cache_dir=Path(scratch) / f"cache-{resolution}-{ms}"))
+                                measured.append(rate(proxy.url, cache_dir=Path(scratch) /
+                                                     f"cache-{resolution}-{per_read}-{ms}"))
                         finally:
                             proxy.stop()
-                finally:
+                    if args.url:
+                        measured.append(rate(args.url))
+                    rows.append((f"{resolution}² {per_read}/read" if len(args.samples_per_read) > 1
+                                 else resolution, measured))
+            finally:
+                if server is not None:
                     server.stop()
-            if args.url:
-                measured.append(rate(args.url))
-            rows.append((resolution, measured))
     print(f"images/s and CPU ms per image of DALI on the CPU, batch {args.batch_size}, {args.threads} threads, "
-          f"data.reads_in_flight={args.reads_in_flight}, {os.cpu_count()} cores; ratios against disk")
+          f"data.reads_in_flight={args.reads_in_flight}, data.samples_per_read="
+          f"{' '.join(map(str, args.samples_per_read))}, {os.cpu_count()} cores; ratios against disk")
     print(throughput_table(titles, rows, baseline="disk"))
     return 0
 
@@ -165,10 +175,10 @@ def synthetic_shards(directory: Path, images: int, resolution: int, *, workers: 
                                         options=ShardOptions(val_fraction=val_fraction, workers=workers))
 
 
-def throughput_table(titles: Sequence[str], rows: Sequence[tuple[int, Sequence[tuple[float, float] | None]]],
+def throughput_table(titles: Sequence[str], rows: Sequence[tuple[int | str, Sequence[tuple[float, float] | None]]],
                      *, tablefmt: str = "simple", baseline: str = "ref") -> str:
-    """One row per (resolution, (images/s, CPU ms per image) of each loader): images/s, the ratio of each to the
-    first loader's (the reference), CPU ms per image, and the reference's CPU time over each one's. A loader
+    """One row per (resolution or a label, (images/s, CPU ms per image) of each loader): images/s, the ratio of each
+    to the first loader's (the reference), CPU ms per image, and the reference's CPU time over each one's. A loader
     that did not run (None) is "–"."""
     names = [title if len(titles) > 2 or index == 0 else title.split()[0] for index, title in enumerate(titles)]
     headers = ["resolution", *titles, *(f"{name}/{baseline}" for name in names[1:]),
@@ -178,11 +188,12 @@ def throughput_table(titles: Sequence[str], rows: Sequence[tuple[int, Sequence[t
         return f"{a / b:.2f}×" if a and b else None
 
     table = []
-    for resolution, measured in rows:
+    for label, measured in rows:
         rates = [m[0] if m else None for m in measured]
         cpu_ms = [m[1] if m else None for m in measured]
-        table.append([f"{resolution}²", *rates, *(ratio(rate, rates[0]) for rate in rates[1:]),
-                      *cpu_ms, *(ratio(cpu_ms[0], ms) for ms in cpu_ms[1:])])
+        table.append([label if isinstance(label, str) else f"{label}²", *rates,
+                      *(ratio(rate, rates[0]) for rate in rates[1:]), *cpu_ms,
+                      *(ratio(cpu_ms[0], ms) for ms in cpu_ms[1:])])
     count = len(titles)
     floatfmt = ["", *[".0f"] * count, *[""] * (count - 1), *[".2f"] * count, *[""] * (count - 1)]
     return tabulate(table, headers, tablefmt=tablefmt, floatfmt=floatfmt, numalign="right", stralign="right",

@@ -51,11 +51,13 @@ def test_bench_data_command_prints_both_tables(capsys):
 def test_bench_data_over_http_prints_disk_and_each_latency(capsys):
     require_nginx()
     assert cli_main(["bench", "data", "--resolutions", "32", "--images", "48", "--batch-size", "8", "--epochs", "1",
-                     "--threads", "1", "--latency", "0", "20"]) == 0
+                     "--threads", "1", "--latency", "0", "20", "--samples-per-read", "1", "8"]) == 0
     out = capsys.readouterr().out
     lines = out[out.index("images/s and CPU ms per image of DALI"):].splitlines()
-    header, row = rows_of("\n".join(lines[1:4]))[:2]
-    row = dict(zip(header, row, strict=True))
+    header, *rows = rows_of("\n".join(lines[1:5]))
     assert header[:4] == ["resolution", "disk", "HTTP 0 ms", "HTTP 20 ms"] and "HTTP 20 ms/disk" in header
-    assert float(row["HTTP 20 ms/disk"].rstrip("×")) == pytest.approx(
-        float(row["HTTP 20 ms"]) / float(row["disk"]), rel=0.01, abs=0.01)
+    assert [row[0] for row in rows] == ["32² 1/read", "32² 8/read"]  # a line per data.samples_per_read
+    for row in rows:
+        row = dict(zip(header, row, strict=True))
+        assert float(row["HTTP 20 ms/disk"].rstrip("×")) == pytest.approx(
+            float(row["HTTP 20 ms"]) / float(row["disk"]), rel=0.01, abs=0.01)

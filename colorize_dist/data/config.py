@@ -22,7 +22,7 @@ class DataConfig:
     flip: bool = True  # random horizontal flips for training
     hw_decoder_load: float = 0.65  # GPU only: share of JPEGs sent to the hardware decoder, rest to CUDA
     prefetch: int = 2  # batches prepared ahead
-    reads_in_flight: int = 64  # remote shards: sample reads (ranged requests) in flight at once, per rank
+    reads_in_flight: int = 64  # remote shards: ranged requests (one per run of neighbours) in flight at once, per rank
     # remote shards: a folder on each node's own disk where every shard a rank reads is downloaded whole, in the
     # background, once per node, and read locally from then on; None: no cache
     cache_dir: str | None = None

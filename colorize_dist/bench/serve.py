@@ -142,7 +142,7 @@ async def proxy(upstream_port: int, port: int, delay_s: float, faults: list[str]
                 number, requests = requests, requests + 1
                 if number == answers:
                     go_down()
-                if 0 <= answers <= number or part_down.is_set() and down_prefix in request.split(b"\r\n", 1)[0]:
+                if 0 <= answers <= number or (part_down.is_set() and down_prefix in request.split(b"\r\n", 1)[0]):
                     return
                 if upstream is None:
                     upstream = await asyncio.open_connection("127.0.0.1", upstream_port)

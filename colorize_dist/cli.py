@@ -1,11 +1,11 @@
 """The `colorize-dist` command line (also `python -m colorize_dist`).
 
-Each subcommand lives in the module that does the work; that module defines `add_arguments(parser)` and
-`main(args) -> int | None`, which parses no further than turning the arguments into the library's typed calls.
-Only the module of the command being run is imported (they pull in torch, DeepSpeed, submitit…), so
-`colorize-dist --help` answers at once; the help lines live in the table below. A command's own `--help` shows its
-module's `DESCRIPTION`, written for users; the module docstring is for developers. Errors a user can fix
-(`colorize_dist.errors.UserError`) leave through `run`: one line on stderr and the error's exit status.
+Each subcommand is a module of `colorize_dist.commands` defining `DESCRIPTION`, `add_arguments(parser)` and
+`main(args) -> int | None`, which turns the arguments into the library's typed calls. Only the module of the command
+being run is imported, and it loads the library (torch, DeepSpeed, submitit…) only in `main`, so `colorize-dist
+--help`, a command's `--help` and its argument errors answer at once; the help lines live in the table below. A
+command's `--help` shows its `DESCRIPTION`, written for users; the module docstring is for developers. Errors a user
+can fix (`colorize_dist.errors.UserError`) leave through `run`: one line on stderr and the error's exit status.
 """
 
 import argparse
@@ -15,27 +15,27 @@ from collections.abc import Callable
 
 from colorize_dist.errors import UserError
 
+# words → (module of colorize_dist.commands, help line)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
-    ("bench", "color"): ("colorize_dist.bench.color", "RGB→Lab throughput: our kernels vs skimage, kornia, OpenCV"),
-    ("bench", "data"): ("colorize_dist.bench.data", "images/s of the DALI pipeline vs the reference loader"),
-    ("bench", "train"): ("colorize_dist.bench.train", "training throughput: fp32 vs bf16 vs channels_last vs compile"),
-    ("bench", "checkpoint"): ("colorize_dist.bench.checkpoint",
-                              "time a checkpoint holds the step: hashing on it vs after"),
-    ("bench", "telemetry"): ("colorize_dist.bench.telemetry", "what the per-interval metrics cost a training step"),
-    ("bench", "gpu"): ("colorize_dist.bench.gpu", "a GPU node's benchmark: kernel, loaders, training, memory, MFU"),
-    ("shards", "make"): ("colorize_dist.data.make", "make WebDataset shards from a folder, .zip or .tar of images"),
-    ("shards", "synth"): ("colorize_dist.data.synth", "write the built-in synthetic dataset as a shard set"),
-    ("shards", "verify"): ("colorize_dist.data.verify", "check every shard, image, count and index of a shard set"),
-    ("shards", "index"): ("colorize_dist.data.index", "index shards written by other tools so the loaders read them"),
-    ("model-info",): ("colorize_dist.models.info", "parameters, FLOPs and activation memory of G and D"),
-    ("submit",): ("colorize_dist.launch.submit", "submit training to Slurm (checkpoint and requeue at time limits)"),
-    ("study", "run"): ("colorize_dist.study.run", "run a scaling study's points, here or as Slurm job arrays"),
-    ("study", "report"): ("colorize_dist.study.report", "a study's results.csv, report.md and plots"),
-    ("train",): ("colorize_dist.training.command", "train the colorization GAN (one process; see accelerate launch)"),
-    ("runs",): ("colorize_dist.training.runs", "throughput, MFU, memory and validation of runs over their steps"),
-    ("eval",): ("colorize_dist.eval.evaluate", "evaluate an exported generator on a shard set"),
-    ("colorize",): ("colorize_dist.eval.colorize", "colorize images of any size with an exported generator"),
-    ("export",): ("colorize_dist.models.export", "write a run's EMA generator as ONNX (checked against PyTorch)"),
+    ("bench", "color"): ("bench_color", "RGB→Lab throughput: our kernels vs skimage, kornia, OpenCV"),
+    ("bench", "data"): ("bench_data", "images/s of the DALI pipeline vs the reference loader"),
+    ("bench", "train"): ("bench_train", "training throughput: fp32 vs bf16 vs channels_last vs compile"),
+    ("bench", "checkpoint"): ("bench_checkpoint", "time a checkpoint holds the step: hashing on it vs after"),
+    ("bench", "telemetry"): ("bench_telemetry", "what the per-interval metrics cost a training step"),
+    ("bench", "gpu"): ("bench_gpu", "a GPU node's benchmark: kernel, loaders, training, memory, MFU"),
+    ("shards", "make"): ("shards_make", "make WebDataset shards from a folder, .zip or .tar of images"),
+    ("shards", "synth"): ("shards_synth", "write the built-in synthetic dataset as a shard set"),
+    ("shards", "verify"): ("shards_verify", "check every shard, image, count and index of a shard set"),
+    ("shards", "index"): ("shards_index", "index shards written by other tools so the loaders read them"),
+    ("model-info",): ("model_info", "parameters, FLOPs and activation memory of G and D"),
+    ("submit",): ("submit", "submit training to Slurm (checkpoint and requeue at time limits)"),
+    ("study", "run"): ("study_run", "run a scaling study's points, here or as Slurm job arrays"),
+    ("study", "report"): ("study_report", "a study's results.csv, report.md and plots"),
+    ("train",): ("train", "train the colorization GAN (one process; see accelerate launch)"),
+    ("runs",): ("runs", "throughput, MFU, memory and validation of runs over their steps"),
+    ("eval",): ("evaluate", "evaluate an exported generator on a shard set"),
+    ("colorize",): ("colorize", "colorize images of any size with an exported generator"),
+    ("export",): ("export", "write a run's EMA generator as ONNX (checked against PyTorch)"),
 }
 
 
@@ -51,7 +51,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
                 groups[prefix] = group.add_subparsers(dest="_".join(prefix) + "_command", required=True)
         sub = groups[words[:-1]].add_parser(words[-1], help=help_line)
         if tuple(argv[:len(words)]) == words:
-            module = importlib.import_module(module_name)
+            module = importlib.import_module(f"colorize_dist.commands.{module_name}")
             sub.description = module.DESCRIPTION
             sub.formatter_class = argparse.RawDescriptionHelpFormatter
             module.add_arguments(sub)

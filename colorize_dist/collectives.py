@@ -27,7 +27,7 @@ Where they run, in the order of a training run (all EVERY RANK):
 - eval/metrics.py `compute_metrics`, at each validation: `sum_over_ranks`, `gather_to_rank0`,
   `broadcast_from_rank0` of FID/KID/IS;
 - training/summary.py `write_summary`: `max_over_ranks` of peak memory, once at the end;
-- training/command.py: `leave`, the barrier before the process group is destroyed.
+- commands/train.py: `leave`, the barrier before the process group is destroyed.
 Accelerate makes the others, also on every rank: `prepare` (DDP's or DeepSpeed's broadcast of the weights),
 each DDP/engine backward's gradient reduction, `save_state`/`load_state` and `wait_for_everyone` (checkpoint.py,
 resume.py, build.py `synthetic_shards`, eval/evaluate.py).

@@ -38,7 +38,7 @@ def test_runs_help_imports_nothing_heavy() -> None:
 @pytest.mark.parametrize("words", sorted(COMMANDS))
 def test_every_command_describes_itself_for_users(words: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> None:
     """`--help` shows the module's DESCRIPTION (what the command does and writes), never its developer docstring."""
-    module = importlib.import_module(COMMANDS[words][0])
+    module = importlib.import_module(f"colorize_dist.commands.{COMMANDS[words][0]}")
     assert module.DESCRIPTION.strip() and module.DESCRIPTION.strip() != (module.__doc__ or "").strip()
     with pytest.raises(SystemExit):
         build_parser([*words, "--help"]).parse_args([*words, "--help"])

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from colorize_dist import _C, cli, devices
+from colorize_dist.commands import train as command
 from colorize_dist.devices import DeviceError, check_node, libraries_on, local_device_index, rank_device
-from colorize_dist.training import command
 
 
 @pytest.mark.parametrize(("local_rank", "visible", "local_world_size", "index"), [

@@ -6,7 +6,6 @@ rather than as the difference of two timed steps: a step's own noise on a shared
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -14,67 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from tabulate import tabulate
 
-from colorize_dist.errors import UserError
 from colorize_dist.models import build_discriminator, build_generator
 from colorize_dist.training.config import check_launch, load_training_config
 from colorize_dist.training.telemetry import Telemetry
-
-DESCRIPTION = """\
-Time what the per-interval training metrics cost: a training step of the preset's G and D, what the telemetry
-adds to every step and to one logging step. Prints a table with the overhead per logging interval as a fraction of
-train.log_every steps. One process; writes nothing.
-
-  colorize-dist bench telemetry                 # the tiny preset at its batch and train.log_every
-  colorize-dist bench telemetry --config res256 --steps 5
-"""  # `colorize-dist bench telemetry --help`, for users
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="tiny", help="preset or YAML whose networks and batch are timed")
-    parser.add_argument("--steps", type=int, default=60, help="timed steps of each variant (alternating blocks)")
-
-
-def main(args: argparse.Namespace) -> int:
-    if args.steps < 1:
-        raise UserError("--steps must be at least 1")
-    cfg = load_training_config(args.config)
-    batch = check_launch(cfg.train, 1)
-    l = torch.rand(batch, 1, cfg.data.resolution, cfg.data.resolution)
-    ab = torch.rand(batch, 2, cfg.data.resolution, cfg.data.resolution)
-    networks = [build_generator(cfg.model.generator),
-                build_discriminator(cfg.model.discriminator, cfg.model.generator.out_channels)]
-    step = training_step(networks, l, ab)
-    with tempfile.TemporaryDirectory() as folder:
-        telemetry = Telemetry(Path(folder), torch.device("cpu"), rank=0, world_size=1, forward_modules=networks,
-                              cost=None, peak_flops=None, straggler_margin=0.5, straggler_intervals=3)
-        step_times = time_steps(step, args.steps)  # with the hooks, as in training
-
-        def bookkeeping() -> None:  # what each step adds: the hooks of its forward passes (4 in a GAN step), tick
-            for _ in range(FORWARDS_PER_STEP):
-                telemetry.forward._start(None, None)
-                telemetry.forward._stop(None, None, None)
-            telemetry.tick()
-
-        per_step = time_steps(bookkeeping, 1000)
-        telemetry.forward.take()
-        logging_steps = []
-        for _ in range(20):
-            started = time.perf_counter()
-            _, record = telemetry.interval({"data_wait": 0.01}, cfg.train.log_every * cfg.train.batch_size,
-                                           [False, False, False], adversarial=True)
-            telemetry.write({"kind": "interval", "step": 0, **record})
-            logging_steps.append(time.perf_counter() - started)
-    step_s, per_step_s, log_s = (statistics.median(values) for values in (step_times, per_step, logging_steps))
-    interval = cfg.train.log_every
-    overhead = (interval * per_step_s + log_s) / (interval * step_s)
-    print(tabulate([[args.config, batch, interval, step_s * 1e3, per_step_s * 1e6, log_s * 1e3, overhead]],
-                   ["config", "batch", "log_every", "step ms", "hooks + tick per step µs",
-                    "logging step's telemetry ms", "overhead per interval"],
-                   tablefmt="github", floatfmt=("", "", "", ".1f", ".1f", ".3f", ".3%")))
-    return 0
-
 
 FORWARDS_PER_STEP = 4  # G for D's update and G's, D on real and fake pairs, D scoring G's output: at most 4
 
@@ -101,3 +43,38 @@ def time_steps(step: Callable[[], object], count: int) -> list[float]:
         step()
         times.append(time.perf_counter() - started)
     return times
+
+
+def measure(config: str, steps: int) -> list[object]:
+    """The table's row: config, batch, log_every, step ms, hooks + tick µs per step, logging step ms, overhead."""
+    cfg = load_training_config(config)
+    batch = check_launch(cfg.train, 1)
+    l = torch.rand(batch, 1, cfg.data.resolution, cfg.data.resolution)
+    ab = torch.rand(batch, 2, cfg.data.resolution, cfg.data.resolution)
+    networks = [build_generator(cfg.model.generator),
+                build_discriminator(cfg.model.discriminator, cfg.model.generator.out_channels)]
+    step = training_step(networks, l, ab)
+    with tempfile.TemporaryDirectory() as folder:
+        telemetry = Telemetry(Path(folder), torch.device("cpu"), rank=0, world_size=1, forward_modules=networks,
+                              cost=None, peak_flops=None, straggler_margin=0.5, straggler_intervals=3)
+        step_times = time_steps(step, steps)  # with the hooks, as in training
+
+        def bookkeeping() -> None:  # what each step adds: the hooks of its forward passes (4 in a GAN step), tick
+            for _ in range(FORWARDS_PER_STEP):
+                telemetry.forward._start(None, None)
+                telemetry.forward._stop(None, None, None)
+            telemetry.tick()
+
+        per_step = time_steps(bookkeeping, 1000)
+        telemetry.forward.take()
+        logging_steps = []
+        for _ in range(20):
+            started = time.perf_counter()
+            _, record = telemetry.interval({"data_wait": 0.01}, cfg.train.log_every * cfg.train.batch_size,
+                                           [False, False, False], adversarial=True)
+            telemetry.write({"kind": "interval", "step": 0, **record})
+            logging_steps.append(time.perf_counter() - started)
+    step_s, per_step_s, log_s = (statistics.median(values) for values in (step_times, per_step, logging_steps))
+    interval = cfg.train.log_every
+    overhead = (interval * per_step_s + log_s) / (interval * step_s)
+    return [config, batch, interval, step_s * 1e3, per_step_s * 1e6, log_s * 1e3, overhead]

@@ -7,7 +7,6 @@ Geometry is in [0, 1]² coordinates, so one index gives the same picture at ever
 
 from __future__ import annotations
 
-import argparse
 import functools
 from pathlib import Path
 
@@ -17,10 +16,8 @@ from PIL import Image
 from colorize_dist.data.make import (
     ShardOptions,
     Stored,
-    add_writer_arguments,
     encode_array,
     write_shard_set,
-    writer_options,
 )
 from colorize_dist.data.manifest import ShardError
 
@@ -82,26 +79,6 @@ def synth_image(index: int, resolution: int) -> np.ndarray:
         mask, colour = shape(x - cx, y - cy, rng.uniform(0.08, 0.22))
         image = np.where(mask[..., None], colour, image)
     return np.rint(image).clip(0, 255).astype(np.uint8)
-
-
-DESCRIPTION = """\
-Write the built-in synthetic dataset (smooth backgrounds with coloured shapes whose colour the lightness
-tells) as a shard set in OUT, through the same writer as `shards make`: OUT/train, OUT/val, indexes, manifest.json.
-
-  colorize-dist shards synth data/synth --n 512 --resolution 64
-"""  # `colorize-dist shards synth --help`, for users
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out", type=Path, help="shard set directory to create")
-    parser.add_argument("--n", type=int, default=1000, help="number of images")
-    parser.add_argument("--resolution", type=int, default=64, help="side of the square images")
-    add_writer_arguments(parser)
-
-
-def main(args: argparse.Namespace) -> int:
-    write_synthetic_shards(args.out, args.n, args.resolution, options=writer_options(args))
-    return 0
 
 
 def write_synthetic_shards(out: Path, n: int, resolution: int, *, options: ShardOptions | None = None) -> Path:

@@ -1,6 +1,6 @@
 """What to ask Slurm for: one `SlurmResources` for `colorize-dist submit` and for each point of a study (its
 `launch:` section). Each field is one sbatch option, one command-line flag (`gpus_per_node`: `--gpus-per-node`,
-see `launch.options`) and one study key (`launch.gpus_per_node`). Time limits are Slurm's own text, read here.
+see `commands.resources`) and one study key (`launch.gpus_per_node`). Time limits are Slurm's own text, read here.
 """
 
 from __future__ import annotations

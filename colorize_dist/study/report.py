@@ -5,7 +5,6 @@ Reads only files (and Slurm's queue when points ran there), so it runs anywhere 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import math
@@ -17,38 +16,11 @@ from tabulate import tabulate
 from colorize_dist.eval.names import LABELS
 from colorize_dist.files import atomic_write
 from colorize_dist.study.collect import PointResult, collect, report_metrics
-from colorize_dist.study.command import add_study_arguments, load_plan
 from colorize_dist.study.plan import Plan, format_value, short_names
 from colorize_dist.study.plots import PLOTS, Plot, draw_all
 from colorize_dist.study.record import DONE
 
 RESULTS, REPORT = "results.csv", "report.md"
-
-
-DESCRIPTION = """\
-Write a study's results: OUT/results.csv, OUT/report.md and OUT/plots/*.png. Per point: its status, final and
-best validation metrics, images/s, step time, data wait, peak memory, parameters, FLOPs, training compute and, on
-GPUs, MFU. Overrides given to `study run` are reused when none are given here.
-
-  colorize-dist study report smoke                    # studies/smoke, as `study run smoke --local` left it
-  colorize-dist study report node_ladder --out /scratch/studies/ladder --peak-tflops 989
-
-Exit status: 0 written; 2 bad study.
-"""  # `colorize-dist study report --help`, for users
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_study_arguments(parser)
-    parser.add_argument("--peak-tflops", type=float, metavar="T",
-                        help="peak TFLOPS of one GPU for MFU (default: from the GPU's name and the run's precision)")
-
-
-def main(args: argparse.Namespace) -> int:
-    plan, _ = load_plan(args.study, args.overrides, args.out, reuse_overrides=True)
-    results = write_report(plan, args.peak_tflops)
-    print(summary_line(results))
-    print(f"report: {plan.out / REPORT}  results: {plan.out / RESULTS}  plots: {plan.out / PLOTS}/")
-    return 0
 
 
 def write_report(plan: Plan, peak_tflops: float | None = None) -> list[PointResult]:

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from colorize_dist.commands import study_run, submit
+from colorize_dist.commands.resources import add_resource_arguments, given_resources, resources_from_arguments
 from colorize_dist.config import ConfigError
-from colorize_dist.launch import submit
-from colorize_dist.launch.options import add_resource_arguments, given_resources, resources_from_arguments
 from colorize_dist.launch.resources import TIME_FORMATS, SlurmResources, time_limit_minutes
-from colorize_dist.study import run as study_run
 from colorize_dist.study.config import load_study
 from colorize_dist.study.plan import make_plan
 from tests.launch.test_slurm import REPO, run_cli, submit_args

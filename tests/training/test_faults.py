@@ -20,8 +20,9 @@ import torch
 from accelerate import Accelerator
 
 from colorize_dist import cli
+from colorize_dist.commands import train as command
 from colorize_dist.config import ConfigError
-from colorize_dist.training import checkpoint, command, milestones
+from colorize_dist.training import checkpoint, milestones
 from colorize_dist.training.checkpoint import Progress
 from colorize_dist.training.config import load_training_config
 from colorize_dist.training.divergence import DivergedError

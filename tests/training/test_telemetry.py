@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from colorize_dist import cli
+from colorize_dist.commands import train as command
 from colorize_dist.config import ConfigError
-from colorize_dist.training import command, telemetry
+from colorize_dist.training import telemetry
 from colorize_dist.training.config import load_training_config
 from colorize_dist.training.summary import peak_memory
 from colorize_dist.training.telemetry import RANK_FIELDS, Stragglers, job_record, read_metrics

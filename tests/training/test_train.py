@@ -16,8 +16,9 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from colorize_dist import cli
+from colorize_dist.commands import train as command
 from colorize_dist.config import ConfigError, preset_names
-from colorize_dist.training import checkpoint, command
+from colorize_dist.training import checkpoint
 from colorize_dist.training.config import TrainConfig, check_launch, load_training_config
 from colorize_dist.training.stop import EXIT_RESUMABLE
 from tests.training.helpers import (

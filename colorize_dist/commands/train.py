@@ -1,4 +1,5 @@
-"""The trainer's command line: the config, the run directory and resuming, turned into one `train` call.
+"""`colorize-dist train` and the trainer's own command line: the config, the run directory and resuming, turned into
+one `train` call.
 
 Library errors a user can fix become UserErrors here; a lost peer becomes exit status 3 with one line per surviving
 node, and an early stop after a checkpoint becomes 75, so wrappers can tell resumable runs from failed ones.

@@ -1,9 +1,9 @@
-"""Submit training to Slurm with submitit; the job checkpoints and requeues itself at time limits and preemption.
+"""`colorize-dist submit`: training submitted to Slurm with submitit; the job checkpoints and requeues itself at
+time limits and preemption.
 
 The config is checked here and written to RUN/config.yaml, which every start of the job trains with. With
 --accelerate-config the tasks get the ACCELERATE_* variables Accelerate's launcher would compute, while the number of
-processes and machines stays Slurm's. --elastic runs one torchrun agent per node (training/elastic.py).
-"""
+processes and machines stays Slurm's. --elastic runs one torchrun agent per node (training/elastic.py)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,18 @@ import argparse
 import dataclasses
 import shlex
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import submitit
-import yaml
-
-from colorize_dist.launch import slurm
-from colorize_dist.launch.options import add_resource_arguments, resources_from_arguments
+from colorize_dist.commands.resources import add_resource_arguments, resources_from_arguments
+from colorize_dist.commands.train import add_arguments as add_training_arguments
 from colorize_dist.launch.resources import SlurmResources
-from colorize_dist.training.command import add_arguments as add_training_arguments
-from colorize_dist.training.config import Config, default_run_dir, load_training_config
+
+if TYPE_CHECKING:
+    import submitit
+
+    from colorize_dist.launch import slurm
+    from colorize_dist.training.config import Config
+
 
 DESCRIPTION = """\
 Submit training to Slurm. The config, its overrides, --run-dir and --resume are those of `colorize-dist train`;
@@ -37,7 +40,6 @@ and requeues itself, up to --max-timeouts times. --elastic MIN_NODES[:MAX_RESTAR
 Exit status: 0 submitted; 1 Slurm refused the job or is not installed; 2 bad configuration.
 """  # `colorize-dist submit --help`, for users
 
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_training_arguments(parser)
     parser.add_argument("--accelerate-config", type=Path, metavar="FILE",
@@ -52,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from colorize_dist.launch import slurm
+    from colorize_dist.training.config import default_run_dir, load_training_config
+
     cfg = load_training_config(args.config, args.overrides)
     run_dir = args.run_dir or default_run_dir(cfg, args.config)
     resources = resources_from_arguments(args, SlurmResources(job_name=f"colorize-{run_dir.absolute().name}"))
@@ -66,6 +71,10 @@ def main(args: argparse.Namespace) -> int:
 
 
 def print_dry_run(cfg: Config, job: slurm.TrainingJob, resources: SlurmResources) -> None:
+    import yaml
+
+    from colorize_dist.launch import slurm
+
     script = slurm.sbatch_script(job, resources)
     print(f"# resolved config (written to {job.run_dir / slurm.CONFIG_NAME} on submission)")
     print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")

@@ -1,24 +1,13 @@
-"""What `study run` and `study report` share on their command lines: the study, its overrides, the output dir."""
+"""A study's plan from its name or file, its overrides and output dir, as `study run` and `study report` load it."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from colorize_dist.config import read_yaml
-from colorize_dist.study.config import load_study, resolve_study, study_names
+from colorize_dist.study.config import load_study, resolve_study
 from colorize_dist.study.plan import Plan, make_plan
 from colorize_dist.study.record import read_study_args
-
-
-def add_study_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("study", metavar="STUDY",
-                        help=f"study file, or the name of a shipped one ({', '.join(study_names())})")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="training keys for every point (data.shards=/data/ffhq) or study keys "
-                             "(budget.steps=100, launch.partition=gpu)")
-    parser.add_argument("--out", type=Path, help="output dir: points/, results.csv, report.md, plots/ "
-                                                 "(default: studies/<study name>)")
 
 
 def output_dir(study: str, out: Path | None) -> Path:

@@ -18,7 +18,7 @@ import torch
 from tabulate import tabulate
 
 from colorize_dist.data import DataConfig, build_loader, synth
-from colorize_dist.data.make import ShardOptions
+from colorize_dist.data.options import ShardOptions
 
 
 @dataclass(frozen=True)

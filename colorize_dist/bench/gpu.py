@@ -27,6 +27,7 @@ from tabulate import tabulate
 from colorize_dist.bench import color as bench_color
 from colorize_dist.bench import data as bench_data
 from colorize_dist.bench import train as bench_train
+from colorize_dist.bench.names import GPU_STAGES, VARIANTS
 from colorize_dist.files import atomic_write
 from colorize_dist.training.config import load_training_config
 
@@ -50,7 +51,7 @@ class BenchOptions:
     data_batch_size: int = 32
     data_epochs: int = 2
     train_points: tuple[tuple[str, int], ...] = TRAIN_POINTS
-    variants: tuple[str, ...] = tuple(bench_train.VARIANTS)
+    variants: tuple[str, ...] = tuple(VARIANTS)
     steps: int = 30
     warmup: int = 10
     memory_points: tuple[tuple[str, tuple[int, ...]], ...] = MEMORY_POINTS
@@ -269,10 +270,8 @@ def run_variant(bench: Bench, variant: str, config: str, shards: Path, overrides
                                    steps=steps, warmup=warmup, timeout=bench.options.run_timeout)
 
 
-STAGES: dict[str, Callable[[Bench, dict[str, Any]], None]] = {
-    "env": env_stage, "color": color_stage, "data": data_stage, "train": train_stage, "memory": memory_stage,
-}
-MEASURED = tuple(name for name in STAGES if name != "env")  # what --stages chooses from
+STAGES: dict[str, Callable[[Bench, dict[str, Any]], None]] = dict(zip(
+    ("env", *GPU_STAGES), (env_stage, color_stage, data_stage, train_stage, memory_stage), strict=True))
 
 
 # --- the report ------------------------------------------------------------------------------------------------------

@@ -16,21 +16,14 @@ from pathlib import Path
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from colorize_dist.data.make import ShardOptions
+from colorize_dist.bench.names import VARIANTS
+from colorize_dist.data.options import ShardOptions
 from colorize_dist.data.synth import write_synthetic_shards
 from colorize_dist.errors import UserError
 from colorize_dist.training import costs
 from colorize_dist.training.config import Config, load_training_config
 from colorize_dist.training.summary import read_summary
 
-# Name → overrides of the training config.
-VARIANTS: dict[str, list[str]] = {
-    "fp32 eager": ["train.mixed_precision=fp32", "train.channels_last=false", "train.compile=false"],
-    "bf16": ["train.mixed_precision=bf16", "train.channels_last=false", "train.compile=false"],
-    "bf16 + channels_last": ["train.mixed_precision=bf16", "train.channels_last=true", "train.compile=false"],
-    "bf16 + channels_last + compile": ["train.mixed_precision=bf16", "train.channels_last=true",
-                                       "train.compile=true"],
-}
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
 DEFAULT_CONFIG = TRAIN_SCRIPT.parents[1] / "configs" / "tiny.yaml"
 

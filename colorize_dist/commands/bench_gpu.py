@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from colorize_dist.bench.gpu import EXIT_NO_GPU, MEASURED
+from colorize_dist.bench.names import GPU_STAGES
 from colorize_dist.errors import UserError
 
 DESCRIPTION = """\
@@ -30,8 +30,8 @@ Exit status: 0 every stage measured; 1 some stage failed (its error is in the re
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-gpu"), help="folder of report.md and results.json "
                                                                             "(default ./bench-gpu)")
-    parser.add_argument("--stages", default=",".join(MEASURED), metavar="A,B",
-                        help=f"comma-separated, some of {','.join(MEASURED)} (default all; env always runs first)")
+    parser.add_argument("--stages", default=",".join(GPU_STAGES), metavar="A,B",
+                        help=f"comma-separated, some of {','.join(GPU_STAGES)} (default all; env always runs first)")
     parser.add_argument("--shards", type=Path, help="shard set for the data and training stages (default: synthetic)")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per training variant")
     parser.add_argument("--warmup", type=int, default=10, help="first steps left out of the training rates")
@@ -43,19 +43,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from colorize_dist.bench.gpu import BenchOptions, run_benchmark
+    from colorize_dist.bench.gpu import EXIT_NO_GPU, BenchOptions, run_benchmark
 
     if args.steps <= args.warmup + 1 or args.warmup < 1:
         raise UserError("need 1 <= --warmup < --steps - 1")
     chosen = [name.strip() for name in args.stages.split(",") if name.strip()]
-    unknown = sorted(set(chosen) - set(MEASURED))
+    unknown = sorted(set(chosen) - set(GPU_STAGES))
     if unknown or not chosen:
         raise UserError(f"--stages {args.stages!r}: unknown {', '.join(unknown) or '(none given)'}; choose from "
-                        f"{','.join(MEASURED)}")
+                        f"{','.join(GPU_STAGES)}")
     if not torch.cuda.is_available():
         raise UserError("no CUDA device here (torch.cuda.is_available() is False); run it on a GPU node, or use "
                         "bench color / data / train for CPU figures", exit_status=EXIT_NO_GPU)
-    stages = ("env", *(name for name in MEASURED if name in chosen))
+    stages = ("env", *(name for name in GPU_STAGES if name in chosen))
     return run_benchmark(BenchOptions(out=args.out, stages=stages, shards=args.shards, steps=args.steps,
                                       warmup=args.warmup, run_timeout=args.run_timeout,
                                       overrides=tuple(args.overrides)))

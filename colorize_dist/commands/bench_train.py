@@ -7,7 +7,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from colorize_dist.bench.train import DEFAULT_CONFIG, VARIANTS
+from colorize_dist.bench.names import VARIANTS
 from colorize_dist.errors import UserError
 
 DESCRIPTION = """\
@@ -33,7 +33,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
     from tabulate import tabulate
 
-    from colorize_dist.bench.train import make_synthetic_shards, mfu, run_variant
+    from colorize_dist.bench.train import DEFAULT_CONFIG, make_synthetic_shards, mfu, run_variant
     from colorize_dist.training.config import load_training_config
 
     if args.steps <= args.warmup + 1 or args.warmup < 1:

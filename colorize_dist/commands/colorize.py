@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from colorize_dist.errors import UserError
-from colorize_dist.eval.colorize import DEFAULT_MAX_PIXELS
+from colorize_dist.eval.names import DEFAULT_MAX_PIXELS
 from colorize_dist.files import first_line
 
 DESCRIPTION = """\

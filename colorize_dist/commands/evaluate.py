@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 from colorize_dist.errors import UserError
-from colorize_dist.eval import card, fid, strata
-from colorize_dist.eval.lpips import LPIPS_WEIGHTS_FILENAME, lpips_weights_path
+from colorize_dist.eval.names import MIN_STRATUM_IMAGES, REGIONS
 from colorize_dist.files import first_line
 
 DESCRIPTION = """\
@@ -27,6 +26,8 @@ per skin-tone stratum or per --groups), per_image.csv and samples.png. Metrics: 
   ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m colorize_dist eval --checkpoint FILE --shards DIR  # 2 CPUs
 """  # `colorize-dist eval --help`, for users
 
+HUB_CACHE = ""  # --fid-weights or --lpips-weights without a PATH: the file in the torch hub cache
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint",
@@ -36,22 +37,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compare two evaluation cards (card.json, its folder or the run directory) side by "
                              "side instead of evaluating; refused when their protocols differ")
     parser.add_argument("--split", default="val", choices=("val", "train"), help="which split to score (default val)")
-    parser.add_argument("--fid-weights", nargs="?", const=str(fid.fid_weights_path()), metavar="PATH",
+    parser.add_argument("--fid-weights", nargs="?", const=HUB_CACHE, metavar="PATH",
                         help="compute FID, KID and Inception Score with pytorch-fid's Inception weights at PATH "
-                             f"(no PATH: the torch hub cache, $TORCH_HOME/hub/checkpoints/{fid.FID_WEIGHTS_FILENAME})")
+                             "(no PATH: pytorch-fid's file in the torch hub cache, $TORCH_HOME/hub/checkpoints/)")
     parser.add_argument("--fid-reference", metavar="NPZ",
                         help="ground-truth Inception statistics and features: reused if the file exists, else "
                              "computed and saved")
-    parser.add_argument("--min-fid-images", type=int, default=fid.MIN_IMAGES, metavar="N",
-                        help=f"refuse FID/KID/IS over fewer images (default {fid.MIN_IMAGES}, the feature "
-                             "dimension; lower it only for smoke tests)")
-    parser.add_argument("--lpips-weights", nargs="?", const=str(lpips_weights_path()), metavar="PATH",
+    parser.add_argument("--min-fid-images", type=int, metavar="N",
+                        help="refuse FID/KID/IS over fewer images (default: the dimension of the Inception "
+                             "features, below which their covariance is singular; lower it only for smoke tests)")
+    parser.add_argument("--lpips-weights", nargs="?", const=HUB_CACHE, metavar="PATH",
                         help="compute LPIPS with torchvision's AlexNet weights at PATH "
-                             f"(no PATH: the torch hub cache, $TORCH_HOME/hub/checkpoints/{LPIPS_WEIGHTS_FILENAME})")
-    parser.add_argument("--min-stratum-images", type=int, default=card.MIN_STRATUM_IMAGES, metavar="N",
+                             "(no PATH: torchvision's file in the torch hub cache, $TORCH_HOME/hub/checkpoints/)")
+    parser.add_argument("--min-stratum-images", type=int, default=MIN_STRATUM_IMAGES, metavar="N",
                         help="skin-tone strata with fewer images take no part in the largest gap between strata "
-                             f"(default {card.MIN_STRATUM_IMAGES}; part of the card's protocol)")
-    parser.add_argument("--skin-region", default="face", choices=tuple(strata.REGIONS),
+                             f"(default {MIN_STRATUM_IMAGES}; part of the card's protocol)")
+    parser.add_argument("--skin-region", default="face", choices=tuple(REGIONS),
                         help="where the skin-tone strata look for skin: face (the cheeks, nose and mouth of an "
                              "aligned face crop, as CelebA-HQ and FFHQ are; the default) or frame (the whole image, "
                              "for uncropped photos)")
@@ -79,6 +80,7 @@ def main(args: argparse.Namespace) -> int:
 
     from colorize_dist.data import DataConfig, build_loader
     from colorize_dist.data.store import redact
+    from colorize_dist.eval import card, fid
     from colorize_dist.eval.evaluate import (
         SAMPLE_IMAGES,
         _run_dir,
@@ -89,12 +91,15 @@ def main(args: argparse.Namespace) -> int:
         split_keys,
         training_mean_ab,
     )
-    from colorize_dist.eval.lpips import LPIPS_NET
+    from colorize_dist.eval.lpips import LPIPS_NET, lpips_weights_path
     from colorize_dist.eval.metrics import evaluate
     from colorize_dist.eval.samples import sample_grid, save_grid
     from colorize_dist.files import atomic_write, sha256_of, writable_directory
     from colorize_dist.models.export import load_generator, resolve_checkpoint
 
+    fid_weights = str(fid.fid_weights_path()) if args.fid_weights == HUB_CACHE else args.fid_weights
+    lpips_weights = str(lpips_weights_path()) if args.lpips_weights == HUB_CACHE else args.lpips_weights
+    min_fid_images = fid.MIN_IMAGES if args.min_fid_images is None else args.min_fid_images
     if args.compare is not None:
         return compare(*args.compare)
     if args.checkpoint is None or args.shards is None:
@@ -111,16 +116,16 @@ def main(args: argparse.Namespace) -> int:
         loader = build_loader(cfg, args.split, batch_size=args.batch_size, rank=state.process_index,
                               world_size=state.num_processes, device=state.device, augment=False)
         images = loader.samples
-        if args.fid_weights is not None and images < args.min_fid_images:
-            raise ValueError(f"FID/KID/IS need at least {args.min_fid_images:,} images (--min-fid-images), the "
+        if fid_weights is not None and images < min_fid_images:
+            raise ValueError(f"FID/KID/IS need at least {min_fid_images:,} images (--min-fid-images), the "
                              f"{args.split} split has {images:,}; score a larger split or leave out --fid-weights")
         keys = split_keys(args.shards, loader)
         groups = read_groups(args.groups, keys) if args.groups is not None else None
         mean_ab = training_mean_ab(args.train_shards or _training_shards(Path(args.checkpoint), checkpoint)
                                    or args.shards)
-        evaluation = evaluate(generator, loader, device=state.device, fid_weights=args.fid_weights,
-                              fid_reference=args.fid_reference, lpips_weights=args.lpips_weights,
-                              fid_standard_error=args.fid_weights is not None, mean_ab=mean_ab.get("ab"),
+        evaluation = evaluate(generator, loader, device=state.device, fid_weights=fid_weights,
+                              fid_reference=args.fid_reference, lpips_weights=lpips_weights,
+                              fid_standard_error=fid_weights is not None, mean_ab=mean_ab.get("ab"),
                               skin_region=args.skin_region, progress=state.is_main_process)
     except (OSError, ValueError) as exc:  # UserErrors among them, and the files' own errors
         raise UserError(first_line(exc)) from exc
@@ -129,11 +134,11 @@ def main(args: argparse.Namespace) -> int:
         report = {"checkpoint": str(checkpoint), "shards": redact(str(args.shards)), "split": args.split,
                   "images": images, "resolution": resolution, "processes": state.num_processes, "metrics": metrics,
                   "delta_e": "CIEDE2000 (k_L = k_C = k_H = 1), mean over pixels, then over images"}
-        if args.lpips_weights is not None:
+        if lpips_weights is not None:
             report["lpips"] = {"net": LPIPS_NET, "version": "0.1 (torchmetrics' linear layers)",
-                               "weights": str(lpips_weights_path(args.lpips_weights).resolve())}
-        if args.fid_weights is not None:
-            report["inception"] = inception_report(args.shards, args.fid_weights, args.fid_reference, images)
+                               "weights": str(lpips_weights_path(lpips_weights).resolve())}
+        if fid_weights is not None:
+            report["inception"] = inception_report(args.shards, fid_weights, args.fid_reference, images)
         atomic_write(out / "metrics.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
         stratified = (card.Strata.from_groups(keys, groups) if groups is not None
                       else card.Strata.from_ita(evaluation.ita))
@@ -150,8 +155,8 @@ def main(args: argparse.Namespace) -> int:
         evaluation_card = card.build_card(
             protocol=card.protocol(shards=args.shards, split=args.split, images=images, resolution=resolution,
                                    resize_filter=resize_done(args.shards, resolution, loader.resize_filter),
-                                   metrics=list(evaluation.per_image), lpips_weights=args.lpips_weights,
-                                   fid_weights=args.fid_weights, fid_reference=args.fid_reference,
+                                   metrics=list(evaluation.per_image), lpips_weights=lpips_weights,
+                                   fid_weights=fid_weights, fid_reference=args.fid_reference,
                                    min_stratum_images=args.min_stratum_images, skin_region=args.skin_region,
                                    groups=args.groups),
             summary=summary, baselines={"gray": {"ab": [0.0, 0.0]}, "mean_ab": mean_ab},
@@ -160,7 +165,7 @@ def main(args: argparse.Namespace) -> int:
                    "generator_config": dataclasses.asdict(generator_cfg)},
             run={"processes": state.num_processes, "device": str(state.device), "loader": loader.describe(),
                  "batch_size": args.batch_size},
-            warnings=[warning] if args.fid_weights and (warning := fid.sample_size_warning(images)) else [])
+            warnings=[warning] if fid_weights and (warning := fid.sample_size_warning(images)) else [])
         card_json, card_md = card.write_card(evaluation_card, out)
         save_grid(sample_grid(generator, next(loader.epoch(0)), max_images=SAMPLE_IMAGES), out / "samples.png")
         print(card.results_table(evaluation_card))
@@ -174,6 +179,7 @@ def main(args: argparse.Namespace) -> int:
 
 def compare(first: str, second: str) -> int:
     """Print two cards side by side; a UserError naming the first difference if their protocols differ."""
+    from colorize_dist.eval import card
     from colorize_dist.eval.evaluate import paired_comparison
 
     cards = card.load_card(first), card.load_card(second)

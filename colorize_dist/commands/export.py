@@ -7,7 +7,6 @@ from pathlib import Path
 
 from colorize_dist.errors import UserError
 from colorize_dist.files import first_line
-from colorize_dist.models.export import ONNX_OPSET
 
 DESCRIPTION = """\
 Write a run's EMA generator as an ONNX model for onnxruntime, checked against PyTorch on three inputs
@@ -27,18 +26,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "file, exported as ONNX")
     parser.add_argument("--out", type=Path, metavar="FILE",
                         help="the ONNX file (default: beside the .safetensors file, with the suffix .onnx)")
-    parser.add_argument("--opset", type=int, default=ONNX_OPSET, help=f"ONNX opset (default {ONNX_OPSET})")
+    parser.add_argument("--opset", type=int, help="ONNX opset (default: the one the export is tested with)")
 
 
 def main(args: argparse.Namespace) -> int:
-    from colorize_dist.models.export import export_onnx, resolve_checkpoint
+    from colorize_dist.models.export import ONNX_OPSET, export_onnx, resolve_checkpoint
 
     try:
         source = resolve_checkpoint(args.onnx)
         out = args.out or source.with_suffix(".onnx")
         if out.is_dir():
             raise UserError(f"--out {out} is a folder; name the .onnx file to write")
-        result = export_onnx(source, out, args.opset)
+        result = export_onnx(source, out, ONNX_OPSET if args.opset is None else args.opset)
     except (OSError, ValueError, ModuleNotFoundError) as exc:  # a file, the onnx packages
         raise UserError(first_line(exc)) from exc
     sizes = ", ".join(f"{height}×{width}" for height, width in result.sizes)

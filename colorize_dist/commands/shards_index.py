@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from colorize_dist.data.manifest import MANIFEST
-
 DESCRIPTION = """\
 Index WebDataset shards written by other tools so the loaders read them. Expects DIR/train/*.tar, DIR/val/*.tar
 or both; writes a DALI index beside each tar and DIR/manifest.json (sample counts, sizes, SHA-256, CRC-32 of each
@@ -23,9 +21,9 @@ image: index only shards you trust). Images are used at the size they are stored
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", type=Path, help="directory holding train/*.tar and val/*.tar")
     action = parser.add_mutually_exclusive_group()
-    action.add_argument("--force", action="store_true", help=f"replace an existing {MANIFEST}")
+    action.add_argument("--force", action="store_true", help="replace an existing manifest")
     action.add_argument("--repair", action="store_true",
-                        help=f"rewrite missing or stale .idx files of the shards {MANIFEST} lists (bytes checked)")
+                        help="rewrite missing or stale .idx files of the shards the manifest lists (bytes checked)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from colorize_dist.data.make import GRAY_RESIDUAL_CHROMA, IMAGE_FORMATS, ShardOptions
-from colorize_dist.data.manifest import ShardError
+from colorize_dist.data.options import GRAY_RESIDUAL_CHROMA, IMAGE_FORMATS, ShardError, ShardOptions, SkipRules
 
 DESCRIPTION = """\
 Make WebDataset shards from a folder, .zip or .tar of images, for training and evaluation.
@@ -60,7 +59,7 @@ def writer_options(args: argparse.Namespace) -> ShardOptions:
 
 
 def main(args: argparse.Namespace) -> int:
-    from colorize_dist.data.make import SkipRules, make_shards
+    from colorize_dist.data.make import make_shards
 
     if args.resolution is None and not args.keep_original:
         raise ShardError("--resolution is required (or pass --keep-original)")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from colorize_dist.data.manifest import MANIFEST
-
 DESCRIPTION = """\
 Check a shard set against its manifest, changing nothing: every shard is there with its recorded size, its tar
 headers read, its DALI index matches, every image has its recorded CRC-32 and decodes at the manifest's resolution;
@@ -28,7 +26,7 @@ def main(args: argparse.Namespace) -> int:
     from tabulate import tabulate
     from tqdm import tqdm
 
-    from colorize_dist.data.manifest import SPLITS, manifest_shards, read_manifest
+    from colorize_dist.data.manifest import MANIFEST, SPLITS, manifest_shards, read_manifest
     from colorize_dist.data.store import LocalStore, open_store
     from colorize_dist.data.verify import check_remote_shard, check_shard
 

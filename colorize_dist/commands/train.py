@@ -11,10 +11,10 @@ import argparse
 from pathlib import Path
 
 from colorize_dist.errors import UserError
-from colorize_dist.training.config import DEFAULT_CONFIG, default_run_dir, load_training_config
 from colorize_dist.training.stop import EXIT_RESUMABLE
 
 EXIT_PEER_LOST = 3
+DEFAULT_CONFIG = "tiny"  # the embedded default: a preset that trains on synthetic data in minutes on a CPU
 
 
 DESCRIPTION = """\
@@ -53,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Parsed arguments → exit status. Errors a user can fix (UserError) leave through `cli.run`, one line each."""
     from colorize_dist.training.checkpoint import CHECKPOINTS, latest_valid
+    from colorize_dist.training.config import default_run_dir, load_training_config
     from colorize_dist.training.elastic import after_loss
     from colorize_dist.training.loop import train
     from colorize_dist.training.peers import PeerLostError

@@ -1,11 +1,19 @@
-"""The data path: image folders → WebDataset shards → (l, ab) batches on every rank (DALI or reference)."""
+"""The data path: image folders → WebDataset shards → (l, ab) batches on every rank (DALI or reference).
 
-from colorize_dist.data.config import DataConfig
-from colorize_dist.data.loader import Batch, ColorLoader, build_loader, first_batch
-from colorize_dist.data.manifest import ManifestError, MissingShardsError, ShardDataError
-from colorize_dist.data.synth import synth_image
+The names below load with their module on first use, so that importing one light module of the package (its config,
+say) does not load torch, DALI and PIL with the loaders."""
 
-__all__ = [
-    "Batch", "ColorLoader", "DataConfig", "ManifestError", "MissingShardsError", "ShardDataError", "build_loader",
-    "first_batch", "synth_image",
-]
+import importlib
+
+_HOMES = {
+    "DataConfig": "config", "Batch": "loader", "ColorLoader": "loader", "build_loader": "loader",
+    "first_batch": "loader", "ManifestError": "manifest", "MissingShardsError": "manifest",
+    "ShardDataError": "manifest", "synth_image": "synth",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> object:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)

@@ -22,13 +22,13 @@ from colorize_dist.data.manifest import (
     ManifestError,
     MissingShardsError,
     Shard,
-    ShardError,
     interrupted_make,
     manifest_shards,
     read_manifest,
     shard_record,
     write_manifest,
 )
+from colorize_dist.data.options import ShardError
 from colorize_dist.files import atomic_write
 
 KEPT_INFO = ("source", "resolution", "image_format", "val_fraction", "split_rule", "sample_order", "jpeg_quality",

@@ -70,11 +70,6 @@ class ShardsUnavailable(ShardDataError):
         return f"{self.reason}; {STARTUP_HINT}"
 
 
-class ShardError(UserError, ValueError):
-    """A shard set cannot be written as asked (bad options, no readable images, an existing output, a full
-    disk); the message is one line saying what to change."""
-
-
 @dataclass(frozen=True)
 class Shard:
     path: Path

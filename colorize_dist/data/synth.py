@@ -13,13 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from colorize_dist.data.make import (
-    ShardOptions,
-    Stored,
-    encode_array,
-    write_shard_set,
-)
-from colorize_dist.data.manifest import ShardError
+from colorize_dist.data.make import Stored, encode_array, write_shard_set
+from colorize_dist.data.options import ShardError, ShardOptions
 
 # Background colour ramp: hue follows luminance.
 NAVY = np.array([30.0, 50.0, 125.0])

@@ -41,13 +41,12 @@ from colorize_dist.data.manifest import manifest_sha256
 from colorize_dist.errors import UserError
 from colorize_dist.eval import fid, intervals, strata
 from colorize_dist.eval.lpips import LPIPS_NET
-from colorize_dist.eval.names import DIRECTION, LABELS, LPIPS_METRICS
+from colorize_dist.eval.names import DIRECTION, LABELS, LPIPS_METRICS, MIN_STRATUM_IMAGES, REGIONS
 from colorize_dist.files import atomic_write, sha256_of
 
 FORMAT = "colorize_dist.eval_card/2"
 PER_IMAGE_CSV = "per_image.csv"
 CARD_JSON, CARD_MD = "card.json", "card.md"
-MIN_STRATUM_IMAGES = 20  # strata with fewer images show their figures but take no part in the largest gap
 SPREAD_LABELS = {"fid": "jackknife SE", "kid": f"std over {fid.KID_SUBSETS} subsets",
                  "inception_score": f"std over {fid.IS_SPLITS} splits"}
 
@@ -93,7 +92,7 @@ def protocol(*, shards: str | Path, split: str, images: int, resolution: int, re
         "strata": ({"groups": str(groups), "groups_sha256": sha256_of(Path(groups)),
                     "min_stratum_images": min_stratum_images} if groups is not None else
                    {"what": strata.WHAT_STRATA_ARE, "ita": strata.ITA_STATISTIC, "skin_mask": strata.SKIN_MASK,
-                    "region": {"name": skin_region, "box": list(strata.REGIONS[skin_region])},
+                    "region": {"name": skin_region, "box": list(REGIONS[skin_region])},
                     "categories": [[name, _finite(lower), _finite(upper)] for name, lower, upper in strata.CATEGORIES],
                     "min_stratum_images": min_stratum_images}),
     }

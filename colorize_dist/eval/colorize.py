@@ -21,10 +21,10 @@ from PIL import Image, ImageOps
 from colorize_dist.color import denormalise_ab, lab_to_linear_rgb, lab_to_rgb, normalise_l, rgb_to_lab
 from colorize_dist.data.images import to_8bit
 from colorize_dist.eval.metrics import colorize_batch
+from colorize_dist.eval.names import DEFAULT_MAX_PIXELS
 from colorize_dist.files import atomic_path
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-DEFAULT_MAX_PIXELS = 1 << 20  # pixels per band of the full-resolution work (about 180 bytes each)
 GAMUT_STEPS = 10  # bisection steps on the chroma scale: within 110 / 2^10 ≈ 0.1 of the gamut boundary
 GAMUT_TOLERANCE = 1e-4  # linear RGB may exceed [0, 1] by float rounding
 

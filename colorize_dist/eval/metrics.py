@@ -218,7 +218,7 @@ def evaluate(generator: nn.Module, loader: ColorLoader, *, device: torch.device 
              mean_ab: tuple[float, float] | None = None, skin_region: str = "face",
              progress: bool = False) -> Evaluation:
     """`compute_metrics`, with (`per_image`) each image's per-image metrics, its baselines' (gray, and the
-    constant `mean_ab` in CIELAB units when given) and its skin estimate in `skin_region` (`strata.REGIONS`)
+    constant `mean_ab` in CIELAB units when given) and its skin estimate in `skin_region` (`names.REGIONS`)
     gathered to rank 0 (scalars, never images), and with `fid_standard_error` (and Inception weights) FID's
     jackknife standard error."""
     device = torch.device(device)

@@ -1,7 +1,9 @@
-"""The names of the validation metrics, their labels and which way is better — no heavy imports.
+"""The names of the validation metrics, their labels and which way is better, and the evaluation settings the
+command line shows — no heavy imports.
 
 The training config checks `train.best_metric` against these without importing torchmetrics or
-pytorch-fid; `colorize_dist.eval.metrics` computes them (see its docstring for the definitions).
+pytorch-fid, and `colorize-dist eval --help` shows them without torch; `colorize_dist.eval.metrics` computes them
+(see its docstring for the definitions).
 """
 
 from __future__ import annotations
@@ -41,3 +43,9 @@ LABELS = {
     "inception_score": "Inception Score ↑",
     "inception_score_std": "Inception Score, std over splits",
 }
+
+# The region of each image where skin is looked for, as (left, top, right, bottom) fractions of its side.
+FACE_REGION = (0.28, 0.45, 0.72, 0.8)  # an aligned face crop's cheeks, nose and mouth
+REGIONS = {"face": FACE_REGION, "frame": (0.0, 0.0, 1.0, 1.0)}
+MIN_STRATUM_IMAGES = 20  # strata with fewer images show their figures but take no part in the largest gap
+DEFAULT_MAX_PIXELS = 1 << 20  # colorize: pixels per band of the full-resolution work (about 180 bytes each)

@@ -14,7 +14,7 @@ The box holds the in-vivo skin colours measured across ethnic groups (L about 30
 10–25) with room for photographic lighting. It also takes auburn hair, skin-coloured clothing, a brown door,
 wood or sand, and misses skin under coloured light. So the mask is looked for only where the face is: in an
 aligned face set (CelebA-HQ, FFHQ and the like: the face centred, eyes a little above the middle) the region
-"face" (FACE_REGION: the cheeks, nose and mouth), on uncropped photos the whole frame ("frame"). Each image's
+"face" (names.FACE_REGION: the cheeks, nose and mouth), on uncropped photos the whole frame ("frame"). Each image's
 estimate records how many pixels it rests on; one resting on fewer than MIN_SKIN_PIXELS pixels or
 MIN_SKIN_FRACTION of the region gets no ITA (NaN) and falls in the "undetermined" stratum rather than a wrong
 one. ITA measures the colour in the photo, not a person's skin type: the lightness of the detected skin
@@ -29,12 +29,11 @@ import math
 import numpy as np
 import torch
 
+from colorize_dist.eval.names import REGIONS
+
 SKIN_L = (15.0, 95.0)
 SKIN_CHROMA = (8.0, 45.0)
 SKIN_HUE_DEGREES = (25.0, 75.0)
-# The region of each image where skin is looked for, as (left, top, right, bottom) fractions of its side.
-FACE_REGION = (0.28, 0.45, 0.72, 0.8)  # an aligned face crop's cheeks, nose and mouth
-REGIONS = {"face": FACE_REGION, "frame": (0.0, 0.0, 1.0, 1.0)}
 MIN_SKIN_FRACTION = 0.25  # of the region's pixels
 MIN_SKIN_PIXELS = 50
 SKIN_MASK = (f"{SKIN_L[0]:g} ≤ L ≤ {SKIN_L[1]:g}, {SKIN_CHROMA[0]:g} ≤ C*ab ≤ {SKIN_CHROMA[1]:g}, "

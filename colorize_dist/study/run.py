@@ -12,8 +12,8 @@ import io
 import shlex
 import time
 
-from colorize_dist.data.make import ShardOptions
 from colorize_dist.data.manifest import MANIFEST
+from colorize_dist.data.options import ShardOptions
 from colorize_dist.data.synth import write_synthetic_shards
 from colorize_dist.study.cluster import SLURM_FOLDER
 from colorize_dist.study.plan import Plan

@@ -22,8 +22,8 @@ from colorize_dist import collectives, devices
 from colorize_dist.config import ConfigError, save_config
 from colorize_dist.data import synth
 from colorize_dist.data.loader import Batch, ColorLoader, build_loader, dali_available, first_batch
-from colorize_dist.data.make import ShardOptions
 from colorize_dist.data.manifest import MANIFEST
+from colorize_dist.data.options import ShardOptions
 from colorize_dist.data.store import redact
 from colorize_dist.eval.fid import load_inception
 from colorize_dist.models import DiscriminatorLoss, GeneratorLoss, build_discriminator, build_generator

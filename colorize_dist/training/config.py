@@ -20,7 +20,6 @@ from colorize_dist.data.store import redact
 from colorize_dist.eval.names import DIRECTION, INCEPTION_METRICS
 from colorize_dist.models.config import LossConfig, ModelConfig, check_compatible
 
-DEFAULT_CONFIG = "tiny"  # the embedded default: a preset that trains on synthetic data in minutes on a CPU
 SCHEDULES = ("constant", "linear", "cosine")
 MIXED_PRECISION = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}  # ours → Accelerate's names
 BEST_MODES = ("max", "min")

@@ -15,16 +15,9 @@ from PIL import Image
 
 from colorize_dist.data import DataConfig, ManifestError, build_loader, contact_sheet
 from colorize_dist.data.images import residual_chroma
-from colorize_dist.data.make import (
-    COLOUR_RESIDUAL_CHROMA,
-    CONTACT_SHEET,
-    GRAY_RESIDUAL_CHROMA,
-    LISTED_PER_REASON,
-    Skipped,
-    skip_counts,
-    skip_listing,
-)
+from colorize_dist.data.make import CONTACT_SHEET, LISTED_PER_REASON, Skipped, skip_counts, skip_listing
 from colorize_dist.data.manifest import list_shards
+from colorize_dist.data.options import COLOUR_RESIDUAL_CHROMA, GRAY_RESIDUAL_CHROMA
 from tests.data.helpers import run_cli
 from tests.data.photos import (
     COLOUR_PHOTOS,

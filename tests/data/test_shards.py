@@ -25,8 +25,8 @@ from PIL import Image
 from colorize_dist.data import DataConfig, MissingShardsError, build_loader
 from colorize_dist.data.dali_index import count_images, dali_index
 from colorize_dist.data.images import is_progressive_jpeg
-from colorize_dist.data.make import ShardOptions, make_shards, sample_key, split_of
-from colorize_dist.data.manifest import ShardError
+from colorize_dist.data.make import make_shards, sample_key, split_of
+from colorize_dist.data.options import ShardError, ShardOptions
 from colorize_dist.data.synth import synth_image, write_synthetic_shards
 from tests.data.helpers import GOOD_IMAGES, run_cli
 from tests.training.helpers import REPO

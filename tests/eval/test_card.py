@@ -17,6 +17,7 @@ from colorize_dist.eval import PER_IMAGE_METRICS, intervals, strata
 from colorize_dist.eval.card import FORMAT, read_per_image
 from colorize_dist.eval.evaluate import resize_done
 from colorize_dist.eval.metrics import denormalise_lab
+from colorize_dist.eval.names import FACE_REGION
 from colorize_dist.files import sha256_of
 from colorize_dist.models import GeneratorConfig, build_generator
 from colorize_dist.models.export import save_generator
@@ -48,7 +49,7 @@ def test_card_records_the_protocol_and_the_figures(card_dir: Path, val_shards: P
     assert protocol["implementations"]["psnr_ssim"].startswith("torchmetrics ")
     assert protocol["intervals"] == {"method": intervals.METHOD, "confidence": 0.95, "resamples": 1000, "seed": 0}
     assert protocol["strata"]["min_stratum_images"] == 1 and protocol["strata"]["skin_mask"] == strata.SKIN_MASK
-    assert protocol["strata"]["region"] == {"name": "face", "box": list(strata.FACE_REGION)}
+    assert protocol["strata"]["region"] == {"name": "face", "box": list(FACE_REGION)}
     assert card["model"]["sha256"] == sha256_of(generator_file) and card["run"]["processes"] == 1
 
     results = card["results"]

@@ -10,6 +10,7 @@ import torch
 
 from colorize_dist.eval import intervals, strata
 from colorize_dist.eval.card import Strata, paired_differences, summarise
+from colorize_dist.eval.names import FACE_REGION
 
 BACKGROUND = (50.0, 0.0, -30.0)  # blue: outside the skin box's hues
 SKIN_A, SKIN_B = 12.0, 20.0  # hue 59°, chroma 23: inside the box at every L used below
@@ -55,7 +56,7 @@ def test_the_face_region_reads_the_face_not_the_hair_or_the_door():
     lab = torch.empty(3, side, side, dtype=torch.float64)
     lab[:] = torch.tensor([50.0 + SKIN_B * math.tan(math.radians(-40.0)), 18.0, SKIN_B],
                           dtype=torch.float64)[:, None, None]
-    left, top, right, bottom = (round(bound * side) for bound in strata.FACE_REGION)
+    left, top, right, bottom = (round(bound * side) for bound in FACE_REGION)
     lab[:, top - 2:bottom + 2, left - 1:right + 1] = torch.tensor(
         [50.0 + SKIN_B * math.tan(math.radians(50.0)), SKIN_A, SKIN_B], dtype=torch.float64)[:, None, None]
     frame_ita, frame_pixels, _ = strata.skin_estimate(lab[None], "frame")

@@ -14,6 +14,7 @@ import torch
 
 from colorize_dist import cli
 from colorize_dist.bench import gpu
+from colorize_dist.bench.names import GPU_STAGES
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a CUDA device")
 SMALL_DATA = {"images": 64, "data_resolutions": (32,), "data_threads": 1, "data_batch_size": 8, "data_epochs": 1}
@@ -96,6 +97,11 @@ def test_without_a_gpu_it_says_so_in_one_line_and_exits_2(tmp_path):
     assert process.returncode == gpu.EXIT_NO_GPU
     assert len(process.stderr.strip().splitlines()) == 1 and "no CUDA device" in process.stderr
     assert process.stdout == "" and not out.exists()
+
+
+def test_the_stages_to_choose_from_are_the_ones_that_run_after_env():
+    """`bench gpu --stages` offers names.GPU_STAGES (its --help loads no torch); they must be the stages gpu.py runs."""
+    assert tuple(gpu.STAGES) == ("env", *GPU_STAGES)
 
 
 def test_unknown_stage_is_one_line_naming_it(capsys, tmp_path):

@@ -29,7 +29,7 @@ def _skimage_lab(rgb: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.stack([rgb2lab(x) for x in rgb.numpy()])).permute(0, 3, 1, 2).float()
 
 
-def _cpu_rows(rgb: torch.Tensor, min_time: float, verdicts: list[str]) -> list[list[object]]:
+def cpu_rows(rgb: torch.Tensor, min_time: float, verdicts: list[str]) -> list[list[object]]:
     import cv2
     import kornia.color
 
@@ -139,7 +139,7 @@ def measure_gpu(rgb: torch.Tensor, *, min_time: float = 0.5, device: torch.devic
         kornia_err=(kornia.color.rgb_to_lab(rgb_chw_gpu).cpu() - reference).abs().max().item())
 
 
-def _gpu_rows(rgb: torch.Tensor, min_time: float, verdicts: list[str]) -> list[list[object]]:
+def gpu_rows(rgb: torch.Tensor, min_time: float, verdicts: list[str]) -> list[list[object]]:
     r = measure_gpu(rgb, min_time=min_time)
     verdicts.append(f"{r.size}², GPU: {r.ours_gb_s:.0f} GB/s = {r.copy_fraction:.0%} of a device copy "
                     f"({r.copy_gb_s:.0f} GB/s; target ≥ {COPY_TARGET:.0%}), {r.kornia_speedup:.1f}× kornia "

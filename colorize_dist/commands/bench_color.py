@@ -26,16 +26,16 @@ def main(args: argparse.Namespace) -> int:
     import torch
     from tabulate import tabulate
 
-    from colorize_dist.bench.color import _cpu_rows, _gpu_rows, random_images
+    from colorize_dist.bench.color import cpu_rows, gpu_rows, random_images
 
     if min(args.sizes) < 1 or not args.megapixels > 0 or not args.min_time > 0:
         raise UserError("--sizes, --megapixels and --min-time must be positive")
     rows, verdicts = [], []
     for size in args.sizes:
         rgb = random_images(size, args.megapixels)
-        rows += _cpu_rows(rgb, args.min_time, verdicts)
+        rows += cpu_rows(rgb, args.min_time, verdicts)
         if torch.cuda.is_available():
-            rows += _gpu_rows(rgb, args.min_time, verdicts)
+            rows += gpu_rows(rgb, args.min_time, verdicts)
     print(tabulate(rows, ["size", "threads", "implementation", "MP/s", "max |err| vs skimage", "× skimage"],
                    floatfmt=("", "", "", ",.1f", ".3g", ".3g"), numalign="right", missingval="-"))
     print("\n" + "\n".join(verdicts))

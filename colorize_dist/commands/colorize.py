@@ -46,7 +46,7 @@ def main(args: argparse.Namespace) -> int:
     from accelerate import PartialState
     from tqdm import tqdm
 
-    from colorize_dist.eval.colorize import _readable_batches, collect_jobs, colorize_images, write_picture
+    from colorize_dist.eval.colorize import collect_jobs, colorize_images, readable_batches, write_picture
     from colorize_dist.files import writable_directory
     from colorize_dist.models.export import load_generator, load_onnx_generator, resolve_checkpoint
 
@@ -70,7 +70,7 @@ def main(args: argparse.Namespace) -> int:
     written = 0
     with state.split_between_processes(jobs) as my_jobs:
         progress = tqdm(total=len(my_jobs), desc="colorize", unit="img", disable=not state.is_main_process)
-        for batch, unreadable in _readable_batches(my_jobs, args.batch_size):
+        for batch, unreadable in readable_batches(my_jobs, args.batch_size):
             problems += unreadable
             for message in unreadable:
                 print(f"colorize: {message}", file=sys.stderr)

@@ -83,13 +83,13 @@ def main(args: argparse.Namespace) -> int:
     from colorize_dist.eval import card, fid
     from colorize_dist.eval.evaluate import (
         SAMPLE_IMAGES,
-        _run_dir,
-        _training_shards,
         inception_report,
         read_groups,
         resize_done,
+        run_dir_of,
         split_keys,
         training_mean_ab,
+        training_shards,
     )
     from colorize_dist.eval.lpips import LPIPS_NET, lpips_weights_path
     from colorize_dist.eval.metrics import evaluate
@@ -108,7 +108,7 @@ def main(args: argparse.Namespace) -> int:
     state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
     try:
         checkpoint = resolve_checkpoint(args.checkpoint)
-        out = writable_directory(args.out or _run_dir(Path(args.checkpoint), checkpoint) / "eval",
+        out = writable_directory(args.out or run_dir_of(Path(args.checkpoint), checkpoint) / "eval",
                                  "--out" if args.out else "eval's output folder")  # before an hour of scoring
         generator, generator_cfg, resolution = load_generator(checkpoint, device=state.device)
         cfg = DataConfig(shards=args.shards, resolution=resolution, backend=args.backend,
@@ -121,7 +121,7 @@ def main(args: argparse.Namespace) -> int:
                              f"{args.split} split has {images:,}; score a larger split or leave out --fid-weights")
         keys = split_keys(args.shards, loader)
         groups = read_groups(args.groups, keys) if args.groups is not None else None
-        mean_ab = training_mean_ab(args.train_shards or _training_shards(Path(args.checkpoint), checkpoint)
+        mean_ab = training_mean_ab(args.train_shards or training_shards(Path(args.checkpoint), checkpoint)
                                    or args.shards)
         evaluation = evaluate(generator, loader, device=state.device, fid_weights=fid_weights,
                               fid_reference=args.fid_reference, lpips_weights=lpips_weights,

@@ -187,7 +187,7 @@ def collect_jobs(inputs: list[str], out_dir: Path) -> tuple[list[Job], list[str]
     return list(jobs.values()), problems
 
 
-def _readable_batches(jobs: list[Job], batch_size: int) -> Iterator[tuple[list[tuple[Job, Picture]], list[str]]]:
+def readable_batches(jobs: list[Job], batch_size: int) -> Iterator[tuple[list[tuple[Job, Picture]], list[str]]]:
     """Batches of decoded pictures, each with the messages for the files that could not be read on the way."""
     batch, unreadable = [], []
     for job in jobs:

@@ -89,9 +89,9 @@ def training_mean_ab(train_shards: str | Path) -> dict[str, object]:
     return {"ab": [float(value[0]), float(value[1])], "from": f"{store.show(store.root / MANIFEST)} (train split)"}
 
 
-def _training_shards(given: Path, checkpoint: Path) -> str | None:
+def training_shards(given: Path, checkpoint: Path) -> str | None:
     """The run's data.shards, from RUN/config.yaml, when the checkpoint belongs to a run directory."""
-    config = _run_dir(given, checkpoint) / "config.yaml"
+    config = run_dir_of(given, checkpoint) / "config.yaml"
     if not config.is_file():
         return None
     shards = ((yaml.safe_load(config.read_text()) or {}).get("data") or {}).get("shards")
@@ -125,7 +125,7 @@ def inception_report(shards: str, fid_weights: str, fid_reference: str | None, i
     }
 
 
-def _run_dir(given: Path, checkpoint: Path) -> Path:
+def run_dir_of(given: Path, checkpoint: Path) -> Path:
     """The run directory when one was given (or the file is RUN/export/...), else the file's folder."""
     if given.is_dir():
         return given

@@ -1,5 +1,5 @@
 """The training loop and its step: a discriminator update and a generator update per optimizer step, DDP or
-DeepSpeed engines under Accelerate. The command line is `colorize_dist/training/command.py` (`accelerate launch
+DeepSpeed engines under Accelerate. The command line is `colorize_dist/commands/train.py` (`accelerate launch
 colorize_dist/train.py`, `colorize-dist train`); the loop's parts are made in build.py, validation, the best and
 step checkpoints and the samples are milestones.py's, the clock and the final summary summary.py's.
 

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import os
 import sys
 from pathlib import Path
 
 from colorize_dist.errors import UserError
 from colorize_dist.eval.names import MIN_STRATUM_IMAGES, REGIONS
-from colorize_dist.files import first_line
 
 DESCRIPTION = """\
 Evaluate an exported generator on a shard set. Prints a table and writes metrics.json, the evaluation card
@@ -74,28 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-    from accelerate import PartialState
-
-    from colorize_dist.data import DataConfig, build_loader
-    from colorize_dist.data.store import redact
     from colorize_dist.eval import card, fid
-    from colorize_dist.eval.evaluate import (
-        SAMPLE_IMAGES,
-        inception_report,
-        read_groups,
-        resize_done,
-        run_dir_of,
-        split_keys,
-        training_mean_ab,
-        training_shards,
-    )
-    from colorize_dist.eval.lpips import LPIPS_NET, lpips_weights_path
-    from colorize_dist.eval.metrics import evaluate
-    from colorize_dist.eval.samples import sample_grid, save_grid
-    from colorize_dist.files import atomic_write, sha256_of, writable_directory
-    from colorize_dist.models.export import load_generator, resolve_checkpoint
+    from colorize_dist.eval.evaluate import evaluate_checkpoint
+    from colorize_dist.eval.lpips import lpips_weights_path
 
     fid_weights = str(fid.fid_weights_path()) if args.fid_weights == HUB_CACHE else args.fid_weights
     lpips_weights = str(lpips_weights_path()) if args.lpips_weights == HUB_CACHE else args.lpips_weights
@@ -104,91 +81,26 @@ def main(args: argparse.Namespace) -> int:
         return compare(*args.compare)
     if args.checkpoint is None or args.shards is None:
         raise UserError("--checkpoint and --shards are required (or --compare A B to compare two cards)")
-    # One process per GPU under `accelerate launch` or torchrun; CPU when asked or without a GPU (then gloo).
-    state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
-    try:
-        checkpoint = resolve_checkpoint(args.checkpoint)
-        out = writable_directory(args.out or run_dir_of(Path(args.checkpoint), checkpoint) / "eval",
-                                 "--out" if args.out else "eval's output folder")  # before an hour of scoring
-        generator, generator_cfg, resolution = load_generator(checkpoint, device=state.device)
-        cfg = DataConfig(shards=args.shards, resolution=resolution, backend=args.backend,
-                         num_threads=max(1, min(4, (os.cpu_count() or 1) // state.num_processes)))
-        loader = build_loader(cfg, args.split, batch_size=args.batch_size, rank=state.process_index,
-                              world_size=state.num_processes, device=state.device, augment=False)
-        images = loader.samples
-        if fid_weights is not None and images < min_fid_images:
-            raise ValueError(f"FID/KID/IS need at least {min_fid_images:,} images (--min-fid-images), the "
-                             f"{args.split} split has {images:,}; score a larger split or leave out --fid-weights")
-        keys = split_keys(args.shards, loader)
-        groups = read_groups(args.groups, keys) if args.groups is not None else None
-        mean_ab = training_mean_ab(args.train_shards or training_shards(Path(args.checkpoint), checkpoint)
-                                   or args.shards)
-        evaluation = evaluate(generator, loader, device=state.device, fid_weights=fid_weights,
-                              fid_reference=args.fid_reference, lpips_weights=lpips_weights,
-                              fid_standard_error=fid_weights is not None, mean_ab=mean_ab.get("ab"),
-                              skin_region=args.skin_region, progress=state.is_main_process)
-    except (OSError, ValueError) as exc:  # UserErrors among them, and the files' own errors
-        raise UserError(first_line(exc)) from exc
-    if state.is_main_process:
-        metrics = evaluation.metrics
-        report = {"checkpoint": str(checkpoint), "shards": redact(str(args.shards)), "split": args.split,
-                  "images": images, "resolution": resolution, "processes": state.num_processes, "metrics": metrics,
-                  "delta_e": "CIEDE2000 (k_L = k_C = k_H = 1), mean over pixels, then over images"}
-        if lpips_weights is not None:
-            report["lpips"] = {"net": LPIPS_NET, "version": "0.1 (torchmetrics' linear layers)",
-                               "weights": str(lpips_weights_path(lpips_weights).resolve())}
-        if fid_weights is not None:
-            report["inception"] = inception_report(args.shards, fid_weights, args.fid_reference, images)
-        atomic_write(out / "metrics.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-        stratified = (card.Strata.from_groups(keys, groups) if groups is not None
-                      else card.Strata.from_ita(evaluation.ita))
-        summary = card.summarise(evaluation.per_image, stratified, args.min_stratum_images, evaluation.baselines)
-        summary["skin_estimate"] = {"region": args.skin_region,
-                                    "pixels_median": float(np.median(evaluation.skin["pixels"])),
-                                    "fraction_median": float(np.median(evaluation.skin["fraction"])),
-                                    "undetermined": int(np.isnan(evaluation.ita).sum())}
-        card.write_per_image(out / card.PER_IMAGE_CSV, keys, {
-            "stratum": stratified.labels, "ita": evaluation.ita, "skin_pixels": evaluation.skin["pixels"],
-            "skin_fraction": evaluation.skin["fraction"], **evaluation.per_image,
-            **{f"{baseline}:{name}": values for baseline, scores in evaluation.baselines.items()
-               for name, values in scores.items()}})
-        evaluation_card = card.build_card(
-            protocol=card.protocol(shards=args.shards, split=args.split, images=images, resolution=resolution,
-                                   resize_filter=resize_done(args.shards, resolution, loader.resize_filter),
-                                   metrics=list(evaluation.per_image), lpips_weights=lpips_weights,
-                                   fid_weights=fid_weights, fid_reference=args.fid_reference,
-                                   min_stratum_images=args.min_stratum_images, skin_region=args.skin_region,
-                                   groups=args.groups),
-            summary=summary, baselines={"gray": {"ab": [0.0, 0.0]}, "mean_ab": mean_ab},
-            metrics=metrics, fid_se=evaluation.fid_se,
-            model={"checkpoint": str(checkpoint), "sha256": sha256_of(checkpoint),
-                   "generator_config": dataclasses.asdict(generator_cfg)},
-            run={"processes": state.num_processes, "device": str(state.device), "loader": loader.describe(),
-                 "batch_size": args.batch_size},
-            warnings=[warning] if fid_weights and (warning := fid.sample_size_warning(images)) else [])
-        card_json, card_md = card.write_card(evaluation_card, out)
-        save_grid(sample_grid(generator, next(loader.epoch(0)), max_images=SAMPLE_IMAGES), out / "samples.png")
-        print(card.results_table(evaluation_card))
-        print(card.baselines_table(evaluation_card))
-        print(card.strata_line(evaluation_card))
-        print(f"eval: {images} images; wrote {out / 'metrics.json'}, {card_json}, {card_md}, "
-              f"{out / card.PER_IMAGE_CSV} and {out / 'samples.png'}")
-    state.wait_for_everyone()
+    written = evaluate_checkpoint(
+        args.checkpoint, args.shards, split=args.split, out=args.out, batch_size=args.batch_size,
+        backend=args.backend, cpu=args.cpu, fid_weights=fid_weights, fid_reference=args.fid_reference,
+        min_fid_images=min_fid_images, lpips_weights=lpips_weights, train_shards=args.train_shards,
+        groups=args.groups, skin_region=args.skin_region, min_stratum_images=args.min_stratum_images)
+    if written is not None:  # the main process
+        print(card.results_table(written.card))
+        print(card.baselines_table(written.card))
+        print(card.strata_line(written.card))
+        print(f"eval: {written.images} images; wrote {written.metrics_json}, {written.card_json}, {written.card_md}, "
+              f"{written.per_image_csv} and {written.samples_png}")
     return 0
 
 
 def compare(first: str, second: str) -> int:
     """Print two cards side by side; a UserError naming the first difference if their protocols differ."""
-    from colorize_dist.eval import card
-    from colorize_dist.eval.evaluate import paired_comparison
+    from colorize_dist.eval.evaluate import compare_cards
 
-    cards = card.load_card(first), card.load_card(second)
-    difference = card.first_difference(*cards)
-    if difference is not None:
-        raise UserError(f"the cards' protocols differ at {difference}; their numbers are not comparable: evaluate "
-                        "both with the same shard set, split, resolution, metrics and weights")
-    paired, why = paired_comparison(first, second)
-    print(card.comparison(*cards, names=(first, second), paired=paired))
-    if paired is None:
-        print(f"eval: no paired intervals: {why}", file=sys.stderr)
+    table, unpaired = compare_cards(first, second)
+    print(table)
+    if unpaired is not None:
+        print(f"eval: no paired intervals: {unpaired}", file=sys.stderr)
     return 0

@@ -8,21 +8,139 @@ per-image values and Inception outputs gathered to rank 0, so N processes give t
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
 import yaml
+from accelerate import PartialState
 
+from colorize_dist.data import DataConfig, build_loader
 from colorize_dist.data.make import sample_key
 from colorize_dist.data.manifest import MANIFEST, read_manifest
 from colorize_dist.data.reading import parse_index
 from colorize_dist.data.store import open_store, redact
+from colorize_dist.errors import UserError
 from colorize_dist.eval import card, fid
-from colorize_dist.eval.names import LABELS
-from colorize_dist.files import first_line
+from colorize_dist.eval.lpips import LPIPS_NET, lpips_weights_path
+from colorize_dist.eval.metrics import evaluate
+from colorize_dist.eval.names import LABELS, MIN_STRATUM_IMAGES
+from colorize_dist.eval.samples import sample_grid, save_grid
+from colorize_dist.files import atomic_write, first_line, sha256_of, writable_directory
+from colorize_dist.models.export import load_generator, resolve_checkpoint
 
 SAMPLE_IMAGES = 8  # rows of samples.png
+
+
+@dataclass(frozen=True)
+class EvaluationFiles:
+    """What one evaluation wrote, and its card (for the tables the command line prints)."""
+
+    images: int
+    card: dict
+    metrics_json: Path
+    card_json: Path
+    card_md: Path
+    per_image_csv: Path
+    samples_png: Path
+
+
+def evaluate_checkpoint(checkpoint: str | Path, shards: str, *, split: str = "val", out: Path | None = None,
+                        batch_size: int = 32, backend: str = "auto", cpu: bool = False,
+                        fid_weights: str | None = None, fid_reference: str | None = None,
+                        min_fid_images: int = fid.MIN_IMAGES, lpips_weights: str | None = None,
+                        train_shards: str | Path | None = None, groups: Path | None = None,
+                        skin_region: str = "face", min_stratum_images: int = MIN_STRATUM_IMAGES,
+                        ) -> EvaluationFiles | None:
+    """Score an exported generator (or a run directory's best export) on `shards`' `split` and write metrics.json,
+    the card, per_image.csv and samples.png to `out` (default RUN/eval). Every process of the launch takes its
+    share; the main one writes and gets what it wrote, the others None. Bad input is a UserError of one line."""
+    # One process per GPU under `accelerate launch` or torchrun; CPU when asked or without a GPU (then gloo).
+    state = PartialState(cpu=cpu or not torch.cuda.is_available())
+    try:
+        exported = resolve_checkpoint(checkpoint)
+        out = writable_directory(out or run_dir_of(Path(checkpoint), exported) / "eval",
+                                 "--out" if out else "eval's output folder")  # before an hour of scoring
+        generator, generator_cfg, resolution = load_generator(exported, device=state.device)
+        cfg = DataConfig(shards=shards, resolution=resolution, backend=backend,
+                         num_threads=max(1, min(4, (os.cpu_count() or 1) // state.num_processes)))
+        loader = build_loader(cfg, split, batch_size=batch_size, rank=state.process_index,
+                              world_size=state.num_processes, device=state.device, augment=False)
+        images = loader.samples
+        if fid_weights is not None and images < min_fid_images:
+            raise ValueError(f"FID/KID/IS need at least {min_fid_images:,} images (--min-fid-images), the "
+                             f"{split} split has {images:,}; score a larger split or leave out --fid-weights")
+        keys = split_keys(shards, loader)
+        labels = read_groups(groups, keys) if groups is not None else None
+        mean_ab = training_mean_ab(train_shards or training_shards(Path(checkpoint), exported) or shards)
+        evaluation = evaluate(generator, loader, device=state.device, fid_weights=fid_weights,
+                              fid_reference=fid_reference, lpips_weights=lpips_weights,
+                              fid_standard_error=fid_weights is not None, mean_ab=mean_ab.get("ab"),
+                              skin_region=skin_region, progress=state.is_main_process)
+    except (OSError, ValueError) as exc:  # UserErrors among them, and the files' own errors
+        raise UserError(first_line(exc)) from exc
+    written = None
+    if state.is_main_process:
+        metrics = evaluation.metrics
+        report = {"checkpoint": str(exported), "shards": redact(str(shards)), "split": split,
+                  "images": images, "resolution": resolution, "processes": state.num_processes, "metrics": metrics,
+                  "delta_e": "CIEDE2000 (k_L = k_C = k_H = 1), mean over pixels, then over images"}
+        if lpips_weights is not None:
+            report["lpips"] = {"net": LPIPS_NET, "version": "0.1 (torchmetrics' linear layers)",
+                               "weights": str(lpips_weights_path(lpips_weights).resolve())}
+        if fid_weights is not None:
+            report["inception"] = inception_report(shards, fid_weights, fid_reference, images)
+        atomic_write(out / "metrics.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        stratified = (card.Strata.from_groups(keys, labels) if labels is not None
+                      else card.Strata.from_ita(evaluation.ita))
+        summary = card.summarise(evaluation.per_image, stratified, min_stratum_images, evaluation.baselines)
+        summary["skin_estimate"] = {"region": skin_region,
+                                    "pixels_median": float(np.median(evaluation.skin["pixels"])),
+                                    "fraction_median": float(np.median(evaluation.skin["fraction"])),
+                                    "undetermined": int(np.isnan(evaluation.ita).sum())}
+        card.write_per_image(out / card.PER_IMAGE_CSV, keys, {
+            "stratum": stratified.labels, "ita": evaluation.ita, "skin_pixels": evaluation.skin["pixels"],
+            "skin_fraction": evaluation.skin["fraction"], **evaluation.per_image,
+            **{f"{baseline}:{name}": values for baseline, scores in evaluation.baselines.items()
+               for name, values in scores.items()}})
+        evaluation_card = card.build_card(
+            protocol=card.protocol(shards=shards, split=split, images=images, resolution=resolution,
+                                   resize_filter=resize_done(shards, resolution, loader.resize_filter),
+                                   metrics=list(evaluation.per_image), lpips_weights=lpips_weights,
+                                   fid_weights=fid_weights, fid_reference=fid_reference,
+                                   min_stratum_images=min_stratum_images, skin_region=skin_region,
+                                   groups=groups),
+            summary=summary, baselines={"gray": {"ab": [0.0, 0.0]}, "mean_ab": mean_ab},
+            metrics=metrics, fid_se=evaluation.fid_se,
+            model={"checkpoint": str(exported), "sha256": sha256_of(exported),
+                   "generator_config": dataclasses.asdict(generator_cfg)},
+            run={"processes": state.num_processes, "device": str(state.device), "loader": loader.describe(),
+                 "batch_size": batch_size},
+            warnings=[warning] if fid_weights and (warning := fid.sample_size_warning(images)) else [])
+        card_json, card_md = card.write_card(evaluation_card, out)
+        save_grid(sample_grid(generator, next(loader.epoch(0)), max_images=SAMPLE_IMAGES), out / "samples.png")
+        written = EvaluationFiles(images=images, card=evaluation_card, metrics_json=out / "metrics.json",
+                                  card_json=card_json, card_md=card_md, per_image_csv=out / card.PER_IMAGE_CSV,
+                                  samples_png=out / "samples.png")
+    state.wait_for_everyone()
+    return written
+
+
+def compare_cards(first: str, second: str) -> tuple[str, str | None]:
+    """Two cards side by side (A − B, with paired intervals when both scored the same images), and why there are
+    no paired intervals (None when there are); a UserError naming the first difference if their protocols differ."""
+    cards = card.load_card(first), card.load_card(second)
+    difference = card.first_difference(*cards)
+    if difference is not None:
+        raise UserError(f"the cards' protocols differ at {difference}; their numbers are not comparable: evaluate "
+                        "both with the same shard set, split, resolution, metrics and weights")
+    paired, why = paired_comparison(first, second)
+    return card.comparison(*cards, names=(first, second), paired=paired), None if paired is not None else why
 
 
 def paired_comparison(first: str, second: str) -> tuple[dict[str, dict[str, float]] | None, str]:

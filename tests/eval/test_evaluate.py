@@ -10,6 +10,7 @@ from PIL import Image
 
 from colorize_dist import cli
 from colorize_dist.eval import INCEPTION_METRICS, LPIPS_METRICS, PER_IMAGE_METRICS, fid
+from colorize_dist.eval.evaluate import compare_cards, evaluate_checkpoint
 from colorize_dist.eval.fid import FID_WEIGHTS_FILENAME
 
 
@@ -89,3 +90,28 @@ def test_eval_of_the_train_split_equals_eval_of_the_same_images_as_val(generator
         reports[split] = json.loads((tmp_path / f"eval-{split}" / "metrics.json").read_text())
     assert reports["train"]["images"] == reports["val"]["images"] == 12
     assert reports["train"]["metrics"] == reports["val"]["metrics"]
+
+
+def test_evaluate_checkpoint_writes_a_card_whose_metrics_are_those_of_metrics_json(val_shards: Path,
+                                                                                   generator_file: Path,
+                                                                                   tmp_path: Path):
+    written = evaluate_checkpoint(generator_file, str(val_shards), split="val", out=tmp_path / "eval", batch_size=4,
+                                  backend="reference", cpu=True)
+    assert written is not None and written.images == 15
+    report = json.loads(written.metrics_json.read_text())
+    on_disk = json.loads(written.card_json.read_text())
+    means = {name: entry["mean"] for name, entry in on_disk["results"]["metrics"].items()}
+    assert list(means) == list(report["metrics"]) == list(PER_IMAGE_METRICS)
+    assert means == pytest.approx(report["metrics"], rel=1e-6)  # the card's means over images are metrics.json's
+    assert on_disk["protocol"] == written.card["protocol"] and on_disk["results"]["images"] == report["images"] == 15
+    assert written.per_image_csv.is_file() and written.samples_png.is_file() and written.card_md.is_file()
+    assert {path.parent for path in (written.metrics_json, written.card_json, written.samples_png)} == {tmp_path /
+                                                                                                         "eval"}
+
+    _, unpaired = compare_cards(str(written.card_json), str(written.card_json))
+    assert unpaired is None  # the same images in the same order: paired intervals
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "card.json").write_bytes(written.card_json.read_bytes())  # without its per_image.csv
+    _, unpaired = compare_cards(str(written.card_json), str(alone))
+    assert unpaired == f"{alone / 'per_image.csv'} missing (cards of an older colorize-dist?)"

@@ -6,21 +6,58 @@ import io
 import tarfile
 import tempfile
 import zlib
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from PIL import Image
+from tqdm import tqdm
 
 from colorize_dist.data.dali_index import dali_index, index_images
 from colorize_dist.data.images import to_rgb8
-from colorize_dist.data.manifest import (
-    MANIFEST,
-    Shard,
-)
-from colorize_dist.data.store import RemoteStore, redact
+from colorize_dist.data.manifest import MANIFEST, SPLITS, Shard, manifest_shards, read_manifest
+from colorize_dist.data.store import LocalStore, RemoteStore, open_store, redact
 from colorize_dist.files import sha256_of
 
 REMAKE = "remake the set (`colorize-dist shards make ... --force`) or restore the shard"
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """A shard set checked: (split, shards, samples) per split, one line per problem (each naming the file and
+    its fix), whether the manifest records sizes and checksums, and the set's name for display (credentials
+    redacted)."""
+
+    splits: list[tuple[str, int, int]]
+    problems: list[str]
+    checksums_recorded: bool
+    where: str
+
+
+def verify_set(location: str | Path, *, deep: bool = False) -> VerifyReport:
+    """Check every shard of the set at `location` (a directory or a URL) against its manifest, changing nothing;
+    `deep` also re-hashes every shard. A set without a readable manifest is a UserError (from `read_manifest`)."""
+    store = open_store(location)
+    manifest = read_manifest(store)
+    problems = []
+    listed = set()
+    splits = []
+    for split, summary in manifest["splits"].items():
+        shards = manifest_shards(store.root, manifest, split)
+        listed.update(shard.path for shard in shards)
+        for shard in tqdm(shards, desc=f"verify {split}", unit="shard", leave=False):
+            if isinstance(store, LocalStore):
+                problems += check_shard(shard, manifest.get("resolution"), store.root, deep=deep)
+            else:
+                problems += check_remote_shard(store, shard, manifest.get("resolution"), deep=deep)
+        splits.append((split, len(shards), summary["samples"]))
+    for split in SPLITS if isinstance(store, LocalStore) else ():  # a web server lists no folders
+        for path in sorted((store.root / split).glob("*")):
+            if path.suffix == ".tar" and path not in listed:
+                problems.append(f"{path}: not listed in {MANIFEST}")
+            elif path.suffix == ".partial":
+                problems.append(f"{path}: left by an interrupted run; remake the set with --force")
+    checksums = all("crc32" in entry for split in manifest["splits"].values() for entry in split["shards"])
+    return VerifyReport(splits=splits, problems=problems, checksums_recorded=checksums, where=store.where)
 
 
 def check_remote_shard(store: RemoteStore, shard: Shard, resolution: int | None, *, deep: bool) -> list[str]:

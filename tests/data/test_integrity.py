@@ -19,6 +19,7 @@ from PIL import Image
 from colorize_dist.data import DataConfig, MissingShardsError, ShardDataError, build_loader, reading, store
 from colorize_dist.data.dali_index import index_images
 from colorize_dist.data.manifest import list_shards
+from colorize_dist.data.verify import verify_set
 from tests.data.helpers import (
     damaged_copy,
     flip_byte,
@@ -106,6 +107,18 @@ def test_verify_deep_rehashes_what_no_sample_covers(jpeg_shards, tmp_path, capsy
     capsys.readouterr()
     assert run_cli("shards", "verify", shards, "--deep") == 1
     assert f"PROBLEM {damaged}: SHA-256 differs from manifest.json" in capsys.readouterr().out
+
+
+def test_verify_set_reports_exactly_the_one_flipped_sample(jpeg_shards, tmp_path):
+    shards, damaged = damaged_copy(jpeg_shards, tmp_path / "set", flip_payload, SHARD)
+    _, _, _, member = index_entries(damaged)[0]
+    report = verify_set(shards, deep=False)
+    assert report.problems == [f"{damaged}: sample {member} does not match its CRC-32 in manifest.json (its bytes "
+                               "changed); remake the set (`colorize-dist shards make ... --force`) or restore the "
+                               "shard"]
+    assert report.splits == [("train", 5, 25), ("val", 2, 7)] and report.checksums_recorded
+    assert report.where == str(shards)
+    assert verify_set(jpeg_shards, deep=True).problems == []
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import resource
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
+from colorize_dist.bench import serve
 from colorize_dist.data import DataConfig, build_loader, synth
 from colorize_dist.data.options import ShardOptions
 
@@ -41,6 +43,92 @@ def loader_runs(threads: int, *, on_gpu: bool) -> list[LoaderRun]:
     runs = [LoaderRun("reference", "reference", (os.cpu_count() or 1) if on_gpu else threads, gpu if on_gpu else cpu),
             LoaderRun("DALI cpu", "dali", threads, cpu)]
     return [*runs, LoaderRun("DALI mixed", "dali", threads, gpu)] if on_gpu else runs
+
+
+Measured = tuple[float, float]  # (images/s, CPU ms per image) of one loader
+
+
+@dataclass(frozen=True)
+class ResumeTiming:
+    """`resume_latency` of one loader at one resolution."""
+
+    resolution: int
+    loader: str
+    start_batch: int
+    batches: int
+    exact_s: float
+    replay_s: float
+
+
+@dataclass(frozen=True)
+class LoaderTimings:
+    """What `time_loaders` measured: the loaders, a row per resolution (for `throughput_table`), the resumes."""
+
+    runs: list[LoaderRun]
+    rows: list[tuple[int, list[Measured]]]
+    resumes: list[ResumeTiming]
+
+
+def time_loaders(runs: Sequence[LoaderRun], resolutions: Sequence[int], *, shards: Path | None, images: int,
+                 threads: int, batch_size: int, epochs: int, resume_at: float | None = None) -> LoaderTimings:
+    """`throughput` of each loader at each resolution, on `shards` or on `images` synthetic images per resolution
+    (written with `threads` workers to a temporary folder); with `resume_at`, also each one's `resume_latency`."""
+    rows, resumes = [], []
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as scratch:
+        for resolution in resolutions:
+            located = shards or synthetic_shards(Path(scratch) / str(resolution), images, resolution, workers=threads)
+            configs = [run.config(located, resolution) for run in runs]
+            rows.append((resolution, [throughput(cfg, run.device, batch_size=batch_size, epochs=epochs)
+                                      for cfg, run in zip(configs, runs, strict=True)]))
+            if resume_at is not None:
+                resumes += [ResumeTiming(resolution, run.title, *resume_latency(cfg, run.device, batch_size=batch_size,
+                                                                                fraction=resume_at))
+                            for cfg, run in zip(configs, runs, strict=True)]
+    return LoaderTimings(runs=list(runs), rows=rows, resumes=resumes)
+
+
+def time_remote_reads(resolutions: Sequence[int], *, shards: Path | None, images: int, threads: int, batch_size: int,
+                      epochs: int, latencies_ms: Sequence[float], url: str | None, cache: bool, reads_in_flight: int,
+                      samples_per_read: Sequence[int]) -> tuple[list[str], list[tuple[int | str, list[Measured]]]]:
+    """Column titles and rows (for `throughput_table`, baseline "disk") of DALI on the CPU reading from disk,
+    through nginx behind a proxy delaying each response by each of `latencies_ms` (also through a node cache
+    filled by the warm-up with `cache`), and from `url`; a row per resolution and data.samples_per_read."""
+    titles = ["disk", *(f"HTTP {ms:g} ms{suffix}" for ms in latencies_ms for suffix in ["", *([" cached"] * cache)]),
+              *(["--url"] if url else [])]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as scratch:
+        for resolution in resolutions:
+            located = shards or synthetic_shards(Path(scratch) / str(resolution), images, resolution, workers=threads)
+            server = serve.Nginx(Path(located).resolve(), Path(scratch) / f"nginx-{resolution}").start() \
+                if latencies_ms else None
+            try:
+                for per_read in samples_per_read:
+
+                    def rate(location: str, resolution=resolution, per_read=per_read,
+                             cache_dir: Path | None = None) -> Measured:
+                        cfg = DataConfig(shards=location, resolution=resolution, backend="dali", num_threads=threads,
+                                         reads_in_flight=reads_in_flight, samples_per_read=per_read,
+                                         cache_dir=None if cache_dir is None else str(cache_dir))
+                        return throughput(cfg, torch.device("cpu"), batch_size=batch_size, epochs=epochs)
+
+                    measured = [rate(str(located))]
+                    for ms in latencies_ms:
+                        proxy = serve.Proxy(server.port, delay_s=ms / 1e3).start()
+                        try:
+                            measured.append(rate(proxy.url))
+                            if cache:
+                                measured.append(rate(proxy.url, cache_dir=Path(scratch) /
+                                                     f"cache-{resolution}-{per_read}-{ms}"))
+                        finally:
+                            proxy.stop()
+                    if url:
+                        measured.append(rate(url))
+                    rows.append((f"{resolution}² {per_read}/read" if len(samples_per_read) > 1 else resolution,
+                                 measured))
+            finally:
+                if server is not None:
+                    server.stop()
+    return titles, rows
 
 
 def synthetic_shards(directory: Path, images: int, resolution: int, *, workers: int | None = None,

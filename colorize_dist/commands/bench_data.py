@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from pathlib import Path
 
 from colorize_dist.data.config import DataConfig
@@ -51,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
     from tabulate import tabulate
 
-    from colorize_dist.bench.data import loader_runs, resume_latency, synthetic_shards, throughput, throughput_table
+    from colorize_dist.bench.data import loader_runs, throughput_table, time_loaders
     from colorize_dist.data.loader import dali_available
 
     if args.epochs < 1 or min(args.resolutions) < 1:
@@ -62,26 +61,17 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("nvidia.dali is not installed; pip install 'colorize-dist[dali]'", exit_status=1)
     if args.latency is not None or args.url is not None:
         return remote_main(args)
-    runs = loader_runs(args.threads, on_gpu=torch.cuda.is_available())
-    with tempfile.TemporaryDirectory(prefix="bench-data-") as scratch:
-        rows, resumes = [], []
-        for resolution in args.resolutions:
-            shards = args.shards or synthetic_shards(Path(scratch) / str(resolution), args.images, resolution,
-                                                     workers=args.threads)
-            configs = [run.config(shards, resolution) for run in runs]
-            rows.append((resolution, [throughput(cfg, run.device, batch_size=args.batch_size, epochs=args.epochs)
-                                      for cfg, run in zip(configs, runs, strict=True)]))
-            if args.resume_at is not None:
-                resumes += [[f"{resolution}²", run.title, *resume_latency(cfg, run.device, batch_size=args.batch_size,
-                                                                          fraction=args.resume_at)]
-                            for cfg, run in zip(configs, runs, strict=True)]
+    timings = time_loaders(loader_runs(args.threads, on_gpu=torch.cuda.is_available()), args.resolutions,
+                           shards=args.shards, images=args.images, threads=args.threads, batch_size=args.batch_size,
+                           epochs=args.epochs, resume_at=args.resume_at)
+    runs = timings.runs
     print(f"images/s and CPU ms per image, batch {args.batch_size}, {args.threads} DALI threads, "
           f"{runs[0].threads} reference workers, device {runs[-1].device}, {os.cpu_count()} cores")
-    print(throughput_table([run.title for run in runs], rows))
-    if resumes:
+    print(throughput_table([run.title for run in runs], timings.rows))
+    if timings.resumes:
         print(f"\nresuming epoch 1 at {args.resume_at:g} of it: seconds from a new loader to its first batch")
-        print(tabulate([[res, title, f"{start}/{batches}", exact, replay]
-                        for res, title, start, batches, exact, replay in resumes],
+        print(tabulate([[f"{resume.resolution}²", resume.loader, f"{resume.start_batch}/{resume.batches}",
+                         resume.exact_s, resume.replay_s] for resume in timings.resumes],
                        ["resolution", "loader", "batch", "exact start", "replay"], floatfmt=".3f",
                        numalign="right", stralign="right"))
     return 0
@@ -89,52 +79,16 @@ def main(args: argparse.Namespace) -> int:
 
 def remote_main(args: argparse.Namespace) -> int:
     """Images/s of DALI on the CPU from disk, over HTTP at each --latency, and from --url, side by side."""
-    import torch
-
     from colorize_dist.bench import serve
-    from colorize_dist.bench.data import synthetic_shards, throughput, throughput_table
+    from colorize_dist.bench.data import throughput_table, time_remote_reads
 
     if args.latency is not None and not os.path.exists(serve.NGINX):
         raise UserError("--latency serves the shards with nginx, which is not installed (apt-get install -y nginx)",
                         exit_status=1)
-    latencies = args.latency or []
-    titles = ["disk", *(f"HTTP {ms:g} ms{suffix}" for ms in latencies for suffix in ["", *([" cached"] * args.cache)]),
-              *(["--url"] if args.url else [])]
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="bench-data-") as scratch:
-        for resolution in args.resolutions:
-            shards = args.shards or synthetic_shards(Path(scratch) / str(resolution), args.images, resolution,
-                                                     workers=args.threads)
-            server = serve.Nginx(Path(shards).resolve(), Path(scratch) / f"nginx-{resolution}").start() \
-                if latencies else None
-            try:
-                for per_read in args.samples_per_read:
-
-                    def rate(location: str, resolution=resolution, per_read=per_read,
-                             cache_dir: Path | None = None) -> tuple[float, float]:
-                        cfg = DataConfig(shards=location, resolution=resolution, backend="dali",
-                                         num_threads=args.threads, reads_in_flight=args.reads_in_flight,
-                                         samples_per_read=per_read,
-                                         cache_dir=None if cache_dir is None else str(cache_dir))
-                        return throughput(cfg, torch.device("cpu"), batch_size=args.batch_size, epochs=args.epochs)
-
-                    measured = [rate(str(shards))]
-                    for ms in latencies:
-                        proxy = serve.Proxy(server.port, delay_s=ms / 1e3).start()
-                        try:
-                            measured.append(rate(proxy.url))
-                            if args.cache:
-                                measured.append(rate(proxy.url, cache_dir=Path(scratch) /
-                                                     f"cache-{resolution}-{per_read}-{ms}"))
-                        finally:
-                            proxy.stop()
-                    if args.url:
-                        measured.append(rate(args.url))
-                    rows.append((f"{resolution}² {per_read}/read" if len(args.samples_per_read) > 1
-                                 else resolution, measured))
-            finally:
-                if server is not None:
-                    server.stop()
+    titles, rows = time_remote_reads(args.resolutions, shards=args.shards, images=args.images, threads=args.threads,
+                                     batch_size=args.batch_size, epochs=args.epochs, latencies_ms=args.latency or [],
+                                     url=args.url, cache=args.cache, reads_in_flight=args.reads_in_flight,
+                                     samples_per_read=args.samples_per_read)
     print(f"images/s and CPU ms per image of DALI on the CPU, batch {args.batch_size}, {args.threads} threads, "
           f"data.reads_in_flight={args.reads_in_flight}, data.samples_per_read="
           f"{' '.join(map(str, args.samples_per_read))}, {os.cpu_count()} cores; ratios against disk")

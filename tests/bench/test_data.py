@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
-from colorize_dist.bench.data import throughput_table
+from colorize_dist.bench.data import LoaderRun, throughput_table, time_loaders
 from colorize_dist.cli import main as cli_main
 from tests.data.servers import require_nginx
 
@@ -61,3 +62,14 @@ def test_bench_data_over_http_prints_disk_and_each_latency(capsys):
         row = dict(zip(header, row, strict=True))
         assert float(row["HTTP 20 ms/disk"].rstrip("×")) == pytest.approx(
             float(row["HTTP 20 ms"]) / float(row["disk"]), rel=0.01, abs=0.01)
+
+
+def test_time_loaders_measures_each_loader_at_each_resolution_and_resumes_at_the_asked_batch():
+    runs = [LoaderRun("reference", "reference", 1, torch.device("cpu"))]
+    timings = time_loaders(runs, [32], shards=None, images=48, threads=1, batch_size=8, epochs=1, resume_at=0.5)
+    assert timings.runs == runs and [resolution for resolution, _ in timings.rows] == [32]
+    (rate, cpu_ms), = timings.rows[0][1]
+    assert rate > 0 and cpu_ms > 0
+    resume, = timings.resumes
+    assert (resume.resolution, resume.loader, resume.start_batch, resume.batches) == (32, "reference", 3, 6)
+    assert resume.exact_s > 0 and resume.replay_s > 0

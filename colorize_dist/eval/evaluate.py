@@ -50,9 +50,8 @@ class EvaluationFiles:
     samples_png: Path
 
 
-def evaluate_checkpoint(checkpoint: str | Path, shards: str, *, split: str = "val", out: Path | None = None,
-                        batch_size: int = 32, backend: str = "auto", cpu: bool = False,
-                        fid_weights: str | None = None, fid_reference: str | None = None,
+def evaluate_checkpoint(checkpoint: str | Path, shards: str, *, split: str, out: Path | None, batch_size: int,
+                        backend: str, cpu: bool, fid_weights: str | None = None, fid_reference: str | None = None,
                         min_fid_images: int = fid.MIN_IMAGES, lpips_weights: str | None = None,
                         train_shards: str | Path | None = None, groups: Path | None = None,
                         skin_region: str = "face", min_stratum_images: int = MIN_STRATUM_IMAGES,

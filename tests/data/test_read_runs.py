@@ -4,7 +4,6 @@ a run read at once gives the bytes and the errors that reading its samples one b
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +15,8 @@ from colorize_dist.data.manifest import Shard, list_shards
 from colorize_dist.data.reading import ShardReader, neighbour_runs
 from colorize_dist.data.sharding import ORDER_STREAM, Layout, SplitSamples, epoch_order, micro_batches, slot_positions
 from colorize_dist.data.store import open_store
-from tests.data.helpers import flip_sample, index_entries
-from tests.data.servers import require_nginx
+from tests.data.helpers import index_entries
+from tests.data.servers import good_and_bad_sets
 
 SPLIT = SplitSamples(tuple(Shard(Path(f"s{i}.tar"), n) for i, n in enumerate([7, 13, 1, 20, 5, 16])))
 
@@ -108,14 +107,9 @@ DAMAGED = "0000005"  # the damaged sample's key, the fourth in the second train 
 @pytest.fixture(scope="module")
 def counted(synth_shards, tmp_path_factory):
     """nginx with an access log serving the synthetic set (`good/`) and a copy with one damaged sample (`bad/`)."""
-    require_nginx()
-    root = tmp_path_factory.mktemp("www")
-    shutil.copytree(synth_shards, root / "good")
-    shutil.copytree(synth_shards, root / "bad")
-    flip_sample(root / "bad", "train/train-000001.tar", key=DAMAGED)
-    server = Nginx(root, tmp_path_factory.mktemp("nginx"), access_log=True).start()
-    yield server, root
-    server.stop()
+    with good_and_bad_sets(synth_shards, tmp_path_factory.mktemp("www"), tmp_path_factory.mktemp("nginx"),
+                           damaged_key=DAMAGED, access_log=True) as served:
+        yield served
 
 
 def shard_reader(server: Nginx, root: Path, folder: str, where: str) -> ShardReader:

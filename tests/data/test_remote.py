@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -23,8 +22,8 @@ from colorize_dist.data.store import open_store, redact
 from colorize_dist.launch.resources import SlurmResources
 from colorize_dist.launch.slurm import training_job
 from colorize_dist.training.config import load_training_config
-from tests.data.helpers import flip_sample, index_entries, run_cli
-from tests.data.servers import require_nginx
+from tests.data.helpers import index_entries, run_cli
+from tests.data.servers import good_and_bad_sets
 from tests.training.helpers import (
     LAUNCH_ENV,
     REPO,
@@ -44,14 +43,9 @@ from tests.training.helpers import (
 @pytest.fixture(scope="module")
 def served(synth_shards, tmp_path_factory):
     """nginx serving a folder holding the synthetic set (`good/`) and a copy with one damaged sample (`bad/`)."""
-    require_nginx()
-    root = tmp_path_factory.mktemp("www")
-    shutil.copytree(synth_shards, root / "good")
-    shutil.copytree(synth_shards, root / "bad")
-    flip_sample(root / "bad", "train/train-000001.tar", key="0000020")
-    server = Nginx(root, tmp_path_factory.mktemp("nginx")).start()
-    yield server, root
-    server.stop()
+    with good_and_bad_sets(synth_shards, tmp_path_factory.mktemp("www"), tmp_path_factory.mktemp("nginx"),
+                           damaged_key="0000020") as served:
+        yield served
 
 
 def epoch_batches(shards: str | Path, rank: int = 1, **settings) -> list[tuple[list[str], torch.Tensor, torch.Tensor]]:

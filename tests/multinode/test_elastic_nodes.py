@@ -41,8 +41,11 @@ from tests.training.helpers import REPO, TRAIN_SCRIPT, subprocess_env, tiny_over
 # The tiny GAN amplifies float noise, the more the larger its learning rate: at the tests' lr of 1e-3, a run resumed
 # on 1 process from 2 processes' checkpoint at step 4 (where D starts) is 1.5e-5 from one uninterrupted process at
 # step 10 and 1e-3 at step 16, though the two differ by 6e-8 at the resume. At LR = 2e-4 they stay within 1.2e-7 up
-# to step 16 (and one process and two, both uninterrupted, too). The runs stop at 16 steps, where equality means
-# something, and checkpoint every 2 so that there is room for two losses and a return.
+# to step 16 (and one process and two, both uninterrupted, too) on the batches of one sample per read; on those of
+# the default order (runs of 8 neighbours) one process and two, uninterrupted, are 5e-4 apart at step 16, so the
+# runs keep data.samples_per_read=1 (the order is the same for any number of processes either way). The runs stop
+# at 16 steps, where equality means something, and checkpoint every 2 so that there is room for two losses and a
+# return.
 LR = 2e-4
 MAX_STEPS = 16
 EVERY = 2  # train.checkpoint_every
@@ -69,7 +72,8 @@ def even_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def settings(shards: Path) -> list[str]:
     return tiny_overrides(shards, **{
         "train.max_steps": MAX_STEPS, "train.checkpoint_every": EVERY, "train.keep_checkpoints": 100,
-        "train.validate_every": MAX_STEPS, "train.sample_every": MAX_STEPS, "train.trackers": "[]", "optim.lr": LR})
+        "train.validate_every": MAX_STEPS, "train.sample_every": MAX_STEPS, "train.trackers": "[]", "optim.lr": LR,
+        "data.samples_per_read": 1})  # the order LR was chosen on (see LR)
 
 
 @pytest.fixture(scope="module")

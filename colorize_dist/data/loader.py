@@ -38,7 +38,8 @@ from colorize_dist.data.config import DataConfig
 from colorize_dist.data.manifest import SPLITS, ManifestError, MissingShardsError, ShardsUnavailable, list_shards
 from colorize_dist.data.reading import BatchReading, EncodedBatch
 from colorize_dist.data.sharding import Layout, MicroSlots, SplitSamples
-from colorize_dist.data.store import RemoteStore, open_store
+from colorize_dist.data.store import STARTUP_HINT, RemoteStore, open_store
+from colorize_dist.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -159,12 +160,13 @@ class ColorLoader:
         self.close()
 
 
-class ShardServerDown(Exception):
+class ShardServerDown(UserError):
     """Raised on every rank alike by `agree_on_outage`: some rank's shard server stopped answering; `reason` is that
-    rank's line (the URL, what was tried, for how long). The trainer checkpoints, then tells the user."""
+    rank's line (the URL, what was tried, for how long). The training loop checkpoints, then tells the user how to go
+    on; anywhere else (the last validation of a resumed finished run) it is that line and "rerun once it answers"."""
 
     def __init__(self, reason: str):
-        super().__init__(reason)
+        super().__init__(f"{reason}; {STARTUP_HINT}")
         self.reason = reason
 
 
